@@ -1,0 +1,93 @@
+"""Group variables: coupled channel spaces that must be pruned together.
+
+A Group is one decision variable of every formulation. Its members say, for each parameter or
+buffer the group touches, which tensor indices each unit occupies, so that ``apply`` can slice
+or mask without knowing how the coupling was found.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["producer", "consumer", "passthrough"]
+
+
+@dataclass(frozen=True)
+class Member:
+    """One tensor dimension of one parameter/buffer that a group's units index.
+
+    Unit ``u`` occupies the indices ``offset + u * unit_stride + j * inner_stride`` for
+    ``j in range(block)`` along ``dim`` of ``module``'s ``param``. This covers plain channels
+    (block 1), concat/split offsets, heads (block = head_dim), flattened conv maps
+    (block = H*W) and channels-last flattening (unit_stride 1, inner_stride C).
+
+    ``role`` says how the layer uses the dimension: ``producer`` (an output dim of a weight
+    layer), ``consumer`` (an input dim of a weight layer, the rows OSSCAR refits) or
+    ``passthrough`` (biases, norm affines, running statistics, embeddings' feature dim).
+    """
+
+    module: str
+    param: str
+    dim: int
+    role: Role = "passthrough"
+    offset: int = 0
+    block: int = 1
+    unit_stride: int | None = None
+    inner_stride: int = 1
+
+    def indices(self, units: Iterable[int]) -> list[int]:
+        """Sorted tensor indices along ``dim`` occupied by ``units``."""
+        stride = self.block if self.unit_stride is None else self.unit_stride
+        out = [self.offset + u * stride + j * self.inner_stride for u in units for j in range(self.block)]
+        return sorted(out)
+
+
+@dataclass
+class Group:
+    """A decision variable: ``size`` units of width ``unit_width`` pruned together.
+
+    ``prunable`` is False for groups that reach a model input/output or an op the tracer does
+    not understand; ``reason`` then names the node responsible.
+    """
+
+    name: str
+    size: int
+    members: list[Member] = field(default_factory=list)
+    unit_width: int = 1
+    prunable: bool = True
+    reason: str = ""
+    nodes: list[str] = field(default_factory=list)
+
+    def members_of(self, role: Role) -> list[Member]:
+        return [m for m in self.members if m.role == role]
+
+    def modules(self) -> list[str]:
+        """Dotted paths of every module this group touches, in first-seen order."""
+        seen: dict[str, None] = {}
+        for m in self.members:
+            seen.setdefault(m.module, None)
+        return list(seen)
+
+    def consumers(self) -> list[Member]:
+        """Members whose layer reads the group as input (what a reconstruction refits)."""
+        return self.members_of("consumer")
+
+    def producers(self) -> list[Member]:
+        return self.members_of("producer")
+
+
+def validate_units(group: Group, units: Sequence[int]) -> None:
+    """Raise InvalidPlanError unless ``units`` are sorted, unique, non-empty and in range."""
+    from secateurs.errors import InvalidPlanError
+
+    if not group.prunable and list(units) != list(range(group.size)):
+        raise InvalidPlanError(f"group {group.name!r} is frozen ({group.reason}); it cannot be pruned")
+    if len(units) == 0:
+        raise InvalidPlanError(f"group {group.name!r}: every unit removed (keep at least one of {group.size})")
+    bad = [u for u in units if not (0 <= int(u) < group.size)]
+    if bad:
+        raise InvalidPlanError(f"group {group.name!r}: unit index {bad[0]} out of range [0, {group.size})")
+    if list(units) != sorted(set(int(u) for u in units)):
+        raise InvalidPlanError(f"group {group.name!r}: kept units must be sorted and unique")
