@@ -1,1 +1,3 @@
 """secateurs.problems."""
+
+from secateurs.problems.projection import Projection  # noqa: E402
