@@ -1,5 +1,7 @@
 """Solver registry and the built-in solvers (importing this package registers them)."""
 
+# Built-in solver modules register themselves on import; add new ones to this list.
+from secateurs.solvers import _builtin  # noqa: E402,F401
 from secateurs.solvers.registry import (
     Problem,
     SolverSpec,
@@ -12,9 +14,6 @@ from secateurs.solvers.registry import (
     specs,
 )
 from secateurs.solvers.result import Deadline, SolveResult, Status, Trace
-
-# Built-in solver modules register themselves on import; add new ones to this list.
-from secateurs.solvers import _builtin  # noqa: E402,F401
 
 __all__ = [
     "Deadline",
