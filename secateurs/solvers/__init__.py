@@ -1,6 +1,6 @@
 """Solver registry and the built-in solvers (importing this package registers them)."""
 
-# Built-in solver modules register themselves on import; add new ones to this list.
+# Importing _builtin imports every solver module, each of which registers itself.
 from secateurs.solvers import _builtin  # noqa: E402,F401
 from secateurs.solvers.registry import (
     Problem,
