@@ -1,0 +1,134 @@
+"""Streaming calibration statistics: XᵀX of each layer's input, accumulated in float64.
+
+Forward hooks see each layer's input batch by batch; only the p×p Gram matrix and a row count
+are kept, so memory does not grow with the number of batches. A conv's input is unfolded so that
+input channel c occupies the k·k consecutive columns c·k·k … (c+1)·k·k − 1, matching
+``weight.reshape(out, -1)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from secateurs.errors import ValidationError
+
+
+@dataclass
+class GramStatistics:
+    """Σ XᵀX over calibration rows (float64) for one layer's input, and the number of rows."""
+
+    gram: torch.Tensor | None = None
+    rows: int = 0
+    sums: torch.Tensor | None = field(default=None, repr=False)
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.detach().to(torch.float64)
+        if self.gram is None:
+            self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+            self.sums = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+        self.gram.addmm_(x.T, x)
+        assert self.sums is not None
+        self.sums += x.sum(0)
+        self.rows += x.shape[0]
+
+
+def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The (rows × p) matrix a layer multiplies by ``weight.reshape(out, -1)ᵀ``."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(-1, x.shape[-1])
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
+        cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=_padding(module, x), stride=module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    if isinstance(module, nn.Conv1d) and module.groups == 1:
+        x2 = x.unsqueeze(2)
+        cols = F.unfold(x2, (1, module.kernel_size[0]), dilation=(1, module.dilation[0]),
+                        padding=(0, _padding(module, x)[0]), stride=(1, module.stride[0]))
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    raise ValidationError("module", f"{type(module).__name__} inputs cannot be unfolded into rows (groups must be 1)")
+
+
+def _padding(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> tuple[int, ...]:
+    if module.padding_mode != "zeros":
+        raise ValidationError("module", f"padding_mode {module.padding_mode!r} is not supported for calibration")
+    if isinstance(module.padding, str):
+        if module.padding == "valid":
+            return (0,) * len(module.kernel_size)
+        # "same": torch pads (d·(k−1))//2 before; symmetric when d·(k−1) is even
+        total = [d * (k - 1) for d, k in zip(module.dilation, module.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            raise ValidationError("module", "padding='same' with an even kernel is not supported for calibration")
+        return tuple(t // 2 for t in total)
+    return tuple(module.padding)
+
+
+def forward_batch(model: nn.Module, batch: Any) -> Any:
+    """Call ``model`` on a batch given as a tensor, a tuple/list of tensors, or a dict."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def validate_batch(batch: Any, index: int) -> None:
+    """Reject empty or non-finite calibration batches, naming the batch."""
+    tensors: Sequence[Any]
+    if isinstance(batch, Mapping):
+        tensors = list(batch.values())
+    elif isinstance(batch, (tuple, list)):
+        tensors = list(batch)
+    else:
+        tensors = [batch]
+    if not tensors:
+        raise ValidationError("calibration", f"batch {index} is empty")
+    for t in tensors:
+        if not isinstance(t, torch.Tensor):
+            raise ValidationError("calibration", f"batch {index} holds a {type(t).__name__}, expected tensors")
+        if t.numel() == 0:
+            raise ValidationError("calibration", f"batch {index} has an empty tensor of shape {tuple(t.shape)}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValidationError("calibration", f"batch {index} contains NaN or infinite values")
+
+
+def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]) -> dict[str, GramStatistics]:
+    """Run ``calibration`` through ``model`` (eval mode, no grad) accumulating XᵀX per module.
+
+    The model's train/eval mode is restored afterwards and hooks are always removed.
+    """
+    names = list(dict.fromkeys(modules))
+    stats = {name: GramStatistics() for name in names}
+    handles = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(mod: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
+            stats[_name].update(layer_rows(mod, args[0]))
+
+        handles.append(module.register_forward_pre_hook(hook))
+    was_training = model.training
+    model.eval()
+    count = 0
+    try:
+        with torch.no_grad():
+            for index, batch in enumerate(calibration):
+                validate_batch(batch, index)
+                try:
+                    forward_batch(model, batch)
+                except ValidationError:
+                    raise
+                except Exception as exc:  # a shape mismatch deep inside torch: say which batch
+                    raise ValidationError("calibration", f"batch {index} does not run through the model: {exc}") from exc
+                count += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    if count == 0:
+        raise ValidationError("calibration", "no batches: give at least one calibration batch")
+    return stats

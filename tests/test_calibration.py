@@ -1,0 +1,64 @@
+"""Calibration statistics: unfolded rows reproduce the layer, streaming Gram equals the full one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+
+from secateurs.calibration import collect, layer_rows
+from secateurs.errors import ValidationError
+
+
+def _reproduces(module: nn.Module, x: torch.Tensor) -> None:
+    rows = layer_rows(module, x)
+    flat = rows @ module.weight.reshape(module.weight.shape[0], -1).T + module.bias
+    expected = module(x)
+    batch, out = expected.shape[0], expected.shape[1]
+    torch.testing.assert_close(flat.reshape(batch, -1, out).transpose(1, 2).reshape(expected.shape), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(0, 2), st.integers(1, 2), st.sampled_from([1, 2]))
+def test_conv_rows_reproduce_the_conv(kernel: int, stride: int, padding: int, dilation: int, dims: int) -> None:
+    torch.manual_seed(0)
+    if dims == 2:
+        conv: nn.Module = nn.Conv2d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+        x = torch.randn(2, 3, 9, 8)
+    else:
+        conv = nn.Conv1d(3, 4, kernel, stride=stride, padding=padding, dilation=dilation)
+        x = torch.randn(2, 3, 10)
+    _reproduces(conv, x)
+
+
+def test_linear_rows_flatten_leading_dims() -> None:
+    linear = nn.Linear(5, 3)
+    x = torch.randn(2, 7, 5)
+    torch.testing.assert_close(layer_rows(linear, x) @ linear.weight.T + linear.bias, linear(x).reshape(-1, 3))
+
+
+def test_streaming_gram_equals_the_full_gram_and_restores_mode() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)).train()
+    batches = [torch.randn(5, 6) for _ in range(4)]
+    stats = collect(model, batches, ["2"])
+    with torch.no_grad():
+        hidden = torch.relu(model[0](torch.cat(batches))).double()
+    torch.testing.assert_close(stats["2"].gram, hidden.T @ hidden)
+    assert stats["2"].rows == 20 and stats["2"].gram.dtype == torch.float64
+    assert model.training and not model[2]._forward_pre_hooks
+
+
+def test_bad_calibration_is_rejected_naming_the_batch() -> None:
+    model = nn.Sequential(nn.Linear(6, 2))
+    with pytest.raises(ValidationError, match=r"calibration: no batches"):
+        collect(model, [], ["0"])
+    with pytest.raises(ValidationError, match=r"calibration: batch 1 contains NaN"):
+        collect(model, [torch.randn(2, 6), torch.full((2, 6), float("nan"))], ["0"])
+    with pytest.raises(ValidationError, match=r"calibration: batch 0 does not run through the model"):
+        collect(model, [torch.randn(2, 5)], ["0"])
+    with pytest.raises(ValidationError, match=r"calibration: batch 0 has an empty tensor"):
+        collect(model, [torch.zeros(0, 6)], ["0"])
+    assert not model[0]._forward_pre_hooks
