@@ -1,0 +1,467 @@
+"""Each coupling rule proven on a small model: groups found, Member indices exact, cost exact.
+
+Models are factories taking widths, so a pruned keep count is checked against a freshly built
+narrower model (independent truth: its parameter count and FlopCounterMode's FLOPs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_graph_helpers import check_slice
+from torch import nn
+
+from secateurs.graph import Member, build, dense_counts
+
+
+def names(g) -> set[str]:  # noqa: ANN001
+    return {gr.name for gr in g.groups}
+
+
+# -- convolutions ----------------------------------------------------------------------------
+
+
+class ConvNet(nn.Module):
+    def __init__(self, c1: int = 6, c2: int = 5, bias: bool = True) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c1, 3, padding=1, bias=bias)
+        self.bn1 = nn.BatchNorm2d(c1)
+        self.up = nn.ConvTranspose2d(c1, c2, 2, stride=2, bias=bias)
+        self.pool = nn.MaxPool2d(2)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Conv2d(c2, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = self.drop(torch.sigmoid(self.up(x)))
+        return self.head(F.avg_pool2d(self.pool(x), 1))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_conv2d_convtranspose_bn_pool(bias: bool) -> None:
+    x = torch.randn(2, 3, 8, 8)
+    g = check_slice(ConvNet, dict(bias=bias), dict(c1=4, c2=3, bias=bias), x,
+                    {"conv1:out": [0, 3], "up:out": [1, 2]})
+    assert {"conv1:out", "up:out"} <= {gr.name for gr in g.prunable_groups()}
+    up = g.group("up:out")
+    assert Member("up", "weight", 1, "producer") in up.members  # ConvTranspose: out channels on dim 1
+    assert Member("up", "weight", 0, "consumer") in g.group("conv1:out").members
+    assert Member("bn1", "running_var", 0, "passthrough") in g.group("conv1:out").members
+
+
+class Conv1dNet(nn.Module):
+    def __init__(self, c: int = 7) -> None:
+        super().__init__()
+        self.c1 = nn.Conv1d(2, c, 5, padding=2)
+        self.bn = nn.BatchNorm1d(c)
+        self.c2 = nn.Conv1d(c, 3, 3, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c2(F.gelu(self.bn(self.c1(x))))
+
+
+def test_conv1d_batchnorm1d() -> None:
+    check_slice(Conv1dNet, {}, dict(c=4), torch.randn(3, 2, 16), {"c1:out": [1, 2, 6]})
+
+
+class Depthwise(nn.Module):
+    def __init__(self, c: int = 6, transposed: bool = False) -> None:
+        super().__init__()
+        self.pw = nn.Conv2d(3, c, 1)
+        cls = nn.ConvTranspose2d if transposed else nn.Conv2d
+        self.dw = cls(c, c, 3, padding=1, groups=c)
+        self.bn = nn.BatchNorm2d(c)
+        self.out = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu6(self.bn(self.dw(self.pw(x)))))
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_depthwise_ties_in_to_out(transposed: bool) -> None:
+    g = check_slice(Depthwise, dict(transposed=transposed), dict(c=4, transposed=transposed),
+                    torch.randn(1, 3, 6, 6), {"pw:out": [0, 5]})
+    assert Member("dw", "weight", 0, "passthrough") in g.group("pw:out").members
+    assert "dw:out" not in names(g)
+
+
+class Grouped(nn.Module):
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, c, 1)
+        self.b = nn.Conv2d(c, 4, 3, groups=2)
+        self.c = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+
+def test_grouped_conv_freezes_with_reason() -> None:
+    x = torch.randn(1, 3, 6, 6)
+    g = build(Grouped(), x)
+    for name in ("a:out", "b:out"):
+        assert not g.group(name).prunable
+        assert g.group(name).reason.startswith("grouped convolution (groups=2) at node 'b'")
+    assert g.cost() == dense_counts(Grouped(), x)
+
+
+# -- linear, norms, embedding ------------------------------------------------------------
+
+
+class MLP(nn.Module):
+    def __init__(self, h1: int = 8, h2: int = 6) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(5, h1)
+        self.bn = nn.BatchNorm1d(h1)
+        self.fc2 = nn.Linear(h1, h2, bias=False)
+        self.ln = nn.LayerNorm(h2)
+        self.fc3 = nn.Linear(h2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.dropout(torch.tanh(self.bn(self.fc1(x))), 0.2, self.training)
+        return self.fc3(F.silu(self.ln(self.fc2(x))))
+
+
+def test_linear_bn1d_layernorm() -> None:
+    x = torch.randn(4, 5)
+    g = build(MLP(), x)
+    assert Member("ln", "weight", 0, "passthrough") in g.group("fc2:out").members
+    assert g.cost({"fc1:out": 3, "fc2:out": 2}) == dense_counts(MLP(3, 2), x)
+    check_slice(MLP, {}, dict(h1=5), x, {"fc1:out": [0, 1, 7]})  # LN-free group: outputs agree
+
+
+class GN(nn.Module):
+    def __init__(self, c: int = 8, groups: int = 1) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, c, 3)
+        self.gn = nn.GroupNorm(groups, c)
+        self.b = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(F.relu(self.gn(self.a(x))))
+
+
+def test_groupnorm_single_group_ties() -> None:
+    x = torch.randn(2, 3, 6, 6)
+    g = build(GN(8, 1), x)
+    assert Member("gn", "weight", 0, "passthrough") in g.group("a:out").members
+    assert g.cost({"a:out": 5}) == dense_counts(GN(5, 1), x)
+
+
+def test_groupnorm_groups_factor_channels() -> None:
+    """GroupNorm(2, 8): only the within-group factor (4 units of width 2) may shrink."""
+    x = torch.randn(2, 3, 6, 6)
+    g = build(GN(8, 2), x)
+    within = [gr for gr in g.prunable_groups() if gr.size == 4]
+    assert len(within) == 1 and within[0].unit_width == 2
+    frozen = [gr for gr in g.groups if gr.size == 2 and "GroupNorm num_groups=2" in gr.reason]
+    assert frozen
+    assert g.cost({within[0].name: 3}) == dense_counts(GN(6, 2), x)
+    prod = [m for m in within[0].members if m.module == "a" and m.param == "weight"][0]
+    assert prod.indices([1]) == [1, 5]  # unit 1 = channel 1 of each of the two groups
+
+
+class Emb(nn.Module):
+    def __init__(self, e: int = 6, h: int = 5) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, e)
+        self.fc = nn.Linear(e, h)
+        self.out = nn.Linear(h, 2)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.fc(self.emb(ids))).mean(1))
+
+
+def test_embedding_feature_dim_is_a_space() -> None:
+    ids = torch.randint(0, 11, (2, 4))
+    g = check_slice(Emb, {}, dict(e=4, h=3), ids, {"emb:out": [0, 5], "fc:out": [2, 3]})
+    assert Member("emb", "weight", 1, "passthrough") in g.group("emb:out").members
+    vocab = [gr for gr in g.groups if Member("emb", "weight", 0) in gr.members][0]
+    assert not vocab.prunable and "indexed by token ids" in vocab.reason
+
+
+# -- elementwise coupling -------------------------------------------------------------------
+
+
+class Residual(nn.Module):
+    def __init__(self, c: int = 6, se: int = 3, mid: int = 4) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.c1 = nn.Conv2d(c, mid, 3, padding=1)
+        self.c2 = nn.Conv2d(mid, c, 3, padding=1)
+        self.se1 = nn.Conv2d(c, se, 1)
+        self.se2 = nn.Conv2d(se, c, 1)
+        self.gamma = nn.Parameter(torch.rand(c, 1, 1))
+        self.head = nn.Linear(c, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        y = self.c2(F.relu(self.c1(x)))
+        s = torch.sigmoid(self.se2(F.relu(self.se1(y.mean((2, 3), keepdim=True)))))
+        x = x + self.gamma * (y * s)
+        return self.head(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def test_residual_se_layer_scale() -> None:
+    x = torch.randn(2, 3, 6, 6)
+    g = check_slice(Residual, {}, dict(c=4, se=2, mid=3), x,
+                    {"stem:out": [1, 4], "se1:out": [0], "c1:out": [2]})
+    stream = g.group("stem:out")
+    mods = stream.modules()
+    for m in ("stem", "c2", "se2", "head", "se1", "c1"):
+        assert m in mods
+    assert Member("", "gamma", 0, "passthrough") in stream.members
+    assert "c2:out" not in names(g)
+
+
+# -- cat, split, chunk -----------------------------------------------------------------------
+
+
+class Cat(nn.Module):
+    def __init__(self, a: int = 4, b: int = 3) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, a, 1)
+        self.b = nn.Conv2d(3, b, 3, padding=1)
+        self.bn = nn.BatchNorm2d(a + b)
+        self.c = nn.Conv2d(a + b, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(F.relu(self.bn(torch.cat([self.a(x), self.b(x)], dim=1))))
+
+
+def test_cat_offsets() -> None:
+    x = torch.randn(1, 3, 5, 5)
+    g = check_slice(Cat, {}, dict(a=2, b=2), x, {"a:out": [0, 3], "b:out": [1]})
+    assert Member("c", "weight", 1, "consumer", offset=4) in g.group("b:out").members
+    assert Member("bn", "weight", 0, "passthrough", offset=4) in g.group("b:out").members
+
+
+class Glu(nn.Module):
+    def __init__(self, c: int = 4, use_split: bool = False) -> None:
+        super().__init__()
+        self.use_split = use_split
+        self.a = nn.Conv1d(3, 2 * c, 1)
+        self.b = nn.Conv1d(c, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        u, v = h.split(h.shape[1] // 2, dim=1) if self.use_split else h.chunk(2, dim=1)
+        return self.b(u * torch.sigmoid(v))
+
+
+@pytest.mark.parametrize("use_split", [False, True])
+def test_chunk_and_equal_split_tie_halves(use_split: bool) -> None:
+    x = torch.randn(2, 3, 7)
+    g = check_slice(Glu, dict(use_split=use_split), dict(c=2, use_split=use_split), x, {"a:out": [1, 3]})
+    grp = g.group("a:out")
+    assert grp.size == 4
+    assert Member("a", "weight", 0, "producer", offset=4) in grp.members
+
+
+class FixedSplit(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(3, 6, 1)
+        self.b = nn.Conv1d(2, 2, 1)
+        self.c = nn.Conv1d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u, v = torch.split(self.a(x), [2, 4], dim=1)
+        return self.b(u) + self.c(v)
+
+
+def test_split_with_fixed_sizes_is_frozen() -> None:
+    g = build(FixedSplit(), torch.randn(1, 3, 5))
+    pieces = [gr for gr in g.groups if Member("a", "weight", 0, "producer", offset=2) in gr.members]
+    assert pieces and not pieces[0].prunable
+    assert "has fixed sizes [2, 4]" in pieces[0].reason
+
+
+# -- reshapes ------------------------------------------------------------------------------
+
+
+class FlatHead(nn.Module):
+    def __init__(self, c: int = 5, channels_last: bool = False, use_view: bool = False) -> None:
+        super().__init__()
+        self.channels_last, self.use_view = channels_last, use_view
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.fc = nn.Linear(c * 16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.conv(x))
+        if self.channels_last:
+            h = h.permute(0, 2, 3, 1)
+        h = h.reshape(h.size(0), -1) if self.use_view else torch.flatten(h, 1)
+        return self.fc(h)
+
+
+@pytest.mark.parametrize("channels_last,use_view", [(False, False), (False, True), (True, False)])
+def test_flatten_into_linear(channels_last: bool, use_view: bool) -> None:
+    x = torch.randn(2, 3, 4, 4)
+    kw = dict(channels_last=channels_last, use_view=use_view)
+    g = check_slice(FlatHead, kw, dict(c=3, **kw), x, {"conv:out": [0, 2]})
+    m = [m for m in g.group("conv:out").members if m.module == "fc"][0]
+    if channels_last:
+        assert (m.block, m.unit_stride, m.inner_stride) == (16, 1, 5)
+    else:
+        assert (m.block, m.inner_stride) == (16, 1) and m.indices([1]) == list(range(16, 32))
+
+
+class ChannelsLastMLP(nn.Module):
+    """ConvNeXt-style: permute to channels-last, LayerNorm + Linear over channels, permute back."""
+
+    def __init__(self, c: int = 6, h: int = 8) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.ln = nn.LayerNorm(c)
+        self.fc1 = nn.Linear(c, h)
+        self.fc2 = nn.Linear(h, c)
+        self.out = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv(x)
+        y = self.fc2(F.gelu(self.fc1(self.ln(x.permute(0, 2, 3, 1))))).permute(0, 3, 1, 2)
+        return self.out(x + y)
+
+
+def test_permute_channels_last_linear() -> None:
+    x = torch.randn(2, 3, 4, 4)
+    g = build(ChannelsLastMLP(), x)
+    assert "fc2:out" not in names(g)
+    assert Member("ln", "weight", 0, "passthrough") in g.group("conv:out").members
+    assert g.cost({"conv:out": 4, "fc1:out": 5}) == dense_counts(ChannelsLastMLP(4, 5), x)
+    check_slice(ChannelsLastMLP, {}, dict(h=5), x, {"fc1:out": [0, 3, 7]})
+
+
+# -- attention ------------------------------------------------------------------------------
+
+
+class MHANet(nn.Module):
+    def __init__(self, e: int = 8, heads: int = 2, batch_first: bool = True) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.proj = nn.Linear(3, e)
+        self.attn = nn.MultiheadAttention(e, heads, batch_first=batch_first)
+        self.out = nn.Linear(e, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.proj(x)
+        a, _ = self.attn(h, h, h)
+        return self.out(F.relu(a))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_heads(batch_first: bool) -> None:
+    x = torch.randn(2, 5, 3) if batch_first else torch.randn(5, 2, 3)
+    model = MHANet(8, 2, batch_first)
+    g = build(model, x)
+    heads = g.group("attn:heads")
+    assert (heads.size, heads.unit_width) == (2, 4)
+    assert {Member("attn", "in_proj_weight", 0, "producer", offset=o, block=4) for o in (0, 8, 16)} <= set(
+        heads.members)
+    assert {Member("attn", "in_proj_bias", 0, "passthrough", offset=o, block=4) for o in (0, 8, 16)} <= set(
+        heads.members)
+    assert Member("attn.out_proj", "weight", 1, "consumer", block=4) in heads.members
+    assert Member("attn", "in_proj_weight", 1, "consumer") in g.group("proj:out").members
+    assert g.cost() == dense_counts(model, x)
+    narrow = MHANet(4, 1, batch_first)  # one head of 4: embed dims shrink with it
+    keep = {"attn:heads": 1, "proj:out": 4, "attn.out_proj:out": 4}
+    assert g.cost(keep) == dense_counts(narrow, x)
+    m = [m for m in heads.members if m.param == "in_proj_weight" and m.offset == 8][0]
+    assert m.indices([1]) == [12, 13, 14, 15]
+
+
+class HandAttention(nn.Module):
+    def __init__(self, e: int = 8, heads: int = 4, hd: int = 3, sdpa: bool = False) -> None:
+        super().__init__()
+        self.heads, self.hd, self.sdpa = heads, hd, sdpa
+        self.inp = nn.Linear(5, e)
+        self.q = nn.Linear(e, heads * hd)
+        self.k = nn.Linear(e, heads * hd)
+        self.v = nn.Linear(e, heads * hd)
+        self.o = nn.Linear(heads * hd, e)
+        self.out = nn.Linear(e, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        b, t, _ = h.shape
+        q = self.q(h).view(b, t, self.heads, self.hd).transpose(1, 2)
+        k = self.k(h).view(b, t, self.heads, self.hd).transpose(1, 2)
+        v = self.v(h).view(b, t, self.heads, self.hd).transpose(1, 2)
+        if self.sdpa:
+            a = F.scaled_dot_product_attention(q, k, v)
+        else:
+            w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(3.0), dim=-1)
+            a = w @ v
+        a = a.transpose(1, 2).reshape(b, t, self.heads * self.hd)
+        return self.out(h + self.o(a))
+
+
+@pytest.mark.parametrize("sdpa", [False, True])
+def test_hand_written_attention_heads(sdpa: bool) -> None:
+    x = torch.randn(2, 6, 5)
+    g = check_slice(HandAttention, dict(sdpa=sdpa), dict(heads=2, e=6, sdpa=sdpa), x,
+                    {"attn:heads" if False else _heads_name(sdpa): [0, 2], "inp:out": [1, 7]})
+    heads = g.group(_heads_name(sdpa))
+    assert (heads.size, heads.unit_width, heads.prunable) == (4, 3, True)
+    assert Member("q", "weight", 0, "producer", block=3) in heads.members
+    assert Member("o", "weight", 1, "consumer", block=3) in heads.members
+    per_head = [gr for gr in g.groups if "head_dim" in gr.reason]
+    assert per_head and all(not gr.prunable for gr in per_head)
+
+
+def _heads_name(sdpa: bool) -> str:
+    return ":heads"  # top-level q/k/v: the parent module path is the root ("")
+
+
+# -- weight tying, several inputs/outputs ---------------------------------------------------
+
+
+class TiedLM(nn.Module):
+    def __init__(self, e: int = 6) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(10, e)
+        self.mix = nn.Linear(e, e)
+        self.head = nn.Linear(e, 10, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.mix(self.emb(ids))))
+
+
+def test_weight_tying_couples_both_uses() -> None:
+    ids = torch.randint(0, 10, (2, 5))
+    g = build(TiedLM(), ids)
+    grp = g.group("emb:out")
+    assert Member("emb", "weight", 1, "passthrough") in grp.members
+    assert Member("head", "weight", 1, "consumer") in grp.members
+    assert Member("mix", "weight", 0, "producer") in grp.members  # mix output feeds the tied head
+    assert g.cost() == dense_counts(TiedLM(), ids)  # the shared parameter is counted once
+    assert g.cost({"emb:out": 4}) == dense_counts(TiedLM(4), ids)
+    vocab = [gr for gr in g.groups if Member("head", "weight", 0, "producer") in gr.members][0]
+    assert Member("emb", "weight", 0, "passthrough") in vocab.members and not vocab.prunable
+
+
+class TwoInTwoOut(nn.Module):
+    def __init__(self, h: int = 6) -> None:
+        super().__init__()
+        self.fa = nn.Linear(3, h)
+        self.fb = nn.Linear(4, h)
+        self.ya = nn.Linear(h, 2)
+        self.yb = nn.Linear(h, 1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = F.relu(self.fa(a) + self.fb(b))
+        return self.ya(h), self.yb(h)
+
+
+def test_several_inputs_and_outputs() -> None:
+    a, b = torch.randn(2, 3), torch.randn(2, 4)
+    g = check_slice(TwoInTwoOut, {}, dict(h=4), (a, b), {"fa:out": [0, 5]})
+    assert set(g.group("fa:out").modules()) == {"fa", "fb", "ya", "yb"}
+    gd = build(TwoInTwoOut(), {"b": b, "a": a})
+    assert [gr.name for gr in gd.groups] == [gr.name for gr in g.groups]
+    assert not gd.group("ya:out").prunable and not gd.group("yb:out").prunable
