@@ -180,20 +180,15 @@ class Coupler:
     def shp(self, arg: Any) -> Any:
         return self._val(arg, self.shapes)
 
-    def freeze(self, info: Info, reason: str) -> None:
-        """Freeze every space reachable in ``info`` (nested)."""
-        if isinstance(info, Opaque) or info is None:
-            return
-        if isinstance(info, list):
-            for d in info:
-                for s in layout_spaces(d):
-                    self.sp.freeze(s, reason)
+    def freeze(self, info: Any, reason: str) -> None:
+        """Freeze every space reachable in ``info`` (a DimInfo, or any nesting of them)."""
+        if info is None or isinstance(info, Opaque):
             return
         if isinstance(info, tuple) and info and isinstance(info[0], Term):
             for s in layout_spaces(info):
                 self.sp.freeze(s, reason)
             return
-        if isinstance(info, tuple):
+        if isinstance(info, (list, tuple)):
             for i in info:
                 self.freeze(i, reason)
 
