@@ -179,7 +179,8 @@ def test_embedding_feature_dim_is_a_space() -> None:
     ids = torch.randint(0, 11, (2, 4))
     g = check_slice(Emb, {}, dict(e=4, h=3), ids, {"emb:out": [0, 5], "fc:out": [2, 3]})
     assert Member("emb", "weight", 1, "passthrough") in g.group("emb:out").members
-    vocab = [gr for gr in g.groups if Member("emb", "weight", 0) in gr.members][0]
+    vocab = g.group("emb:vocab")
+    assert Member("emb", "weight", 0) in vocab.members
     assert not vocab.prunable and "indexed by token ids" in vocab.reason
 
 

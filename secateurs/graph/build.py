@@ -304,7 +304,8 @@ def _finalize(model: nn.Module, gm: fx.GraphModule, c: Coupler, example_inputs: 
         elif r in creator:
             name = f"{creator[r]}:out"
         elif sp.origin[r]:
-            name = f"{sp.origin[r]}:out"
+            origin = sp.origin[r] or ""
+            name = origin if ":" in origin else f"{origin}:out"
         else:
             name = f"{ms[0].module or ms[0].param}:in"
         used[name] = used.get(name, 0) + 1

@@ -322,11 +322,11 @@ class Coupler:
         self.flop_const += self.measured.get(node.name, 0)
         return self._opaque_like(self.shapes.get(node.name), reason)
 
-    def _opaque_like(self, shape: Any, reason: str | None) -> Info:
+    def _opaque_like(self, shape: Any, reason: str | None, keep_ones: bool = False) -> Info:
         if isinstance(shape, torch.Size):
-            return [Opaque(reason if n > 1 else None) for n in shape]
+            return [Opaque(reason if n > 1 or keep_ones else None) for n in shape]
         if isinstance(shape, (tuple, list)):
-            return tuple(self._opaque_like(s, reason) for s in shape)
+            return tuple(self._opaque_like(s, reason, keep_ones) for s in shape)
         return None
 
     # -- the walk -----------------------------------------------------------------------
@@ -338,7 +338,7 @@ class Coupler:
     def visit(self, node: fx.Node) -> Info:
         shape = self.shapes.get(node.name)
         if node.op == "placeholder":
-            return self._opaque_like(shape, f"reaches model input '{node.name}'")
+            return self._opaque_like(shape, f"reaches model input '{node.name}'", keep_ones=True)
         if node.op == "get_attr":
             return self.get_attr(node, shape)
         if node.op == "output":
@@ -408,7 +408,7 @@ class Coupler:
             e = self.sp.new(mod.embedding_dim, path)
             lay = space_layout(e, mod.embedding_dim)
             self.register(node, path, "weight", 1, "passthrough", lay, creates=True)
-            vocab = self.sp.new(mod.num_embeddings, path, frozen=f"embedding rows are indexed by token ids at node "
+            vocab = self.sp.new(mod.num_embeddings, f"{path}:vocab", frozen=f"embedding rows are indexed by token ids at node "
                                                                   f"'{node.name}'")
             self.register(node, path, "weight", 0, "passthrough", space_layout(vocab, mod.num_embeddings))
             return list(x) + [lay]
