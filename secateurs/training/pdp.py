@@ -44,7 +44,7 @@ class DensitySchedule:
         return min(1.0, (step - self.warmup + 1) / self.ramp)
 
 
-def _keep_threshold(scores: torch.Tensor, keep: int) -> torch.Tensor:
+def keep_threshold(scores: torch.Tensor, keep: int) -> torch.Tensor:
     """Midpoint between the smallest kept and the largest pruned score (keep of numel kept)."""
     flat = scores.reshape(-1)
     n = flat.numel()
@@ -211,7 +211,7 @@ class PDP:
             t2 = t2.unsqueeze(-1).expand_as(blocks).reshape_as(scores)
         else:
             keep = round(self.current_density(name) * scores.numel())
-            t2 = _keep_threshold(scores, max(keep, 1))
+            t2 = keep_threshold(scores, max(keep, 1))
         temperature = self.tau * torch.clamp(t2, min=torch.finfo(scores.dtype).tiny)
         return torch.sigmoid((scores - t2) / temperature)
 
