@@ -171,3 +171,29 @@ def test_functional_linear_on_shared_weight() -> None:
     assert {"emb", "mix"} <= set(grp.modules())
     assert g.cost() == dense_counts(FunctionalTied(), ids)
     assert g.cost({"emb:out": 3}) == dense_counts(FunctionalTied(3), ids)
+
+
+def _small_bert(heads: int = 4, ffn: int = 48) -> nn.Module:
+    from secateurs.models import minilm
+
+    cfg = minilm.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=ffn, max_position_embeddings=16)
+    model = minilm.SentenceEncoder(cfg)
+    if heads != 4:  # a freshly built narrower attention: the independent truth for pruned heads
+        for layer in model.bert.layers:
+            layer.attention = minilm.BertSelfAttention(32, heads, 8)
+    return model
+
+
+def test_repo_bert_heads_and_ffn_groups() -> None:
+    pytest.importorskip("secateurs.models.minilm")
+    ids = torch.randint(0, 50, (2, 7))
+    x = (ids, torch.ones_like(ids))
+    g = build(_small_bert(), x)
+    heads = g.group("bert.layers.0.attention:heads")
+    assert (heads.size, heads.unit_width, heads.prunable) == (4, 8, True)
+    assert g.group("bert.layers.1.intermediate:out").prunable
+    assert g.cost() == dense_counts(_small_bert(), x)
+    keep = {"bert.layers.0.attention:heads": 2, "bert.layers.1.attention:heads": 2,
+            "bert.layers.0.intermediate:out": 20, "bert.layers.1.intermediate:out": 20}
+    assert g.cost(keep) == dense_counts(_small_bert(heads=2, ffn=20), x)
