@@ -157,7 +157,8 @@ def _topic_paragraphs() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """All paragraphs of pydoc_data.topics, whitespace-normalised, split by whole topics.
 
     Topics are visited in sorted order and a topic goes to the held-out split while that split holds
-    less than 20% of the paragraphs seen so far: about a fifth of the text, with no topic on both sides.
+    less than 20% of the paragraphs seen so far: about a fifth of the text, with no topic on both sides
+    and no paragraph in both splits.
     """
     from pydoc_data.topics import topics
 
@@ -168,7 +169,11 @@ def _topic_paragraphs() -> tuple[tuple[str, ...], tuple[str, ...]]:
         blocks = [text for text in blocks if len(text.split()) >= 3]
         seen = len(train) + len(test) + len(blocks)
         (test if len(test) < 0.2 * seen else train).extend(blocks)
-    return tuple(train), tuple(test)
+    # Some topics repeat other topics' sections verbatim: keep each paragraph once, and keep the
+    # held-out split free of any paragraph that is also in the train split.
+    unique_train = tuple(dict.fromkeys(train))
+    seen_train = set(unique_train)
+    return unique_train, tuple(p for p in dict.fromkeys(test) if p not in seen_train)
 
 
 def text_paragraphs(split: SplitName = "train") -> list[str]:
@@ -199,7 +204,7 @@ def text_batches(
 
     ``packed=True`` concatenates the split's paragraphs into one token stream and cuts it into windows
     ``[CLS] w_1 ... w_{L-2} [SEP]`` (no padding: every token carries signal; the train split gives about
-    800 windows of 128 tokens). ``packed=False`` gives one paragraph per sequence, truncated or padded
+    700 windows of 128 tokens). ``packed=False`` gives one paragraph per sequence, truncated or padded
     to ``max_length`` (exercises the attention mask). Sequences are drawn by a seeded permutation.
     """
     from secateurs.models.minilm import load_minilm_tokenizer
