@@ -11,6 +11,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from test_graph_helpers import check_slice
 from torch import nn
 
@@ -466,3 +468,26 @@ def test_several_inputs_and_outputs() -> None:
     gd = build(TwoInTwoOut(), {"b": b, "a": a})
     assert [gr.name for gr in gd.groups] == [gr.name for gr in g.groups]
     assert not gd.group("ya:out").prunable and not gd.group("yb:out").prunable
+
+
+# -- property: any removal set slices exactly --------------------------------------------------
+
+@given(st.data())
+def test_any_removal_slices_exactly(data: st.DataObject) -> None:
+    """Random units of random groups: Member.indices cut the right rows/columns every time."""
+    which = data.draw(st.sampled_from(["cat", "channels_last", "attention", "glu"]))
+    if which == "cat":
+        make, wide, x, sizes = Cat, dict(a=4, b=3), torch.randn(1, 3, 4, 4), {"a:out": ("a", 4), "b:out": ("b", 3)}
+    elif which == "channels_last":
+        make, wide, x, sizes = FlatHead, dict(c=5, channels_last=True), torch.randn(1, 3, 4, 4), {"conv:out": ("c", 5)}
+    elif which == "glu":
+        make, wide, x, sizes = Glu, dict(c=4), torch.randn(1, 3, 5), {"a:out": ("c", 4)}
+    else:
+        make, wide, x, sizes = HandAttention, dict(heads=4), torch.randn(1, 3, 5), {":heads": ("heads", 4)}
+    removed, narrow = {}, dict(wide)
+    for name, (arg, n) in sizes.items():
+        units = data.draw(st.lists(st.integers(0, n - 1), unique=True, max_size=n - 1).map(sorted))
+        if units:
+            removed[name] = units
+            narrow[arg] = n - len(units)
+    check_slice(make, wide, narrow, x, removed)
