@@ -10,9 +10,12 @@ from secateurs.models.data import (
     text_batches,
     text_paragraphs,
 )
+from secateurs.models.reference import REFERENCE_MODELS, ReferenceModel
 from secateurs.models.zoo import ModelInfo, accuracy, load, names
 
 __all__ = [
+    "REFERENCE_MODELS",
+    "ReferenceModel",
     "DataSplit",
     "ModelInfo",
     "accuracy",
