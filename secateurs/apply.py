@@ -1,0 +1,537 @@
+"""Apply a PrunePlan to a torch model: physically slice it, or mask a same-shape copy.
+
+The whole plan is checked against the model before anything is copied or cut, so an invalid plan
+raises :class:`~secateurs.errors.InvalidPlanError` naming the group and leaves no trace. Work
+happens on a deep copy; with ``inplace=True`` the finished copy's state is moved into the original
+in one step, so a failure never leaves a half-pruned model behind.
+
+After slicing, module attributes are re-derived from the new parameter shapes (in/out channels
+and features, ``groups`` of depthwise convs, ``num_features``, ``normalized_shape``,
+``num_channels``, ``embedding_dim``, attention heads), so the result trains and prints truthfully.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from secateurs.errors import InvalidPlanError, ValidationError
+from secateurs.graph.groups import Group, validate_units
+from secateurs.plan import PrunePlan
+
+if TYPE_CHECKING:
+    from secateurs.graph.build import DependencyGraph
+
+__all__ = ["HEAD_ATTRIBUTES", "PrunedMultiheadAttention", "apply"]
+
+Mode = Literal["slice", "mask"]
+
+#: Integer attributes of hand-written attention modules that count heads (updated when heads go).
+HEAD_ATTRIBUTES = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
+#: Integer attributes that count heads * head_dim features (updated too; ``head_dim`` itself stays).
+INNER_ATTRIBUTES = ("all_head_size", "inner_dim")
+
+
+class PrunedMultiheadAttention(nn.MultiheadAttention):
+    """``nn.MultiheadAttention`` whose inner width ``num_heads * head_dim`` may differ from ``embed_dim``.
+
+    Pruning heads shrinks the q/k/v projections but not the residual stream, and pruning the stream
+    shrinks ``embed_dim`` but not the heads; the stock module assumes both are equal. This subclass
+    keeps the same parameters and state-dict keys (``in_proj_weight`` of shape
+    ``(3 * num_heads * head_dim, embed_dim)``, ``out_proj``) and computes attention explicitly,
+    without the fused fast path. ``embed_dim``, ``num_heads`` and ``head_dim`` are truthful.
+    """
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+                f"dropout={self.dropout}, batch_first={self.batch_first}")
+
+    def forward(  # type: ignore[override]
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        key_padding_mask: Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        unbatched = query.dim() == 2
+        batch_first = self.batch_first or unbatched
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        if not batch_first:
+            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+        n, tq, _ = query.shape
+        tk = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        assert self.in_proj_weight is not None  # separate q/k/v weights are never sliced (see apply)
+        wq, wk, wv = self.in_proj_weight.chunk(3)
+        bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
+        q = F.linear(query, wq, bq).reshape(n, tq, h, d).transpose(1, 2)
+        k = F.linear(key, wk, bk).reshape(n, tk, h, d).transpose(1, 2)
+        v = F.linear(value, wv, bv).reshape(n, tk, h, d).transpose(1, 2)
+        bias = self._additive_mask(q, n, tq, tk, key_padding_mask, attn_mask, is_causal)
+        weights: Tensor | None = None
+        if need_weights:  # the stock module's explicit path (bmm + softmax), which also returns weights
+            scores = torch.matmul(q * d**-0.5, k.transpose(-2, -1))
+            if bias is not None:
+                scores = scores + bias
+            weights = torch.softmax(scores, dim=-1)
+            out = torch.matmul(F.dropout(weights, self.dropout, self.training), v)
+        else:  # the stock module's scaled_dot_product_attention path
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                 dropout_p=self.dropout if self.training else 0.0)
+        out = F.linear(out.transpose(1, 2).reshape(n, tq, h * d), self.out_proj.weight, self.out_proj.bias)
+        if not batch_first:
+            out = out.transpose(0, 1)
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if unbatched:
+            out = out.squeeze(0)
+            weights = weights.squeeze(0) if weights is not None else None
+        return out, weights
+
+    def _additive_mask(self, q: Tensor, n: int, tq: int, tk: int, key_padding_mask: Tensor | None,
+                       attn_mask: Tensor | None, is_causal: bool) -> Tensor | None:
+        """One float mask of shape broadcastable to (n, heads, tq, tk), as the stock module merges them."""
+
+        def additive(m: Tensor) -> Tensor:
+            if m.dtype == torch.bool:
+                return torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(m, float("-inf"))
+            return m.to(q.dtype)
+
+        bias: Tensor | None = None
+        if attn_mask is not None:
+            m = attn_mask.view(1, 1, tq, tk) if attn_mask.dim() == 2 else attn_mask.view(n, self.num_heads, tq, tk)
+            bias = additive(m)
+        elif is_causal:
+            causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(1)
+            bias = additive(causal.view(1, 1, tq, tk))
+        if key_padding_mask is not None:
+            kp = additive(key_padding_mask.view(n, 1, 1, tk))
+            bias = kp if bias is None else bias + kp
+        return bias
+
+
+# -- resolving and checking the plan ------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    """One tensor (parameter or buffer) the plan cuts, wherever it is registered (tied weights)."""
+
+    key: str
+    shape: tuple[int, ...]
+    is_param: bool
+    locations: list[tuple[str, str]]
+    removed: dict[int, set[int]] = field(default_factory=dict)
+    groups: dict[int, set[str]] = field(default_factory=dict)
+
+    def kept(self, dim: int) -> list[int]:
+        gone = self.removed.get(dim, set())
+        return [i for i in range(self.shape[dim]) if i not in gone]
+
+    def new_shape(self) -> tuple[int, ...]:
+        return tuple(n - len(self.removed.get(d, ())) for d, n in enumerate(self.shape))
+
+
+def _key(module: str, param: str) -> str:
+    return f"{module}.{param}" if module else param
+
+
+def _aliases(model: nn.Module) -> dict[int, list[tuple[str, str, bool]]]:
+    """Every (module path, name, is_param) under which each tensor is registered."""
+    out: dict[int, list[tuple[str, str, bool]]] = {}
+    for path, mod in model.named_modules(remove_duplicate=False):
+        for name, p in mod._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((path, name, True))
+        for name, b in mod._buffers.items():
+            if b is not None:
+                out.setdefault(id(b), []).append((path, name, False))
+    return out
+
+
+def _tensor_at(model: nn.Module, module: str, param: str) -> Tensor | None:
+    try:
+        mod = model.get_submodule(module) if module else model
+    except AttributeError:
+        return None
+    t = mod._parameters.get(param)
+    if t is None:
+        t = mod._buffers.get(param)
+    return t
+
+
+def _resolve_groups(plan: PrunePlan, graph: DependencyGraph | None) -> dict[str, Group]:
+    if graph is None and plan.groups is None:
+        raise InvalidPlanError("the plan embeds no group definitions: pass graph=..., or build the plan with "
+                               "PrunePlan.from_graph")
+    out: dict[str, Group] = {}
+    for name in plan.keep:
+        if graph is not None:
+            try:
+                out[name] = graph.group(name)
+            except ValidationError:
+                known = ", ".join(g.name for g in graph.groups)
+                raise InvalidPlanError(f"unknown group {name!r} (the graph has: {known})") from None
+        else:
+            assert plan.groups is not None
+            if name not in plan.groups:
+                raise InvalidPlanError(f"unknown group {name!r}: the plan keeps units of it but does not define it")
+            out[name] = plan.groups[name]
+    return out
+
+
+def _plan_targets(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group]) -> dict[int, _Target]:
+    """Check every group, member and refit tensor against the model; return what each tensor loses."""
+    aliases = _aliases(model)
+    targets: dict[int, _Target] = {}
+    for name, kept in plan.keep.items():
+        g = groups[name]
+        validate_units(g, kept)
+        keep_set = set(kept)
+        removed = [u for u in range(g.size) if u not in keep_set]
+        for m in g.members:
+            key = _key(m.module, m.param)
+            t = _tensor_at(model, m.module, m.param)
+            if t is None:
+                try:
+                    model.get_submodule(m.module) if m.module else model
+                except AttributeError:
+                    raise InvalidPlanError(f"group {name!r}: module {m.module!r} not found in "
+                                           f"{type(model).__name__}") from None
+                raise InvalidPlanError(f"group {name!r}: {key!r} is not a parameter or buffer of "
+                                       f"{type(model).__name__}")
+            if not 0 <= m.dim < t.dim():
+                raise InvalidPlanError(f"group {name!r}: {key!r} has {t.dim()} dims, member indexes dim {m.dim}")
+            reach = max(m.indices(range(g.size)))
+            if reach >= t.shape[m.dim]:
+                raise InvalidPlanError(f"group {name!r}: its {g.size} units reach index {reach} of {key!r} dim {m.dim}, "
+                                       f"which has size {t.shape[m.dim]} (plan made for another model?)")
+            tgt = targets.get(id(t))
+            if tgt is None:
+                locs = [(p, n) for p, n, _ in aliases[id(t)]]
+                tgt = targets[id(t)] = _Target(key, tuple(t.shape), isinstance(t, nn.Parameter), locs)
+            if removed:
+                tgt.removed.setdefault(m.dim, set()).update(m.indices(removed))
+                tgt.groups.setdefault(m.dim, set()).add(name)
+    for tgt in targets.values():
+        for d, gone in tgt.removed.items():
+            if len(gone) >= tgt.shape[d]:
+                raise InvalidPlanError(f"group(s) {_names(tgt.groups[d])}: together they remove every index of "
+                                       f"{tgt.key!r} dim {d}")
+    _check_modules(model, targets)
+    _check_refit(model, plan, targets, aliases)
+    return {i: t for i, t in targets.items() if t.removed}
+
+
+def _names(names: set[str]) -> str:
+    return ", ".join(repr(n) for n in sorted(names))
+
+
+def _check_modules(model: nn.Module, targets: Mapping[int, _Target]) -> None:
+    """Module-level constraints a plan must respect (they cannot be seen from one member alone)."""
+    for path, mod in model.named_modules():
+        where = path or type(model).__name__
+        if isinstance(mod, nn.GroupNorm) and mod.weight is not None and id(mod.weight) in targets:
+            tgt = targets[id(mod.weight)]
+            new = tgt.new_shape()[0]
+            if new % mod.num_groups:
+                raise InvalidPlanError(f"group(s) {_names(tgt.groups[0])}: GroupNorm {where!r} would keep {new} channels, "
+                                       f"not a multiple of num_groups={mod.num_groups}")
+        elif isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and id(mod.weight) in targets:
+            tgt = targets[id(mod.weight)]
+            depthwise = mod.groups == mod.in_channels == mod.out_channels
+            if not depthwise or set(tgt.removed) - {0}:
+                raise InvalidPlanError(f"group(s) {_names(set().union(*tgt.groups.values()))}: grouped convolution "
+                                       f"{where!r} (groups={mod.groups}) can only be sliced when depthwise, along its "
+                                       "channels")
+        elif isinstance(mod, nn.MultiheadAttention):
+            touched = [getattr(mod, n, None) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight",
+                                                       "bias_k", "bias_v")]
+            if any(t is not None and id(t) in targets for t in touched) or (
+                    not mod._qkv_same_embed_dim and any(id(p) in targets for p in mod.parameters())):
+                raise InvalidPlanError(f"MultiheadAttention {where!r}: separate q/k/v projections or bias_k/bias_v "
+                                       "cannot be sliced")
+            if mod.in_proj_weight is not None and id(mod.in_proj_weight) in targets:
+                tgt = targets[id(mod.in_proj_weight)]
+                gone = len(tgt.removed.get(0, ()))
+                if gone % (3 * mod.head_dim):
+                    raise InvalidPlanError(f"group(s) {_names(tgt.groups[0])}: MultiheadAttention {where!r} can only "
+                                           f"lose whole heads of head_dim={mod.head_dim} in q, k and v alike")
+
+
+def _check_refit(model: nn.Module, plan: PrunePlan, targets: dict[int, _Target],
+                 aliases: Mapping[int, list[tuple[str, str, bool]]]) -> None:
+    for key, value in (plan.refit or {}).items():
+        module, _, param = key.rpartition(".")
+        t = _tensor_at(model, module, param)
+        if t is None:
+            raise InvalidPlanError(f"refit[{key!r}]: no such parameter or buffer in {type(model).__name__}")
+        tgt = targets.get(id(t))
+        if tgt is None:
+            tgt = targets[id(t)] = _Target(key, tuple(t.shape), isinstance(t, nn.Parameter),
+                                           [(p, n) for p, n, _ in aliases[id(t)]])
+        expected = tgt.new_shape()
+        if tuple(value.shape) != expected:
+            raise InvalidPlanError(f"refit[{key!r}]: shape {tuple(value.shape)}, but the sliced tensor has shape {expected}")
+
+
+# -- slicing and masking --------------------------------------------------------------------
+
+
+def _install(model: nn.Module, tgt: _Target, value: Tensor) -> None:
+    """Register ``value`` under every name the tensor had (a tied weight stays tied)."""
+    for path, name in tgt.locations:
+        mod = model.get_submodule(path) if path else model
+        if tgt.is_param:
+            mod._parameters[name] = value  # type: ignore[assignment]
+        else:
+            mod._buffers[name] = value
+
+
+def _slice_tensors(model: nn.Module, targets: Mapping[int, _Target]) -> None:
+    for tgt in targets.values():
+        path, name = tgt.locations[0]
+        old = _tensor_at(model, path, name)
+        assert old is not None
+        new = old.detach()
+        for d in sorted(tgt.removed):
+            new = new.index_select(d, torch.tensor(tgt.kept(d), dtype=torch.long, device=old.device))
+        new = new.clone(memory_format=torch.contiguous_format)
+        value = nn.Parameter(new, requires_grad=old.requires_grad) if tgt.is_param else new
+        _install(model, tgt, value)
+
+
+def _mask_tensors(model: nn.Module, targets: Mapping[int, _Target]) -> None:
+    with torch.no_grad():
+        for tgt in targets.values():
+            t = _tensor_at(model, *tgt.locations[0])
+            assert t is not None
+            for d, gone in tgt.removed.items():
+                t.index_fill_(d, torch.tensor(sorted(gone), dtype=torch.long, device=t.device), 0)
+
+
+def _refit(model: nn.Module, plan: PrunePlan, cuts: Mapping[int, _Target], mode: Mode) -> None:
+    """Install refit tensors; in mask mode they are scattered back to the full shape (zeros elsewhere)."""
+    for key, value in (plan.refit or {}).items():
+        module, _, param = key.rpartition(".")
+        old = _tensor_at(model, module, param)
+        assert old is not None
+        tgt = cuts[id(old)]
+        new = value.detach().to(dtype=old.dtype, device=old.device).clone()
+        if mode == "mask":
+            for d in sorted(tgt.removed):
+                shape = list(new.shape)
+                shape[d] = tgt.shape[d]
+                full = torch.zeros(shape, dtype=new.dtype, device=new.device)
+                new = full.index_copy_(d, torch.tensor(tgt.kept(d), dtype=torch.long, device=new.device), new)
+        installed = nn.Parameter(new, requires_grad=old.requires_grad) if tgt.is_param else new
+        _install(model, tgt, installed)
+
+
+def _sync_attributes(model: nn.Module) -> None:
+    """Re-derive every size attribute from the (new) parameter shapes."""
+    for mod in model.modules():
+        if isinstance(mod, nn.MultiheadAttention):
+            _sync_mha(mod)
+        elif isinstance(mod, nn.modules.conv._ConvNd):
+            w = mod.weight
+            if mod.groups > 1:
+                if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: in = out = groups
+                    mod.in_channels = mod.out_channels = mod.groups = w.shape[0]
+            elif mod.transposed:
+                mod.in_channels, mod.out_channels = w.shape[0], w.shape[1]
+            else:
+                mod.out_channels, mod.in_channels = w.shape[0], w.shape[1]
+        elif isinstance(mod, nn.Linear) and not isinstance(mod, nn.LazyLinear):
+            mod.out_features, mod.in_features = mod.weight.shape
+        elif isinstance(mod, nn.modules.batchnorm._NormBase):
+            ref = mod.weight if mod.weight is not None else mod.running_mean
+            if ref is not None:
+                mod.num_features = ref.shape[0]
+        elif isinstance(mod, nn.LayerNorm):
+            if mod.weight is not None:
+                mod.normalized_shape = tuple(mod.weight.shape)
+        elif isinstance(mod, nn.GroupNorm):
+            if mod.weight is not None:
+                mod.num_channels = mod.weight.shape[0]
+        elif isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
+            mod.num_embeddings, mod.embedding_dim = mod.weight.shape
+        elif isinstance(mod, nn.PReLU):
+            mod.num_parameters = mod.weight.numel()
+
+
+def _sync_mha(mod: nn.MultiheadAttention) -> None:
+    if mod.in_proj_weight is None:
+        return
+    embed = mod.out_proj.weight.shape[0]
+    inner = mod.in_proj_weight.shape[0] // 3
+    if embed == mod.embed_dim and inner == mod.num_heads * mod.head_dim:
+        return
+    mod.embed_dim = mod.kdim = mod.vdim = embed
+    mod.num_heads = inner // mod.head_dim
+    if inner != embed or isinstance(mod, PrunedMultiheadAttention):
+        mod.__class__ = PrunedMultiheadAttention
+
+
+def _common_parent(paths: list[str]) -> str:
+    parts = [p.split(".") if p else [] for p in paths]
+    common: list[str] = []
+    for level in zip(*parts, strict=False):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    # a member on the module itself (e.g. MHA's in_proj_weight) makes the path its own parent
+    return ".".join(common)
+
+
+def _sync_heads(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group]) -> None:
+    """Hand-written attention: head counts live in plain int attributes of the heads' common parent."""
+    for name, kept in plan.keep.items():
+        g = groups[name]
+        if g.unit_width <= 1 or len(kept) == g.size or not g.members:
+            continue
+        path = _common_parent([m.module for m in g.members])
+        parent = model.get_submodule(path) if path else model
+        while path and not any(isinstance(getattr(parent, a, None), int) for a in HEAD_ATTRIBUTES) \
+                and not isinstance(parent, nn.MultiheadAttention):
+            path = path.rpartition(".")[0]  # e.g. members all inside one qkv Linear: look one level up
+            parent = model.get_submodule(path) if path else model
+        if isinstance(parent, nn.MultiheadAttention):
+            continue  # _sync_mha derives its heads from the shapes
+        for attr in HEAD_ATTRIBUTES:
+            v = getattr(parent, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v == g.size:
+                setattr(parent, attr, len(kept))
+        for attr in INNER_ATTRIBUTES:
+            v = getattr(parent, attr, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v == g.size * g.unit_width:
+                setattr(parent, attr, len(kept) * g.unit_width)
+
+
+# -- the entry point ------------------------------------------------------------------------------
+
+
+def _call(model: nn.Module, inputs: Any) -> Any:
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def _verify(model: nn.Module, graph: DependencyGraph, mode: str) -> None:
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            _call(model, graph.example_inputs)
+    except Exception as e:  # any failure means the plan did not produce a working model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InvalidPlanError(f"the {mode}d model fails on the graph's example inputs: {first} "
+                               "(the input model is unchanged)") from e
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def _transplant(src: nn.Module, dst: nn.Module) -> None:
+    """Make ``dst`` the finished model in one step (its class too, should the root have been swapped)."""
+    state = dict(src.__dict__)
+    dst.__class__ = src.__class__
+    dst.__dict__.clear()
+    dst.__dict__.update(state)
+
+
+def apply(model: nn.Module, plan: PrunePlan, *, graph: DependencyGraph | None = None, mode: Mode = "slice",
+          inplace: bool = False) -> nn.Module:
+    """Prune ``model`` according to ``plan``: physically slice it, or zero the removed slices.
+
+    Parameters
+    ----------
+    model:
+        The dense model the plan's groups were found on. Never modified unless ``inplace``.
+    plan:
+        Kept units per group. Group definitions come from ``graph`` when given, else from the plan
+        (see :meth:`PrunePlan.from_graph`).
+    graph:
+        The model's :class:`~secateurs.graph.DependencyGraph`. When given, the result is also run
+        once on ``graph.example_inputs`` (eval mode, no grad) to prove it works.
+    mode:
+        ``"slice"``: a physically smaller model whose module attributes match its new shapes.
+        ``"mask"``: a same-shape copy with exactly the removed slices of every member zeroed.
+    inplace:
+        Move the result into ``model`` (after it was fully built and checked) and return ``model``.
+
+    Returns
+    -------
+    nn.Module
+        The pruned model (``model`` itself when ``inplace``).
+
+    Raises
+    ------
+    InvalidPlanError
+        Unknown group, unit out of range, unsorted or duplicate units, every unit removed, a frozen
+        group pruned, a member's module or parameter missing, a GroupNorm left with a channel count
+        its ``num_groups`` does not divide, a refit tensor of the wrong shape, or a result that
+        fails on the graph's example inputs. Raised before ``model`` is touched.
+    """
+    if mode not in ("slice", "mask"):
+        raise ValidationError("mode", f"expected 'slice' or 'mask', got {mode!r}")
+    if not isinstance(plan, PrunePlan):
+        raise ValidationError("plan", f"expected a PrunePlan, got {type(plan).__name__}")
+    if not isinstance(model, nn.Module):
+        raise ValidationError("model", f"expected an nn.Module, got {type(model).__name__}")
+    groups = _resolve_groups(plan, graph)
+    targets = _plan_targets(model, plan, groups)  # everything is checked before anything is copied
+    work = copy.deepcopy(model)
+    if mode == "slice":
+        _slice_tensors(work, targets)
+    else:
+        _mask_tensors(work, targets)
+    if plan.refit:
+        _refit(work, plan, _refit_targets(model, work, plan, targets), mode)
+    if mode == "slice":
+        _sync_attributes(work)
+        _sync_heads(work, plan, groups)
+    if graph is not None:
+        _verify(work, graph, mode)
+    if inplace:
+        _transplant(work, model)
+        return model
+    return work
+
+
+def _refit_targets(model: nn.Module, work: nn.Module, plan: PrunePlan,
+                   targets: Mapping[int, _Target]) -> dict[int, _Target]:
+    """Map each refit tensor of ``work`` (after slicing) to what is known about its cut."""
+    aliases = _aliases(model)
+    by_key = {t.key: t for t in targets.values()}
+    for t in targets.values():
+        for p, n in t.locations:
+            by_key.setdefault(_key(p, n), t)
+    out: dict[int, _Target] = {}
+    for key in plan.refit or {}:
+        module, _, param = key.rpartition(".")
+        tgt = by_key.get(key)
+        if tgt is None:
+            orig = _tensor_at(model, module, param)
+            assert orig is not None
+            tgt = _Target(key, tuple(orig.shape), isinstance(orig, nn.Parameter),
+                          [(p, n) for p, n, _ in aliases[id(orig)]])
+        now = _tensor_at(work, module, param)
+        assert now is not None
+        out[id(now)] = tgt
+    return out
