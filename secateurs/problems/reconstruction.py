@@ -174,7 +174,7 @@ class Reconstruction:
         names: list[str],
     ) -> Reconstruction:
         hs, ds, lams = [], [], []
-        for i, (gram, w) in enumerate(zip(grams, ws)):
+        for i, (gram, w) in enumerate(zip(grams, ws, strict=True)):
             wfield = "W" if len(ws) == 1 else f"W[{i}]"
             dense = _stack_weights(w, wfield, gram.shape[0], names[i], dtype, gram.device)
             if ridge is not None and not (math.isfinite(ridge) and ridge >= 0):
@@ -220,7 +220,7 @@ class Reconstruction:
         if not (math.isfinite(ridge) and ridge >= 0):
             raise ValidationError("ridge", f"must be a finite number >= 0, got {ridge!r}")
         hs = []
-        for f, h in zip(hfields, hs_in):
+        for f, h in zip(hfields, hs_in, strict=True):
             t = _as_tensor(h, f, dtype)
             if t.ndim == 2 and t.shape[0] == t.shape[1] and ridge:
                 t = t + ridge * torch.eye(t.shape[0], dtype=dtype, device=t.device)
@@ -233,7 +233,7 @@ class Reconstruction:
         lams = [float(ridge)] * len(hs)
         if G is not None:
             gs = []
-            for i, (g, h) in enumerate(zip(items, hs)):
+            for i, (g, h) in enumerate(zip(items, hs, strict=True)):
                 f = f"G[{i}]" if multi else "G"
                 t = _as_tensor(g, f, dtype, h.device)
                 if t.ndim == 1:
@@ -246,7 +246,7 @@ class Reconstruction:
         ds = [
             _stack_weights(w, f"W[{i}]" if multi else "W", h.shape[0] if h.ndim == 2 else -1,
                            hfields[i], dtype, h.device)
-            for i, (w, h) in enumerate(zip(items, hs))
+            for i, (w, h) in enumerate(zip(items, hs, strict=True))
         ]
         return cls._build(hs, None, ds, unit_width=unit_width, keep=keep, ridge=lams, hfields=hfields)
 
@@ -293,9 +293,9 @@ class Reconstruction:
     ) -> Reconstruction:
         """Validate H's, derive the missing one of G / Ŵ and the constant c."""
         if not validated:
-            hs = [_check_hessian(h, f) for h, f in zip(hs, hfields)]
+            hs = [_check_hessian(h, f) for h, f in zip(hs, hfields, strict=True)]
         p = hs[0].shape[0]
-        for f, h in zip(hfields, hs):
+        for f, h in zip(hfields, hs, strict=True):
             if h.shape[0] != p:
                 raise ValidationError(f, f"shape {_shape(h)} does not match {hfields[0]}'s {_shape(hs[0])}")
             if h.device != hs[0].device:
@@ -306,10 +306,10 @@ class Reconstruction:
             raise ValidationError("unit_width", f"{unit_width} does not divide the {p} input columns")
         if ds is None:
             assert gs is not None
-            ds = [torch.cholesky_solve(g, torch.linalg.cholesky(h)) for h, g in zip(hs, gs)]
+            ds = [torch.cholesky_solve(g, torch.linalg.cholesky(h)) for h, g in zip(hs, gs, strict=True)]
         if gs is None:
-            gs = [h @ d for h, d in zip(hs, ds)]
-        constant = float(sum(0.5 * float((d * g).sum()) for d, g in zip(ds, gs)))
+            gs = [h @ d for h, d in zip(hs, ds, strict=True)]
+        constant = float(sum(0.5 * float((d * g).sum()) for d, g in zip(ds, gs, strict=True)))
         problem = cls(tuple(hs), tuple(gs), tuple(ds), unit_width, keep, tuple(ridge), constant)
         problem._check_keep(keep)
         return problem
@@ -376,7 +376,7 @@ class Reconstruction:
             units = [int(u) for u in solution]
         except (TypeError, ValueError):
             return [f"solution: expected a sequence of unit indices, got {type(solution).__name__}"]
-        if any(not float(u) == float(x) for u, x in zip(units, solution)):
+        if any(not float(u) == float(x) for u, x in zip(units, solution, strict=True)):
             return ["solution: unit indices must be integers"]
         out: list[str] = []
         if len(units) != self.keep:
@@ -411,7 +411,7 @@ class Reconstruction:
             return 0.0
         cols = self.columns(units)
         total = 0.0
-        for H, G in zip(self.hessians, self.targets):
+        for H, G in zip(self.hessians, self.targets, strict=True):
             L = torch.linalg.cholesky(H[cols][:, cols])
             Z = torch.linalg.solve_triangular(L, G[cols], upper=False)
             total -= 0.5 * float((Z * Z).sum())
@@ -444,7 +444,7 @@ class Reconstruction:
         units = self._support(solution)
         cols = self.columns(units)
         out = []
-        for H, G in zip(self.hessians, self.targets):
+        for H, G in zip(self.hessians, self.targets, strict=True):
             if units:
                 B = torch.cholesky_solve(G[cols], torch.linalg.cholesky(H[cols][:, cols]))
             else:
@@ -464,7 +464,7 @@ class Reconstruction:
         """
         cols = self.columns(self._support(solution))
         total = 0.0
-        for H, G, D in zip(self.hessians, self.targets, self.dense):
+        for H, G, D in zip(self.hessians, self.targets, self.dense, strict=True):
             B = D[cols]
             total += 0.5 * float((B * (H[cols][:, cols] @ B)).sum()) - float((B * G[cols]).sum())
         return total

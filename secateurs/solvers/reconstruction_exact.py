@@ -23,7 +23,7 @@ def _batched_objectives(problem: Reconstruction, subsets: Tensor) -> Tensor:
     w = problem.unit_width
     cols = (subsets[:, :, None] * w + torch.arange(w, device=subsets.device)).reshape(subsets.shape[0], -1)
     total = torch.zeros(subsets.shape[0], dtype=problem.dtype, device=problem.device)
-    for H, G in zip(problem.hessians, problem.targets):
+    for H, G in zip(problem.hessians, problem.targets, strict=True):
         Hs = H[cols[:, :, None], cols[:, None, :]]
         L = torch.linalg.cholesky(Hs)
         Z = torch.linalg.solve_triangular(L, G[cols], upper=False)
@@ -100,7 +100,7 @@ def big_m(problem: Reconstruction) -> list[np.ndarray]:
     margin covers the rounding of λ_min.
     """
     out = []
-    for H, G, D in zip(problem.hessians, problem.targets, problem.dense):
+    for H, G, D in zip(problem.hessians, problem.targets, problem.dense, strict=True):
         lam = float(torch.linalg.eigvalsh(H)[0])
         cj = 0.5 * (D * G).sum(0).clamp_min(0)
         out.append((1.01 * torch.sqrt(2 * cj / lam) + 1e-12).cpu().numpy())
@@ -140,7 +140,7 @@ def miqp(
     objective = 0
     constraints = [cp.sum(z) == problem.keep]
     variables = []
-    for H, G, M in zip(problem.hessians, problem.targets, big_m(problem)):
+    for H, G, M in zip(problem.hessians, problem.targets, big_m(problem), strict=True):
         Hn, Gn = H.detach().cpu().numpy(), G.detach().cpu().numpy()
         L = np.linalg.cholesky(Hn)
         B = cp.Variable(Gn.shape)

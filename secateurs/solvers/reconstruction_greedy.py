@@ -115,7 +115,7 @@ def greedy_path(
         raise ValueError(f"stop must be in 1..{g}, got {stop}")
     step = max(1, int(step))
     fold = max(256, 2 * step * w)
-    blocks = [_Block(H, G, w, fold) for H, G in zip(problem.hessians, problem.targets)]
+    blocks = [_Block(H, G, w, fold) for H, G in zip(problem.hessians, problem.targets, strict=True)]
     device = problem.device
     units = torch.arange(g, device=device)  # original index of each local unit
     alive = torch.ones(g, dtype=torch.bool, device=device)
@@ -181,7 +181,7 @@ def _finish_in_one_stage(problem: Reconstruction, support: list[int]) -> list[in
     cols = problem.columns(support)
     w = problem.unit_width
     scores = None
-    for H, G in zip(problem.hessians, problem.targets):
+    for H, G in zip(problem.hessians, problem.targets, strict=True):
         Hi = torch.cholesky_inverse(torch.linalg.cholesky(H[cols][:, cols]))
         s = block_quadratic(diag_blocks(Hi, w), Hi @ G[cols], w)
         scores = s if scores is None else scores + s

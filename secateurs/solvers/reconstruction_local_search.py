@@ -95,7 +95,7 @@ def swap_scores(problem: Reconstruction, support: list[int]) -> tuple[Tensor, li
     kc, oc = problem.columns(kept), problem.columns(removed)
     total: Tensor | None = None
     f = 0.0
-    for H, G in zip(problem.hessians, problem.targets):
+    for H, G in zip(problem.hessians, problem.targets, strict=True):
         d, fb = _block_swap_scores(H, G, kc, oc, problem.unit_width)
         total = d if total is None else total + d
         f += fb

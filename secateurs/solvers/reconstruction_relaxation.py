@@ -54,7 +54,7 @@ class _Relaxation:
     def __init__(self, problem: Reconstruction) -> None:
         self.problem = problem
         self.parts = []
-        for H, G in zip(problem.hessians, problem.targets):
+        for H, G in zip(problem.hessians, problem.targets, strict=True):
             delta = float(torch.linalg.eigvalsh(H)[0]) * (1 - 1e-9)
             if delta <= 0:
                 delta = 0.0
