@@ -49,6 +49,7 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     """
 
     def extra_repr(self) -> str:
+        # out_proj prints its own widths: its output may differ from embed_dim when only it was pruned
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
                 f"dropout={self.dropout}, batch_first={self.batch_first}")
 
@@ -247,7 +248,7 @@ def _check_modules(model: nn.Module, targets: Mapping[int, _Target]) -> None:
         if isinstance(mod, nn.GroupNorm) and mod.weight is not None and id(mod.weight) in targets:
             tgt = targets[id(mod.weight)]
             new = tgt.new_shape()[0]
-            if new % mod.num_groups:
+            if new % mod.num_groups and mod.num_groups != mod.num_channels:
                 raise InvalidPlanError(f"group(s) {_names(tgt.groups[0])}: GroupNorm {where!r} would keep {new} channels, "
                                        f"not a multiple of num_groups={mod.num_groups}")
         elif isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and id(mod.weight) in targets:
@@ -366,6 +367,8 @@ def _sync_attributes(model: nn.Module) -> None:
                 mod.normalized_shape = tuple(mod.weight.shape)
         elif isinstance(mod, nn.GroupNorm):
             if mod.weight is not None:
+                if mod.num_groups == mod.num_channels:  # one group per channel: the groups go with them
+                    mod.num_groups = mod.weight.shape[0]
                 mod.num_channels = mod.weight.shape[0]
         elif isinstance(mod, (nn.Embedding, nn.EmbeddingBag)):
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
@@ -374,15 +377,17 @@ def _sync_attributes(model: nn.Module) -> None:
 
 
 def _sync_mha(mod: nn.MultiheadAttention) -> None:
+    """embed_dim = the q/k/v input width; heads from the in-projection; swap class unless all agree."""
     if mod.in_proj_weight is None:
         return
-    embed = mod.out_proj.weight.shape[0]
+    e_in = mod.in_proj_weight.shape[1]
+    e_out = mod.out_proj.weight.shape[0]
     inner = mod.in_proj_weight.shape[0] // 3
-    if embed == mod.embed_dim and inner == mod.num_heads * mod.head_dim:
+    if e_in == e_out == mod.embed_dim and inner == mod.num_heads * mod.head_dim:
         return
-    mod.embed_dim = mod.kdim = mod.vdim = embed
+    mod.embed_dim = mod.kdim = mod.vdim = e_in
     mod.num_heads = inner // mod.head_dim
-    if inner != embed or isinstance(mod, PrunedMultiheadAttention):
+    if not inner == e_in == e_out or isinstance(mod, PrunedMultiheadAttention):
         mod.__class__ = PrunedMultiheadAttention
 
 

@@ -1,0 +1,442 @@
+"""apply: every invalid plan refused before anything is touched; slice and mask exact; inplace atomic.
+
+Most cases use Groups written by hand (apply must need nothing but the plan); attention and
+tied-weight cases use the graph builder to find their groups.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from secateurs.apply import PrunedMultiheadAttention, apply
+from secateurs.errors import InvalidPlanError, ValidationError
+from secateurs.graph import build
+from secateurs.graph.groups import Group, Member
+from secateurs.plan import PrunePlan
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.dw = nn.Conv2d(4, 4, 3, padding=1, groups=4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.gn(self.dw(F.relu(self.bn(self.conv(x)))))
+        return self.fc(y.mean((2, 3)))
+
+
+def tiny() -> Tiny:
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    with torch.no_grad():  # non-trivial statistics and affines, so masking them is visible
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+        m.bn.weight.uniform_(0.5, 2)
+        m.gn.weight.uniform_(0.5, 2)
+    return m
+
+
+def groups() -> dict[str, Group]:
+    chan = Group("conv:out", 4, [
+        Member("conv", "weight", 0, "producer"), Member("conv", "bias", 0),
+        Member("bn", "weight", 0), Member("bn", "bias", 0), Member("bn", "running_mean", 0),
+        Member("bn", "running_var", 0), Member("dw", "weight", 0), Member("dw", "bias", 0),
+        Member("gn", "weight", 0), Member("gn", "bias", 0), Member("fc", "weight", 1, "consumer"),
+    ])
+    cin = Group("conv:in", 2, [Member("conv", "weight", 1, "consumer")], prunable=False, reason="reaches model input 'x'")
+    out = Group("fc:out", 3, [Member("fc", "weight", 0, "producer"), Member("fc", "bias", 0)], prunable=False,
+                reason="reaches model output 'output'")
+    return {g.name: g for g in (chan, cin, out)}
+
+
+def plan(keep: dict[str, list[int]], **kw: Any) -> PrunePlan:
+    return PrunePlan(keep, groups=groups(), **kw)
+
+
+X = torch.randn(3, 2, 5, 5, generator=torch.Generator().manual_seed(1))
+
+
+def snapshot(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def same_state(m: nn.Module, snap: dict[str, torch.Tensor]) -> bool:
+    sd = m.state_dict()
+    return sd.keys() == snap.keys() and all(torch.equal(sd[k], snap[k]) and sd[k].dtype == snap[k].dtype for k in sd)
+
+
+# -- slice ----------------------------------------------------------------------------------------
+
+
+def test_slice_shapes_attributes_repr_and_training() -> None:
+    m = tiny()
+    snap = snapshot(m)
+    s = apply(m, plan({"conv:out": [0, 3]}))
+    assert same_state(m, snap)  # the input model is untouched
+    assert s.conv.weight.shape == (2, 2, 3, 3) and s.fc.weight.shape == (3, 2)
+    assert (s.conv.out_channels, s.bn.num_features, s.fc.in_features) == (2, 2, 2)
+    assert (s.dw.in_channels, s.dw.out_channels, s.dw.groups) == (2, 2, 2)
+    assert s.gn.num_channels == 2 and s.gn.num_groups == 2
+    text = repr(s)
+    assert "Conv2d(2, 2, kernel_size=(3, 3)" in text and "BatchNorm2d(2," in text
+    assert "Conv2d(2, 2, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), groups=2)" in text
+    assert "GroupNorm(2, 2," in text and "Linear(in_features=2, out_features=3" in text
+    torch.testing.assert_close(s.conv.weight, m.conv.weight[[0, 3]])
+    torch.testing.assert_close(s.fc.weight, m.fc.weight[:, [0, 3]])
+    torch.testing.assert_close(s.bn.running_var, m.bn.running_var[[0, 3]])
+    s.train()
+    s(X).square().sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in s.parameters())
+
+
+def test_slice_equals_mask_when_no_norm_mixes_the_pruned_dim() -> None:
+    m = tiny()
+    m.gn = nn.GroupNorm(4, 4)  # one channel per group: statistics do not mix channels
+    with torch.no_grad():
+        m.gn.weight.uniform_(0.5, 2)
+    p = plan({"conv:out": [1, 2]})
+    torch.testing.assert_close(apply(m, p)(X), apply(m, p, mode="mask")(X), rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_keep_requires_grad_dtype_and_are_new() -> None:
+    m = tiny().double()
+    m.conv.weight.requires_grad_(False)
+    s = apply(m, plan({"conv:out": [0, 2]}))
+    assert not s.conv.weight.requires_grad and s.conv.bias.requires_grad
+    assert all(p.dtype == torch.float64 for p in s.parameters())
+    assert isinstance(s.conv.weight, nn.Parameter)
+    assert not isinstance(s.bn.running_mean, nn.Parameter) and "running_mean" in dict(s.bn.named_buffers())
+    assert s.conv.weight.data_ptr() != m.conv.weight.data_ptr()
+    assert s(X.double()).shape == (3, 3)
+
+
+def test_conv_sliced_along_both_dims_by_two_groups() -> None:
+    m = nn.Sequential(nn.Conv2d(3, 5, 1), nn.ReLU(), nn.Conv2d(5, 4, 1), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    g1 = Group("a", 5, [Member("0", "weight", 0), Member("0", "bias", 0), Member("2", "weight", 1, "consumer")])
+    g2 = Group("b", 4, [Member("2", "weight", 0), Member("2", "bias", 0), Member("4", "weight", 1, "consumer")])
+    s = apply(m, PrunePlan({"a": [0, 4], "b": [1, 2, 3]}, groups={"a": g1, "b": g2}))
+    assert s[2].weight.shape == (3, 2, 1, 1) and (s[2].in_channels, s[2].out_channels) == (2, 3)
+    torch.testing.assert_close(s[2].weight, m[2].weight[[1, 2, 3]][:, [0, 4]])
+
+
+def test_conv_transpose_and_layernorm_embedding_attributes() -> None:
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(7, 6)
+            self.ln = nn.LayerNorm(6)
+            self.up = nn.ConvTranspose1d(6, 4, 2, stride=2)
+            self.out = nn.Conv1d(4, 1, 1)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.out(self.up(self.ln(self.emb(ids)).transpose(1, 2)))
+
+    m = M()
+    g = build(m, torch.randint(0, 7, (2, 5)))
+    keep = {"emb:out": [0, 2, 5], "up:out": [1, 3]}
+    s = apply(m, PrunePlan.from_graph(g, keep), graph=g)
+    assert (s.emb.num_embeddings, s.emb.embedding_dim) == (7, 3)
+    assert s.ln.normalized_shape == (3,)
+    assert (s.up.in_channels, s.up.out_channels) == (3, 2) and s.up.weight.shape == (3, 2, 2)
+    assert "Embedding(7, 3)" in repr(s) and "LayerNorm((3,)" in repr(s) and "ConvTranspose1d(3, 2" in repr(s)
+
+
+def test_tied_weights_stay_tied() -> None:
+    class LM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(9, 6)
+            self.mid = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 9, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.relu(self.mid(self.emb(ids))))
+
+    m = LM()
+    g = build(m, torch.randint(0, 9, (2, 4)))
+    name = next(gr.name for gr in g.prunable_groups() if any(mb.module == "emb" for mb in gr.members))
+    s = apply(m, PrunePlan.from_graph(g, {name: [1, 4]}), graph=g)
+    assert s.head.weight is s.emb.weight and s.emb.weight.shape == (9, 2)
+    assert sum(p.numel() for p in s.parameters()) == 9 * 2 + s.mid.weight.numel() + s.mid.bias.numel()
+    assert m.head.weight is m.emb.weight and m.emb.weight.shape == (9, 6)
+
+
+# -- attention ------------------------------------------------------------------------------------
+
+
+class MHANet(nn.Module):
+    def __init__(self, e: int = 8, heads: int = 4, batch_first: bool = True) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, e)
+        self.attn = nn.MultiheadAttention(e, heads, batch_first=batch_first)
+        self.out = nn.Linear(e, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.out(torch.relu(self.attn(h, h, h, need_weights=False)[0]))
+
+
+@pytest.mark.parametrize("keep", [{"attn:heads": [0, 3]}, {"inp:out": [0, 1, 2, 5, 7]},
+                                  {"attn:heads": [1], "inp:out": [2, 3, 4]}])
+def test_multihead_attention_heads_and_embed(keep: dict[str, list[int]]) -> None:
+    torch.manual_seed(0)
+    m = MHANet().eval()
+    x = torch.randn(2, 5, 3)
+    g = build(m, x)
+    p = PrunePlan.from_graph(g, keep)
+    s = apply(m, p, graph=g)
+    a = s.attn
+    heads = len(keep.get("attn:heads", range(4)))
+    embed = len(keep.get("inp:out", range(8)))
+    assert (a.embed_dim, a.num_heads, a.head_dim) == (embed, heads, 2)
+    # without a residual the out-projection's output is a group of its own: it keeps 8 here
+    assert a.in_proj_weight.shape == (3 * heads * 2, embed) and a.out_proj.weight.shape == (8, heads * 2)
+    assert f"embed_dim={embed}, num_heads={heads}, head_dim=2" in repr(s)
+    torch.testing.assert_close(s(x), apply(m, p, mode="mask")(x), rtol=1e-5, atol=1e-6)
+    s.train()
+    s(x).sum().backward()
+    assert a.in_proj_weight.grad is not None
+    assert isinstance(m.attn, nn.MultiheadAttention) and not isinstance(m.attn, PrunedMultiheadAttention)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("need_weights", [True, False])
+def test_pruned_mha_matches_stock_module(batch_first: bool, need_weights: bool) -> None:
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+    ours = nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+    ours.load_state_dict(ref.state_dict())
+    ours.__class__ = PrunedMultiheadAttention
+    q = torch.randn(3, 4, 8)  # batch-first layout (N=3, L=4); S=6 keys
+    kv = torch.randn(3, 6, 8)
+    if not batch_first:
+        q, kv = q.transpose(0, 1), kv.transpose(0, 1)
+    kpm = torch.zeros(3, 6)
+    kpm[:, -1] = float("-inf")
+    am = torch.randn(4, 6)
+    kwargs = dict(key_padding_mask=kpm, attn_mask=am, need_weights=need_weights)
+    with torch.enable_grad():  # the stock module's regular path (not the inference fast path)
+        want, want_w = ref(q, kv, kv, **kwargs)
+        got, got_w = ours(q, kv, kv, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    if need_weights:
+        torch.testing.assert_close(got_w, want_w, rtol=1e-5, atol=1e-6)
+    else:
+        assert got_w is None
+    with torch.enable_grad():
+        unb, _ = ours(q[:, 0], kv[:, 0], kv[:, 0])
+        ref_unb, _ = ref(q[:, 0], kv[:, 0], kv[:, 0])
+    torch.testing.assert_close(unb, ref_unb, rtol=1e-5, atol=1e-6)
+
+
+class HandAttention(nn.Module):
+    def __init__(self, e: int = 8, num_attention_heads: int = 4) -> None:
+        super().__init__()
+        self.num_attention_heads = num_attention_heads
+        self.head_dim = e // num_attention_heads
+        self.all_head_size = e
+        self.qkv = nn.Linear(e, 3 * e)
+        self.o = nn.Linear(e, e)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).split(self.all_head_size, dim=-1)
+        q, k, v = (z.view(b, t, self.num_attention_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim), dim=-1)
+        return self.o((w @ v).transpose(1, 2).reshape(b, t, self.all_head_size))
+
+
+class HandNet(nn.Module):
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.inp = nn.Linear(3, 8)
+        self.attn = attn
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.attn(self.inp(x)))
+
+
+def test_hand_written_attention_attributes_updated() -> None:
+    torch.manual_seed(0)
+    m = HandNet(HandAttention()).eval()
+    x = torch.randn(2, 5, 3)
+    g = build(m, x)
+    p = PrunePlan.from_graph(g, {"attn:heads": [0, 2, 3]})
+    s = apply(m, p, graph=g)
+    assert (s.attn.num_attention_heads, s.attn.head_dim, s.attn.all_head_size) == (3, 2, 6)
+    assert m.attn.num_attention_heads == 4
+    torch.testing.assert_close(s(x), apply(m, p, mode="mask")(x), rtol=1e-5, atol=1e-6)
+
+
+class OddAttention(HandAttention):
+    """Counts its heads in an attribute apply cannot know: slicing it breaks the forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.h = self.num_attention_heads
+        del self.num_attention_heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (z.reshape(b, t, self.h, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        w = torch.softmax(q @ k.transpose(-2, -1), dim=-1)
+        return self.o((w @ v).transpose(1, 2).reshape(b, t, self.h * self.head_dim))
+
+
+def test_failing_result_is_reported_and_inplace_leaves_model_untouched() -> None:
+    torch.manual_seed(0)
+    m = HandNet(OddAttention()).eval()
+    x = torch.randn(2, 5, 3)
+    g = build(m, x)
+    snap = snapshot(m)
+    with pytest.raises(InvalidPlanError, match=r"sliced model fails on the graph's example inputs: .*unchanged"):
+        apply(m, PrunePlan.from_graph(g, {"attn:heads": [0, 1]}), graph=g, inplace=True)
+    assert same_state(m, snap) and type(m.attn) is OddAttention
+    assert m.attn.qkv.out_features == 24
+
+
+# -- mask -----------------------------------------------------------------------------------------
+
+
+def test_mask_zeroes_exactly_the_removed_slices() -> None:
+    m = tiny()
+    snap = snapshot(m)
+    mk = apply(m, plan({"conv:out": [1, 3]}), mode="mask")
+    assert same_state(m, snap)
+    gone = [0, 2]
+    for key, t in mk.state_dict().items():
+        before = snap[key]
+        assert t.shape == before.shape
+        mod, _, param = key.rpartition(".")
+        members = [mb for mb in groups()["conv:out"].members if (mb.module, mb.param) == (mod, param)]
+        expect = before.clone()
+        for mb in members:
+            expect.index_fill_(mb.dim, torch.tensor(gone), 0)
+        assert torch.equal(t, expect), key
+    assert repr(mk) == repr(m)
+    assert torch.count_nonzero(mk.conv.weight[[0, 2]]) == 0 and torch.count_nonzero(mk.fc.weight[:, [0, 2]]) == 0
+
+
+# -- inplace --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["slice", "mask"])
+def test_inplace_returns_the_same_object_pruned(mode: str) -> None:
+    m = tiny()
+    ref = apply(m, plan({"conv:out": [0, 1]}), mode=mode)  # type: ignore[arg-type]
+    out = apply(m, plan({"conv:out": [0, 1]}), mode=mode, inplace=True)  # type: ignore[arg-type]
+    assert out is m
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), ref.state_dict().values(), strict=True))
+    torch.testing.assert_close(m(X), ref(X))
+    assert repr(m) == repr(ref)
+
+
+def test_multihead_attention_at_the_root_inplace() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(4, 2)
+    g = Group("attn:heads", 2, [Member("", "in_proj_weight", 0, "producer", offset=j * 4, block=2) for j in range(3)]
+              + [Member("", "in_proj_bias", 0, "passthrough", offset=j * 4, block=2) for j in range(3)]
+              + [Member("out_proj", "weight", 1, "consumer", block=2)], unit_width=2)
+    out = apply(mha, PrunePlan({"attn:heads": [1]}, groups={"attn:heads": g}), inplace=True)
+    assert out is mha and isinstance(mha, PrunedMultiheadAttention) and mha.num_heads == 1
+    q = torch.randn(3, 2, 4)
+    assert mha(q, q, q)[0].shape == (3, 2, 4)
+
+
+# -- refit --------------------------------------------------------------------------------------------
+
+
+def test_refit_slice_and_mask() -> None:
+    m = tiny()
+    w = torch.arange(6.0).view(3, 2)
+    p = plan({"conv:out": [1, 2]}, refit={"fc.weight": w})
+    s = apply(m, p)
+    assert torch.equal(s.fc.weight, w) and isinstance(s.fc.weight, nn.Parameter)
+    mk = apply(m, p, mode="mask")
+    expect = torch.zeros(3, 4)
+    expect[:, [1, 2]] = w
+    assert torch.equal(mk.fc.weight, expect)
+    torch.testing.assert_close(s.fc(torch.ones(1, 2)), mk.fc(torch.tensor([[0.0, 1, 1, 0]])))
+
+
+# -- invalid plans ---------------------------------------------------------------------------------
+
+
+def _with(extra: Group) -> dict[str, Group]:
+    gs = groups()
+    gs[extra.name] = extra
+    return gs
+
+
+INVALID = [
+    (PrunePlan({"nope": [0]}, groups=groups()), r"unknown group 'nope'"),
+    (PrunePlan({"conv:out": [0, 4]}, groups=groups()), r"group 'conv:out': unit index 4 out of range \[0, 4\)"),
+    (PrunePlan({"conv:out": [-1, 0]}, groups=groups()), r"group 'conv:out': unit index -1 out of range"),
+    (PrunePlan({"conv:out": [2, 1]}, groups=groups()), r"group 'conv:out': kept units must be sorted and unique"),
+    (PrunePlan({"conv:out": [1, 1]}, groups=groups()), r"group 'conv:out': kept units must be sorted and unique"),
+    (PrunePlan({"conv:out": []}, groups=groups()), r"group 'conv:out': every unit removed"),
+    (PrunePlan({"fc:out": [0, 2]}, groups=groups()), r"group 'fc:out' is frozen \(reaches model output 'output'\)"),
+    (PrunePlan({"conv:out": [0, 1, 2]}, groups=groups()),
+     r"group\(s\) 'conv:out': GroupNorm 'gn' would keep 3 channels, not a multiple of num_groups=2"),
+    (PrunePlan({"g": [0]}, groups=_with(Group("g", 2, [Member("missing", "weight", 0)]))),
+     r"group 'g': module 'missing' not found in Tiny"),
+    (PrunePlan({"g": [0]}, groups=_with(Group("g", 2, [Member("fc", "scale", 0)]))),
+     r"group 'g': 'fc.scale' is not a parameter or buffer of Tiny"),
+    (PrunePlan({"g": [0]}, groups=_with(Group("g", 2, [Member("fc", "bias", 1)]))),
+     r"group 'g': 'fc.bias' has 1 dims, member indexes dim 1"),
+    (PrunePlan({"g": [0]}, groups=_with(Group("g", 5, [Member("fc", "bias", 0)]))),
+     r"group 'g': its 5 units reach index 4 of 'fc.bias' dim 0, which has size 3"),
+    (PrunePlan({"conv:out": [0, 1]}), r"the plan embeds no group definitions"),
+    (PrunePlan({"conv:out": [0, 1]}, groups=groups(), refit={"fc.weight": torch.zeros(3, 4)}),
+     r"refit\['fc.weight'\]: shape \(3, 4\), but the sliced tensor has shape \(3, 2\)"),
+    (PrunePlan({"conv:out": [0, 1]}, groups=groups(), refit={"fc.gain": torch.zeros(3)}),
+     r"refit\['fc.gain'\]: no such parameter or buffer in Tiny"),
+]
+
+
+@pytest.mark.parametrize(("bad", "pattern"), INVALID)
+@pytest.mark.parametrize("mode", ["slice", "mask"])
+def test_invalid_plans_raise_before_touching(bad: PrunePlan, pattern: str, mode: str) -> None:
+    m = tiny()
+    snap = snapshot(m)
+    with pytest.raises(InvalidPlanError, match=pattern):
+        apply(m, bad, mode=mode, inplace=True)  # type: ignore[arg-type]
+    assert same_state(m, snap) and m.conv.out_channels == 4
+
+
+def test_grouped_convolution_refused() -> None:
+    m = nn.Sequential(nn.Conv2d(4, 4, 1, groups=2))
+    g = Group("g", 4, [Member("0", "weight", 0), Member("0", "bias", 0)])
+    with pytest.raises(InvalidPlanError, match=r"group\(s\) 'g': grouped convolution '0' \(groups=2\) can only be "
+                                               r"sliced when depthwise"):
+        apply(m, PrunePlan({"g": [0, 1]}, groups={"g": g}))
+
+
+def test_invalid_with_graph_and_arguments() -> None:
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 2))
+    g = build(model, torch.randn(2, 3))
+    with pytest.raises(InvalidPlanError, match=r"unknown group 'x' \(the graph has: 0:in, 0:out, 2:out\)"):
+        apply(model, PrunePlan({"x": [0]}), graph=g)
+    with pytest.raises(InvalidPlanError, match=r"group '2:out' is frozen \(reaches model output"):
+        apply(model, PrunePlan({"2:out": [0]}), graph=g)
+    with pytest.raises(ValidationError, match=r"^mode: expected 'slice' or 'mask', got 'cut'"):
+        apply(model, PrunePlan({}), graph=g, mode="cut")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"^plan: expected a PrunePlan, got dict"):
+        apply(model, {"0:out": [0]}, graph=g)  # type: ignore[arg-type]
+    # groups come from the graph when given, even if the plan embeds others
+    stale = PrunePlan({"0:out": [0]}, groups={"0:out": Group("0:out", 9, [])})
+    assert apply(model, stale, graph=g)[0].out_features == 1
