@@ -138,7 +138,9 @@ def local_search(
     deadline = Deadline(time_limit)
     trace = Trace(deadline)
     if problem.keep == problem.num_units:
-        return finish(problem, range(problem.num_units), Status.OPTIMAL, bound=-problem.constant)
+        value = problem.evaluate(range(problem.num_units))
+        return finish(problem, range(problem.num_units), Status.OPTIMAL, bound=value, objective=value,
+                      info={"stopped": "local_optimum", "start_objective": value, "swaps": 0})
     if start is None:
         support = greedy_path(problem, step=start_step, stop=problem.keep)[-1][1]
     else:
