@@ -440,3 +440,41 @@ def test_invalid_with_graph_and_arguments() -> None:
     # groups come from the graph when given, even if the plan embeds others
     stale = PrunePlan({"0:out": [0]}, groups={"0:out": Group("0:out", 9, [])})
     assert apply(model, stale, graph=g)[0].out_features == 1
+
+
+# -- save / load ---------------------------------------------------------------------------------
+
+
+def test_save_load_round_trip_with_refit(tmp_path: Any) -> None:
+    from secateurs.io import PLAN_FILE, REFIT_FILE, STATE_FILE, load, load_plan, save
+
+    m = tiny()
+    p = plan({"conv:out": [1, 2]}, refit={"fc.weight": torch.ones(3, 2)})
+    s = apply(m, p)
+    folder = save(tmp_path / "pruned", s, p)
+    assert {f.name for f in folder.iterdir()} == {PLAN_FILE, STATE_FILE, REFIT_FILE}
+    assert b"pickle" not in (folder / PLAN_FILE).read_bytes()
+    back = load(folder, lambda: Tiny().eval())
+    assert torch.equal(back(X), s(X)) and repr(back) == repr(s)
+    again = load_plan(folder)
+    assert again.keep == p.keep and again.refit is not None and torch.equal(again.refit["fc.weight"], torch.ones(3, 2))
+
+
+def test_save_load_errors(tmp_path: Any) -> None:
+    from secateurs.errors import PlanFormatError
+    from secateurs.io import STATE_FILE, load, save
+
+    m = tiny()
+    with pytest.raises(ValidationError, match=r"^plan: embeds no group definitions"):
+        save(tmp_path / "a", m, PrunePlan({"conv:out": [0, 1]}))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValidationError, match=r"^path: '.*file' exists and is not a folder"):
+        save(tmp_path / "file", m, plan({}))
+    with pytest.raises(PlanFormatError, match=r"plan file '.*plan\.json' cannot be read"):
+        load(tmp_path / "empty", Tiny)
+    # weights of another plan do not fit: a clear error, not a half-loaded model
+    save(tmp_path / "b", apply(m, plan({"conv:out": [0, 1]})), plan({"conv:out": [0, 1]}))
+    save(tmp_path / "c", m, plan({}))
+    (tmp_path / "b" / STATE_FILE).write_bytes((tmp_path / "c" / STATE_FILE).read_bytes())
+    with pytest.raises(InvalidPlanError, match=r"model\.safetensors': saved weights do not fit the pruned model"):
+        load(tmp_path / "b", Tiny)
