@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from secateurs import errors
+
+# apply is imported eagerly: a lazy lookup would find the submodule secateurs.apply instead of
+# the function once anything has imported that module.
+from secateurs.apply import apply
+from secateurs.budget import Budget
+from secateurs.io import load, load_plan, save
+from secateurs.oneshot import PruneResult, prune
+from secateurs.plan import PrunePlan
 from secateurs.solvers import SolveResult, Status, available, compare, solve
 
 __version__ = "0.1.0"
 
-# Heavier entry points load on first use so that `import secateurs` stays cheap.
-_LAZY = {
-    "PrunePlan": "secateurs.plan",
-    "build": "secateurs.graph",
-}
-
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'secateurs' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-__all__ = ["SolveResult", "Status", "available", "compare", "errors", "solve", *sorted(_LAZY)]
+__all__ = [
+    "Budget",
+    "PrunePlan",
+    "PruneResult",
+    "SolveResult",
+    "Status",
+    "apply",
+    "available",
+    "compare",
+    "errors",
+    "load",
+    "load_plan",
+    "prune",
+    "save",
+    "solve",
+]

@@ -1,0 +1,474 @@
+"""One-shot pruning: calibration → error curves → allocation → per-group solves and refit → model.
+
+Channels (structured), in one pass over the calibration data:
+
+1. trace the model into groups (``graph.build``) and reject a budget no plan can meet;
+2. accumulate XᵀX of every layer that reads a prunable group (``calibration.collect``);
+3. per group, an OSSCAR ``Reconstruction`` over the columns its units occupy in each consumer
+   (other inputs of the consumer are held at their dense values); one greedy backward path gives
+   the refit error of every keep level;
+4. an ``Allocation`` over those error curves under the graph's exact params/FLOPs polynomials
+   picks a keep level per group (``dp`` by default; ``cpsat`` when the costs are not a chain);
+5. per group, the reconstruction solver (``local_search`` by default, started from the greedy
+   support) picks the units, and the consumers are refit in closed form;
+6. the plan is applied to a copy: a physically smaller model, verified by a forward pass.
+
+Unstructured and N:M: per-layer masks from reconstruction-aware scores |W|·‖X‖, per-layer
+densities from the allocation solvers (unstructured), and an optional per-row least-squares refit.
+
+Errors compared across groups are relative ((f + c)/c per group): every consumer's reconstruction
+counts the same whatever its activation scale. This weighting is our choice.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from secateurs.apply import apply
+from secateurs.budget import Budget
+from secateurs.calibration import GramStatistics, collect
+from secateurs.consumers import ConsumerColumns, consumer_columns, supports_reconstruction
+from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, ValidationError
+from secateurs.graph import DependencyGraph, build, dense_counts
+from secateurs.graph.groups import Group
+from secateurs.plan import PrunePlan
+from secateurs.problems.allocation import Allocation
+from secateurs.problems.reconstruction import Reconstruction
+from secateurs.report import BudgetLine, GroupReport, PruneReport
+from secateurs.solvers import Deadline, SolveResult, solve
+from secateurs.solvers.reconstruction_greedy import greedy_path
+from secateurs.sparsity import density_mask, masked_error, nm_mask, reconstruction_scores, refit_rows
+
+log = logging.getLogger("secateurs")
+
+STRUCTURES = ("channels", "unstructured", "n:m")
+
+
+@dataclass
+class PruneResult:
+    """The pruned copy, the plan that makes it from the dense model, and the report."""
+
+    model: nn.Module
+    plan: PrunePlan
+    report: PruneReport
+    graph: DependencyGraph | None = None
+
+
+@dataclass
+class _GroupWork:
+    """A group's reconstruction problem, its consumers and its greedy error path."""
+
+    group: Group
+    problem: Reconstruction | None
+    consumers: list[ConsumerColumns]
+    path: dict[int, tuple[list[int], float]]
+    note: str = ""
+
+
+def prune(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    budget: Budget | None,
+    *,
+    example_inputs: Any = None,
+    reconstruction: str = "local_search",
+    allocation: str = "dp",
+    structure: str = "channels",
+    nm: tuple[int, int] = (2, 4),
+    levels: int = 32,
+    refit: bool = True,
+    error_curve: bool = True,
+    progress: bool = True,
+    time_limit: float | None = None,
+    seed: int = 0,
+) -> PruneResult:
+    """Prune a copy of ``model`` to ``budget`` using ``calibration`` batches.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Never modified.
+    calibration : iterable of batches
+        Tensors, tuples of tensors (positional inputs) or dicts (keyword inputs). Read once,
+        streaming: statistics do not grow with the number of batches.
+    budget : Budget
+        ``Budget(flops=0.5)``, ``Budget(params=0.6)`` for channels; ``Budget(sparsity=0.7)`` for
+        unstructured; ``None`` (or the matching sparsity) for N:M.
+    example_inputs : optional
+        Inputs to trace with; default the first calibration batch.
+    reconstruction, allocation : str
+        Solver names (``secateurs.solvers.available(problem)`` lists them).
+    structure : {"channels", "unstructured", "n:m"}
+    nm : (N, M)
+        The N:M pattern for ``structure="n:m"``.
+    levels : int
+        Keep levels per group (channels) or densities per layer (unstructured) offered to the
+        allocation.
+    refit : bool
+        Least-squares refit of the weights reading pruned inputs (always on for channels, where
+        it is OSSCAR's closed form; optional per row for unstructured / N:M).
+    error_curve : bool
+        Also solve the allocation at other budgets for the report's error-vs-budget curve.
+    progress : bool
+        Progress bars per stage (tqdm) and per-group log lines (logger ``secateurs``).
+    time_limit : float, optional
+        Seconds for the whole run; solvers get what remains and fall back to the greedy supports
+        when it runs out (said in the report's notes).
+    """
+    if structure not in STRUCTURES:
+        raise ValidationError("structure", f"expected one of {STRUCTURES}, got {structure!r}")
+    if budget is not None and not isinstance(budget, Budget):
+        raise ValidationError("budget", f"expected a secateurs.Budget, got {type(budget).__name__}")
+    if not isinstance(model, nn.Module):
+        raise ValidationError("model", f"expected an nn.Module, got {type(model).__name__}")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
+        raise ValidationError("levels", f"must be an integer >= 2, got {levels!r}")
+    if time_limit is not None and not time_limit > 0:
+        raise ValidationError("time_limit", f"must be positive seconds, got {time_limit!r}")
+    if structure == "channels" and (budget is None or not budget.structured()):
+        raise ValidationError("budget", "channel pruning needs Budget(flops=...) and/or Budget(params=...)")
+    if structure == "unstructured" and (budget is None or budget.sparsity is None):
+        raise ValidationError("budget", "unstructured pruning needs Budget(sparsity=...)")
+    if structure == "n:m":
+        n, m = nm
+        if not 0 < n < m:
+            raise ValidationError("nm", f"N:M needs 0 < N < M, got {n}:{m}")
+        if budget is not None and (budget.sparsity is None or not math.isclose(budget.sparsity, 1 - n / m)):
+            raise ValidationError("budget", f"an {n}:{m} pattern removes exactly {1 - n / m:g} of the weights")
+    batches = iter(calibration)
+    try:
+        first = next(batches)
+    except StopIteration:
+        raise ValidationError("calibration", "no batches: give at least one calibration batch") from None
+    calibration = itertools.chain([first], batches)
+    deadline = Deadline(time_limit)
+    if structure == "channels":
+        assert budget is not None
+        return _prune_channels(model, calibration, budget, first if example_inputs is None else example_inputs,
+                               reconstruction, allocation, levels, error_curve, progress, deadline, seed)
+    return _prune_weights(model, calibration, budget, structure, nm, allocation, levels, refit, progress, deadline, seed)
+
+
+# -- channels ------------------------------------------------------------------------------------
+
+
+def _check_feasible(graph: DependencyGraph, limits: dict[str, float]) -> None:
+    """Reject a budget below the cost of keeping one unit of every prunable group."""
+    least = graph.cost({g.name: 1 for g in graph.prunable_groups()})
+    for name, limit in limits.items():
+        if getattr(least, name) > limit:
+            raise InfeasibleBudgetError(name, limit, getattr(least, name), "one unit kept in every prunable group")
+
+
+def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatistics]) -> tuple[
+        Reconstruction | None, list[ConsumerColumns], str]:
+    """The OSSCAR problem of one group over its consumers' columns (or None, with why)."""
+    found, skipped = consumer_columns(model, group)
+    notes = [f"not refit: {s}" for s in skipped]
+    usable = [c for c in found if stats[c.module].rows > 0]
+    if len(usable) < len(found):
+        notes.append("consumers never called on the calibration data are not refit")
+    widths = sorted({c.width for c in usable})
+    if len(widths) > 1:  # one problem needs one unit width; keep the consumers of the first
+        notes.append(f"consumers of widths {widths[1:]} are pruned but not refit")
+        usable = [c for c in usable if c.width == widths[0]]
+    if not usable:
+        return None, [], "; ".join(notes + ["no reconstructable consumer: magnitude error curve"])
+    hessians, weights = [], []
+    for c in usable:
+        gram = stats[c.module].gram
+        assert gram is not None
+        cols = c.flat().to(gram.device)
+        h = gram[cols][:, cols]
+        ridge = 0.01 * float(torch.diagonal(h).mean()) or 1e-8
+        hessians.append(h + ridge * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        weight = model.get_submodule(c.module).weight.detach()
+        weights.append(weight.reshape(weight.shape[0], -1)[:, cols.to(weight.device)].to(torch.float64))
+    problem = Reconstruction.from_hessian(hessians, W=weights, unit_width=widths[0], keep=group.size)
+    return problem, usable, "; ".join(notes)
+
+
+def _magnitude_path(model: nn.Module, group: Group) -> dict[int, tuple[list[int], float]]:
+    """Fallback error curve: the share of producer weight energy dropped when keeping the top k."""
+    energy = torch.zeros(group.size, dtype=torch.float64)
+    for member in group.producers():
+        weight = getattr(model.get_submodule(member.module), member.param).detach().to(torch.float64)
+        moved = weight.movedim(member.dim, 0)
+        for u in range(group.size):
+            energy[u] += moved[member.indices([u])].pow(2).sum()
+    order = torch.argsort(energy, descending=True).tolist()
+    total = float(energy.sum()) or 1.0
+    return {k: (sorted(order[:k]), 1.0 - float(energy[order[:k]].sum()) / total) for k in range(1, group.size + 1)}
+
+
+def _error_path(work: _GroupWork, levels: int) -> None:
+    """Greedy backward path with about ``levels`` levels: relative error and support per k."""
+    assert work.problem is not None
+    problem = work.problem
+    step = max(1, math.ceil(problem.num_units / levels))
+    c = problem.constant if problem.constant > 0 else 1.0
+    work.path = {k: (support, (objective + problem.constant) / c)
+                 for k, support, objective in greedy_path(problem, step=step, stop=1)}
+    if 1 not in work.path:  # a coarse step may jump past 1; the allocation needs a least level
+        tail = greedy_path(problem.with_keep(1), step=1, stop=1)[-1]
+        work.path[1] = (tail[1], (tail[2] + problem.constant) / c)
+
+
+def _allocate(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str, float], solver: str,
+              deadline: Deadline, seed: int) -> tuple[SolveResult, Allocation, str]:
+    """Keep level per group from the error curves under the exact cost polynomials."""
+    levels = {w.group.name: sorted(w.path) for w in works}
+    errors = {w.group.name: [max(w.path[k][1], 0.0) for k in levels[w.group.name]] for w in works}
+    problem = Allocation.from_graph(graph, errors, levels=levels, relative=False,
+                                    flops=limits.get("flops"), params=limits.get("params"))
+    note = ""
+    try:
+        result = solve(problem, solver, time_limit=_remaining(deadline), seed=seed)
+    except SolverRefusedError as exc:
+        note = f"allocation solver {solver!r} refused ({exc}); used 'cpsat'"
+        result = solve(problem, "cpsat", time_limit=_remaining(deadline), seed=seed)
+    if not result.ok:
+        raise SolverError(f"allocation found no plan within the budget ({result.status.value}): {result.info}")
+    return result, problem, note
+
+
+def _remaining(deadline: Deadline) -> float | None:
+    if deadline.time_limit is None:
+        return None
+    return max(deadline.remaining(), 0.05)
+
+
+def _curve(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str, float], dense: dict[str, float],
+           solver: str, seed: int) -> list[tuple[float, float]]:
+    """Allocated error at budgets from 20% to 100% of the dense cost (the first budget named)."""
+    name = next(iter(limits))
+    points = []
+    for fraction in np.linspace(0.2, 1.0, 9):
+        scaled = {**limits, name: float(fraction) * dense[name]}
+        try:
+            result, _, _ = _allocate(graph, works, scaled, solver, Deadline(None), seed)
+        except (InfeasibleBudgetError, SolverError):
+            continue
+        points.append((float(fraction), float(result.objective)))
+    return points
+
+
+def _write_refit(work_model: nn.Module, work: _GroupWork, support: list[int]) -> None:
+    """Write the closed-form refit of every consumer into the (dense-shaped) working model."""
+    assert work.problem is not None
+    refits = work.problem.refit(support)
+    with torch.no_grad():
+        for consumer, new in zip(work.consumers, refits, strict=True):
+            weight = work_model.get_submodule(consumer.module).weight
+            flat = weight.view(weight.shape[0], -1)
+            cols = consumer.flat().to(weight.device)
+            flat[:, cols] = new.to(dtype=weight.dtype, device=weight.device)
+
+
+def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget, example_inputs: Any,
+                    reconstruction: str, allocation: str, levels: int, error_curve: bool, progress: bool,
+                    deadline: Deadline, seed: int) -> PruneResult:
+    report = PruneReport("channels")
+    clock = Deadline(None)
+
+    def stage(name: str, start: float) -> None:
+        report.stages[name] = clock.elapsed() - start
+
+    start = clock.elapsed()
+    graph = build(model, example_inputs)
+    dense = graph.cost()
+    limits = budget.limits(dense)
+    _check_feasible(graph, limits)
+    groups = graph.prunable_groups()
+    if not groups:
+        raise ValidationError("model", "no prunable group: every group is frozen (see secateurs inspect)")
+    stage("graph", start)
+
+    start = clock.elapsed()
+    modules = sorted({c.module for g in groups for c in consumer_columns(model, g)[0]})
+    stats = collect(model, _progress(calibration, progress, "calibration"), modules)
+    stage("statistics", start)
+
+    start = clock.elapsed()
+    works = []
+    for group in _progress(groups, progress, "error curves"):
+        problem, consumers, note = _group_problem(model, group, stats)
+        work = _GroupWork(group, problem, consumers, {}, note)
+        if problem is None:
+            work.path = _magnitude_path(model, group)
+        else:
+            _error_path(work, levels)
+        works.append(work)
+    stage("error curves", start)
+
+    start = clock.elapsed()
+    result, alloc_problem, alloc_note = _allocate(graph, works, limits, allocation, deadline, seed)
+    keep_counts = {g: int(round(k)) for g, k in result.solution.items()}
+    report.allocation = {"solver": result.solver, "status": result.status.value, "objective": result.objective,
+                         "bound": result.bound, "seconds": result.seconds,
+                         "budgets": [str(b) for b in alloc_problem.report(result.solution)]}
+    if alloc_note:
+        report.notes.append(alloc_note)
+    stage("allocation", start)
+    if error_curve:
+        start = clock.elapsed()
+        report.error_curve = _curve(graph, works, limits, {"flops": dense.flops, "params": dense.params},
+                                    allocation, seed)
+        stage("error curve", start)
+
+    start = clock.elapsed()
+    work_model = copy.deepcopy(model)
+    keep: dict[str, list[int]] = {}
+    fell_back = False
+    for work in _progress(works, progress, "solves"):
+        name, k = work.group.name, keep_counts[work.group.name]
+        support, solver_name, seconds, error = work.path[k][0], "greedy", 0.0, work.path[k][1]
+        if work.problem is None:
+            solver_name = "magnitude"
+        elif k < work.group.size:
+            if deadline.expired():
+                fell_back = True
+            else:
+                options = {"start": support} if reconstruction == "local_search" else {}
+                solved = solve(work.problem.with_keep(k), reconstruction, time_limit=_remaining(deadline),
+                               seed=seed, **options)
+                if solved.ok:
+                    support, solver_name, seconds = list(solved.solution), solved.solver, solved.seconds
+                    error = work.problem.relative_error(support)
+        if work.problem is not None and k < work.group.size:
+            _write_refit(work_model, work, support)
+        if k < work.group.size:
+            keep[name] = sorted(support)
+        report.groups.append(GroupReport(name, k, work.group.size, float(error), solver_name, seconds, work.note))
+        log.info("%s: keep %d/%d, relative error %.4g (%s, %.3fs)", name, k, work.group.size, error, solver_name, seconds)
+    if fell_back:
+        report.notes.append("time limit reached: the remaining groups use their greedy supports")
+    stage("solves", start)
+
+    start = clock.elapsed()
+    plan = PrunePlan.from_graph(graph, keep, meta={"structure": "channels", "allocation": allocation,
+                                                   "reconstruction": reconstruction, "budget": limits})
+    pruned = apply(work_model, plan, graph=graph, mode="slice", inplace=True)
+    plan.refit = _consumer_tensors(pruned, works, keep)
+    stage("apply", start)
+
+    counted = dense_counts(pruned, example_inputs)
+    predicted = graph.cost({g: len(u) for g, u in keep.items()})
+    for name in ("params", "flops"):
+        report.totals.append(BudgetLine(name, getattr(dense, name), getattr(counted, name), limits.get(name)))
+        if not math.isclose(getattr(counted, name), getattr(predicted, name), rel_tol=1e-9):
+            report.notes.append(f"{name}: counted {getattr(counted, name):.0f} on the pruned model, "
+                                f"cost model said {getattr(predicted, name):.0f}")
+    return PruneResult(pruned, plan, report, graph)
+
+
+def _consumer_tensors(pruned: nn.Module, works: list[_GroupWork], keep: dict[str, list[int]]) -> dict[str, torch.Tensor]:
+    """The refit consumer weights as they are in the sliced model (what ``apply`` installs)."""
+    out = {}
+    for work in works:
+        if work.group.name in keep:
+            for consumer in work.consumers:
+                out[f"{consumer.module}.weight"] = pruned.get_submodule(consumer.module).weight.detach().clone()
+    return out
+
+
+def _progress(items: Iterable[Any], show: bool, desc: str) -> Iterable[Any]:
+    return tqdm(items, desc=desc, leave=False) if show else items
+
+
+# -- unstructured and N:M ------------------------------------------------------------------------
+
+
+def _weight_layers(model: nn.Module) -> list[str]:
+    """Every Linear / Conv (groups = 1) whose weight a per-layer mask and refit can handle."""
+    return [name for name, module in model.named_modules() if supports_reconstruction(module)]
+
+
+def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget | None, structure: str,
+                   nm: tuple[int, int], allocation: str, levels: int, refit: bool, progress: bool,
+                   deadline: Deadline, seed: int) -> PruneResult:
+    report = PruneReport(structure)
+    clock = Deadline(None)
+    layers = _weight_layers(model)
+    if not layers:
+        raise ValidationError("model", "no Linear or Conv layer to prune")
+    start = clock.elapsed()
+    stats = collect(model, _progress(calibration, progress, "calibration"), layers)
+    report.stages["statistics"] = clock.elapsed() - start
+
+    start = clock.elapsed()
+    data = {}
+    for name in layers:
+        weight = model.get_submodule(name).weight.detach()
+        flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
+        gram = stats[name].gram
+        if gram is None:
+            report.notes.append(f"{name}: never called on the calibration data; left dense")
+            continue
+        data[name] = (flat, gram, reconstruction_scores(flat, gram))
+    n, m = nm
+    masks: dict[str, torch.Tensor] = {}
+    if structure == "n:m":
+        for name, (flat, _, scores) in data.items():
+            if flat.shape[1] % m:
+                report.notes.append(f"{name}: {flat.shape[1]} inputs per output are not a multiple of {m}; left dense")
+                continue
+            masks[name] = nm_mask(scores, n, m)
+    else:
+        assert budget is not None and budget.sparsity is not None
+        densities = np.linspace(1.0 / levels, 1.0, levels)
+        sizes = {name: flat.numel() for name, (flat, _, _) in data.items()}
+        errors = {}
+        for name, (flat, gram, scores) in data.items():
+            energy = 0.5 * float(torch.einsum("ij,jk,ik->", flat, gram, flat)) or 1.0
+            counts = np.unique(np.round(densities * flat.numel()))
+            errors[name] = [masked_error(flat, gram, density_mask(scores, int(c))) / energy for c in counts]
+        problem = Allocation.unstructured(sizes, densities, errors, density=1.0 - budget.sparsity)
+        result = solve(problem, allocation, time_limit=_remaining(deadline), seed=seed)
+        if not result.ok:
+            raise SolverError(f"allocation found no densities within the budget ({result.status.value})")
+        report.allocation = {"solver": result.solver, "status": result.status.value, "objective": result.objective,
+                             "bound": result.bound, "seconds": result.seconds}
+        for name, (_, _, scores) in data.items():
+            masks[name] = density_mask(scores, int(round(result.solution[name])))
+    report.stages["masks"] = clock.elapsed() - start
+
+    start = clock.elapsed()
+    new_weights = {}
+    for name in _progress(list(masks), progress, "refit"):
+        flat, gram, _ = data[name]
+        weight = model.get_submodule(name).weight
+        new = refit_rows(flat, gram, masks[name]) if refit else flat * masks[name]
+        new_weights[f"{name}.weight"] = new.reshape(weight.shape).to(weight.dtype)
+        energy = 0.5 * float(torch.einsum("ij,jk,ik->", flat, gram, flat)) or 1.0
+        delta = flat - new.to(torch.float64)
+        error = 0.5 * float(torch.einsum("ij,jk,ik->", delta, gram, delta)) / energy
+        kept = int(masks[name].sum())
+        report.groups.append(GroupReport(name, kept, masks[name].numel(), error, "refit" if refit else "mask", 0.0))
+    report.stages["refit"] = clock.elapsed() - start
+
+    meta = {"structure": structure, "nm": list(nm) if structure == "n:m" else None}
+    plan = PrunePlan({}, groups={}, refit=new_weights, meta=meta)
+    pruned = apply(model, plan, mode="mask")
+    total = sum(masks[name].numel() for name in masks) + sum(
+        model.get_submodule(name).weight.numel() for name in data if name not in masks)
+    achieved = sum(int((pruned.get_submodule(name).weight != 0).sum()) for name in data)
+    requested = None if budget is None or budget.sparsity is None else (1 - budget.sparsity) * total
+    if structure == "n:m":
+        requested = sum(masks[name].numel() * n / m for name in masks) + (total - sum(masks[k].numel() for k in masks))
+    report.totals.append(BudgetLine("nonzeros", float(total), float(achieved), requested))
+    return PruneResult(pruned, plan, report, None)
+
+
+__all__ = ["Budget", "PruneResult", "prune"]

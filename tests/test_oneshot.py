@@ -1,0 +1,114 @@
+"""One-shot pruning end to end on the shipped MNIST-1D CNN: budgets, fidelity, plans, errors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from secateurs.apply import apply
+from secateurs.budget import Budget
+from secateurs.errors import InfeasibleBudgetError, ValidationError
+from secateurs.graph import dense_counts
+from secateurs.models import zoo
+from secateurs.oneshot import prune
+
+
+@pytest.fixture(scope="module")
+def cnn() -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    model, info = zoo.load("mnist1d_cnn")
+    return model, info.calibration(256, 64)
+
+
+def _relative_output_error(a: torch.nn.Module, b: torch.nn.Module, batches: list[torch.Tensor]) -> float:
+    with torch.no_grad():
+        x = torch.cat(batches)
+        ya, yb = a.eval()(x), b.eval()(x)
+    return float((ya - yb).norm() / ya.norm())
+
+
+@pytest.mark.parametrize("budget", [Budget(flops=0.5), Budget(params=0.4), Budget(flops=0.6, params=0.6)])
+def test_channels_meet_the_budget_as_counted_on_the_pruned_model(cnn, budget: Budget) -> None:
+    model, calibration = cnn
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = prune(model, calibration, budget, progress=False, error_curve=False)
+    dense = dense_counts(model, calibration[0])
+    counted = dense_counts(result.model, calibration[0])  # independent count on the sliced model
+    for name, value in budget.structured().items():
+        assert getattr(counted, name) <= value * getattr(dense, name)
+        line = result.report.total(name)
+        assert line.achieved == getattr(counted, name) and line.met
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    kept = {g.name: g.kept for g in result.report.groups}
+    assert {g: len(u) for g, u in result.plan.keep.items()} == {g: k for g, k in kept.items() if k < dict(
+        (r.name, r.total) for r in result.report.groups)[g]}
+    assert _relative_output_error(model, result.model, calibration) < 0.5
+
+
+def test_plan_alone_reproduces_the_pruned_model(cnn) -> None:
+    model, calibration = cnn
+    result = prune(model, calibration, Budget(flops=0.5), progress=False, error_curve=False)
+    again = apply(model, result.plan)  # refit weights travel in the plan
+    x = torch.cat(calibration)
+    with torch.no_grad():
+        torch.testing.assert_close(again.eval()(x), result.model.eval()(x))
+
+
+def test_refit_and_local_search_beat_magnitude(cnn) -> None:
+    model, calibration = cnn
+    ours = prune(model, calibration, Budget(flops=0.4), progress=False, error_curve=False)
+    baseline = prune(model, calibration, Budget(flops=0.4), reconstruction="magnitude", progress=False,
+                     error_curve=False)
+    ours_err = sum(g.relative_error for g in ours.report.groups)
+    base_err = sum(g.relative_error for g in baseline.report.groups)
+    assert ours_err <= base_err + 1e-12
+
+
+def test_error_curve_falls_with_the_budget(cnn) -> None:
+    model, calibration = cnn
+    result = prune(model, calibration, Budget(flops=0.5), progress=False)
+    curve = result.report.error_curve
+    assert len(curve) >= 5 and curve[-1][1] == pytest.approx(0.0, abs=1e-9)
+    assert all(a[1] >= b[1] - 1e-12 for a, b in zip(curve, curve[1:], strict=False))
+
+
+def test_unstructured_meets_the_nonzero_budget(cnn) -> None:
+    model, calibration = cnn
+    result = prune(model, calibration, Budget(sparsity=0.7), structure="unstructured", progress=False)
+    total = sum(model.get_submodule(g.name).weight.numel() for g in result.report.groups)
+    nonzeros = sum(int((result.model.get_submodule(g.name).weight != 0).sum()) for g in result.report.groups)
+    assert nonzeros <= math.floor(0.3 * total) + 1e-9
+    assert result.report.total("nonzeros").achieved == nonzeros
+    assert _relative_output_error(model, result.model, calibration) < 0.3
+
+
+def test_n_m_pattern_holds_in_every_pruned_layer(cnn) -> None:
+    model, calibration = cnn
+    result = prune(model, calibration, None, structure="n:m", nm=(2, 4), progress=False)
+    pruned_layers = [g.name for g in result.report.groups]
+    assert pruned_layers and "0" not in pruned_layers  # the first conv has 5 inputs per output
+    for name in pruned_layers:
+        w = result.model.get_submodule(name).weight.detach()
+        blocks = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
+        assert torch.all(blocks <= 2)
+
+
+def test_bad_input_is_rejected_before_any_work(cnn) -> None:
+    model, calibration = cnn
+    with pytest.raises(ValidationError, match=r"budget.flops: must be positive"):
+        Budget(flops=-1)
+    with pytest.raises(ValidationError, match=r"budget: name at least one"):
+        Budget()
+    with pytest.raises(ValidationError, match=r"calibration: no batches"):
+        prune(model, [], Budget(flops=0.5), progress=False)
+    with pytest.raises(InfeasibleBudgetError, match=r"budget 'flops' cannot be met: requested 27115.5, least achievable 51200"):
+        prune(model, calibration, Budget(flops=0.001), progress=False)
+    with pytest.raises(ValidationError, match=r"calibration: batch 1 contains NaN"):
+        prune(model, [calibration[0], torch.full_like(calibration[0], float("nan"))], Budget(flops=0.5), progress=False)
+    with pytest.raises(ValidationError, match=r"calibration: batch 0 does not run through the model"):
+        prune(model, [torch.randn(4, 2, 40)], Budget(flops=0.5), example_inputs=calibration[0], progress=False)
+    with pytest.raises(ValidationError, match=r"structure: expected one of"):
+        prune(model, calibration, Budget(flops=0.5), structure="rows")
+    with pytest.raises(ValidationError, match=r"budget: an 2:4 pattern removes exactly 0.5"):
+        prune(model, calibration, Budget(sparsity=0.3), structure="n:m")
