@@ -105,6 +105,73 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _before_after(rows: list[tuple[str, str, str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    """Prune a zoo model (or a user factory) and print a before/after table."""
+    from secateurs import models, save
+    from secateurs.budget import Budget
+    from secateurs.measure import embedding_agreement, summary
+    from secateurs.oneshot import prune
+
+    if args.model in models.names():
+        model, info = models.load(args.model)
+        calibration = info.calibration(args.calibration, args.batch_size)
+        example = calibration[0]
+    else:
+        model = load_factory(args.model)()
+        if not isinstance(model, nn.Module):
+            raise ValidationError("model", f"{args.model} returned {type(model).__name__}, not an nn.Module")
+        if not args.input_shape:
+            raise ValidationError("--input-shape", "a user model needs --input-shape for its (random) calibration inputs")
+        info = None
+        base = parse_input_shape(args.input_shape)
+        gen = torch.Generator().manual_seed(1)
+        calibration = [torch.randn(base.shape, generator=gen) if base.is_floating_point()
+                       else torch.randint(0, 100, base.shape, generator=gen)
+                       for _ in range(max(1, args.calibration // base.shape[0]))]
+        example = calibration[0]
+        print("note: calibrating on random inputs (a user model brings no data)")
+    budget = Budget(sparsity=args.sparsity) if args.structure == "unstructured" else (
+        None if args.structure == "n:m" else Budget(flops=args.flops, params=args.params))
+    result = prune(model, calibration, budget, reconstruction=args.solver, allocation=args.allocation,
+                   structure=args.structure, progress=not args.quiet, time_limit=args.time_limit)
+    before, after = summary(model, example), summary(result.model, example)
+    rows = [("", "dense", "pruned")]
+    if info is not None and info.task == "classification":
+        split = info.test_split()
+        rows.append(("test accuracy", f"{models.accuracy(model, split.x_test, split.y_test):.4f}",
+                     f"{models.accuracy(result.model, split.x_test, split.y_test):.4f}"))
+    elif args.model == "minilm":
+        held = models.text_batches(64, 32, split="test")
+        agreement = embedding_agreement(model, result.model, held)
+        rows.append(("embedding cosine to dense", "1.0000", f"{agreement['cosine']:.4f}"))
+        rows.append(("top-1 retrieval agreement", "1.0000", f"{agreement['top1_agreement']:.4f}"))
+    nonzero = "nonzero params" if args.structure != "channels" else "params"
+    dense_nz = sum(int((p != 0).sum()) for p in model.parameters())
+    pruned_nz = sum(int((p != 0).sum()) for p in result.model.parameters())
+    rows.append((nonzero, f"{dense_nz if args.structure != 'channels' else before['params']:,.0f}",
+                 f"{pruned_nz if args.structure != 'channels' else after['params']:,.0f}"))
+    rows.append(("FLOPs (one batch)", f"{before['flops']:,.0f}", f"{after['flops']:,.0f}"))
+    rows.append(("CPU latency (ms, median)", f"{before['latency_ms']:.2f}", f"{after['latency_ms']:.2f}"))
+    print(result.report.table())
+    print()
+    print(_before_after(rows))
+    if args.out:
+        out = Path(args.out)
+        save(out / "model", result.model, result.plan)
+        result.report.to_json(out / "report.json")
+        result.report.plot(out)
+        print(f"saved the pruned model, report.json and plots to {out}")
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="secateurs", description="Prune PyTorch models with mathematical programs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +181,23 @@ def make_parser() -> argparse.ArgumentParser:
                    help="example input shape, e.g. 1,3,32,32 or 2,16:long; repeat for several inputs")
     p.add_argument("--strict", action="store_true", help="fail on ops without a coupling rule instead of freezing")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("prune", help="prune a model to a budget and print a before/after table")
+    p.add_argument("--model", default="mnist1d_cnn",
+                   help="a zoo model (mnist1d_cnn, digits_cnn, minilm) or MODULE:FACTORY / FILE.py:FACTORY")
+    p.add_argument("--flops", type=float, default=None, help="keep this fraction (<= 1) or number of FLOPs")
+    p.add_argument("--params", type=float, default=None, help="keep this fraction (<= 1) or number of parameters")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed (unstructured)")
+    p.add_argument("--structure", choices=["channels", "unstructured", "n:m"], default="channels")
+    p.add_argument("--solver", default="local_search", help="reconstruction solver (per group)")
+    p.add_argument("--allocation", default="dp", help="allocation solver (keep level per group)")
+    p.add_argument("--calibration", type=int, default=512, help="number of calibration samples")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--input-shape", default=None, help="for a user model: one input shape, e.g. 8,3,32,32")
+    p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run")
+    p.add_argument("--out", default=None, help="folder for the pruned model, report.json and plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
     return parser
 
 
@@ -121,6 +205,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``secateurs`` console script; returns the exit status."""
     parser = make_parser()
     args = parser.parse_args(argv)
+    if args.command == "prune" and args.flops is None and args.params is None:
+        args.flops = 0.5  # the embedded default: half the FLOPs
     try:
         return int(args.func(args))
     except SecateursError as e:

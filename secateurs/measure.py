@@ -1,0 +1,52 @@
+"""Before/after measurements of a model: parameters, FLOPs, CPU latency, task quality."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from secateurs.calibration import forward_batch
+from secateurs.graph import dense_counts
+
+
+def latency(model: nn.Module, inputs: Any, *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall seconds of one forward on ``inputs`` (eval mode, no grad)."""
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.no_grad():
+            for i in range(warmup + repeats):
+                start = time.perf_counter()
+                forward_batch(model, inputs)
+                if i >= warmup:
+                    times.append(time.perf_counter() - start)
+    finally:
+        model.train(was_training)
+    return statistics.median(times)
+
+
+def summary(model: nn.Module, inputs: Any, *, repeats: int = 20) -> dict[str, float]:
+    """Parameters and FlopCounterMode FLOPs of one forward on ``inputs``, and its median latency."""
+    counted = dense_counts(model, inputs)
+    return {"params": counted.params, "flops": counted.flops, "latency_ms": 1e3 * latency(model, inputs, repeats=repeats)}
+
+
+def embedding_agreement(dense: nn.Module, pruned: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Mean cosine of pruned to dense sentence embeddings, and top-1 nearest-neighbour agreement.
+
+    Retrieval: each held-out sentence queries all others; agreement is the share of queries
+    whose nearest neighbour under the pruned model is the dense model's.
+    """
+    with torch.no_grad():
+        a = torch.cat([dense.eval()(**b) for b in batches])
+        b = torch.cat([pruned.eval()(**x) for x in batches])
+    cosine = float(torch.nn.functional.cosine_similarity(a, b).mean())
+    eye = torch.eye(a.shape[0], dtype=torch.bool)
+    nn_dense = (a @ a.T).masked_fill(eye, -2).argmax(1)
+    nn_pruned = (b @ b.T).masked_fill(eye, -2).argmax(1)
+    return {"cosine": cosine, "top1_agreement": float((nn_dense == nn_pruned).float().mean())}

@@ -1,0 +1,47 @@
+"""`secateurs prune`: a before/after table, saved outputs that load back, user factories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import secateurs
+from secateurs.cli import main
+from secateurs.models import zoo
+
+
+def test_prune_zoo_model_prints_table_and_saves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune", "--model", "digits_cnn", "--flops", "0.5", "--calibration", "128", "--quiet",
+                 "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "FLOPs (one batch)" in out and "CPU latency" in out
+    assert (tmp_path / "report.json").is_file() and (tmp_path / "keep_fraction.png").is_file()
+    dense, info = zoo.load("digits_cnn")
+    loaded = secateurs.load(tmp_path / "model", lambda: zoo.load("digits_cnn")[0])
+    x = info.test_split().x_test[:32]
+    with torch.no_grad():
+        y = loaded.eval()(x)
+    assert y.shape == (32, 10)
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in dense.parameters())
+
+
+def test_prune_user_factory_with_random_calibration(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "mine.py"
+    source.write_text(
+        "import torch.nn as nn\n"
+        "def make():\n"
+        "    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))\n"
+    )
+    assert main(["prune", "--model", f"{source}:make", "--input-shape", "16,8", "--params", "0.6",
+                 "--calibration", "64", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "random inputs" in out and "params" in out
+
+
+def test_prune_errors_exit_2_with_a_message(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune", "--model", "nope.py:make", "--quiet"]) == 2
+    assert "no such file 'nope.py'" in capsys.readouterr().err
+    assert main(["prune", "--model", "digits_cnn", "--flops", "0.0001", "--calibration", "64", "--quiet"]) == 2
+    assert "cannot be met" in capsys.readouterr().err
