@@ -224,3 +224,25 @@ def test_solvers_run_on_cuda() -> None:
         assert a.objective == pytest.approx(b.objective, rel=1e-9)
     (weights, _) = gpu.refit(b.solution)
     assert weights.device.type == "cuda"
+
+
+@pytest.mark.parametrize(("w", "inputs"), [(1, 1), (3, 2)])
+def test_incremental_swap_updates_match_refactorisation(w: int, inputs: int) -> None:
+    from secateurs.solvers.reconstruction_local_search import _SwapState
+
+    problem = random_reconstruction(18, units=9, unit_width=w, keep=4, inputs=inputs, correlated=True, condition=1.0)
+    slots, nslots = torch.tensor([0, 3, 5, 8]), torch.tensor([1, 2, 4, 6, 7])
+
+    def cols(units: torch.Tensor) -> torch.Tensor:
+        return (units[:, None] * w + torch.arange(w)).reshape(-1)
+
+    state = _SwapState(problem.hessians[0], problem.targets[0], w)
+    state.refresh(cols(slots), cols(nslots))
+    for a, b in [(1, 2), (3, 0), (1, 4)]:  # three swaps in a row, slots keep their positions
+        slots[a], nslots[b] = nslots[b].clone(), slots[a].clone()
+        state.swap(a, b, cols(slots), cols(nslots))
+    fresh = _SwapState(problem.hessians[0], problem.targets[0], w)
+    fresh.refresh(cols(slots), cols(nslots))
+    for name in ("Hinv", "B", "A", "R", "X", "Hns", "Hnn"):
+        torch.testing.assert_close(getattr(state, name), getattr(fresh, name), rtol=1e-7, atol=1e-9, msg=name)
+    torch.testing.assert_close(state.scores(), fresh.scores(), rtol=1e-7, atol=1e-7 * problem.constant)
