@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from secateurs.apply import apply
 from secateurs.cost import CostModel, Polynomial
 from secateurs.errors import ValidationError
 from secateurs.graph.groups import Group, Member
@@ -15,8 +16,10 @@ from secateurs.training.complexity import ComplexityAware
 def _setup() -> tuple[nn.Module, list[Group], CostModel]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
-    groups = [Group("h1", 16, [Member("0", "weight", 0, "producer"), Member("2", "weight", 1, "consumer")]),
-              Group("h2", 16, [Member("2", "weight", 0, "producer"), Member("4", "weight", 1, "consumer")])]
+    groups = [Group("h1", 16, [Member("0", "weight", 0, "producer"), Member("0", "bias", 0),
+                               Member("2", "weight", 1, "consumer")]),
+              Group("h2", 16, [Member("2", "weight", 0, "producer"), Member("2", "bias", 0),
+                               Member("4", "weight", 1, "consumer")])]
     # Counted by hand for a batch of one: params 6h1 + h1 + h1h2 + h2 + 3h2 + 3; FLOPs 2(6h1 + h1h2 + 3h2).
     cost = CostModel(Polynomial(3, {"h1": 7, "h2": 4}, {("h1", "h2"): 1}),
                      Polynomial(0, {"h1": 12, "h2": 6}, {("h1", "h2"): 2}), {"h1": 16, "h2": 16})
@@ -41,10 +44,12 @@ def test_hard_budget_is_met_and_the_input_model_is_untouched() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ca = ComplexityAware(model, groups, cost, budget={"flops": 0.3}, lr=0.1, flatten=0.0)
     _train(ca, 60)
-    keep = ca.finalize()
-    achieved = cost({g: len(u) for g, u in keep.items()})
+    plan = ca.finalize()
+    achieved = cost(plan.kept_counts())
     assert achieved.flops <= 0.3 * cost().flops
-    assert all(units == sorted(set(units)) and units for units in keep.values())
+    assert all(units == sorted(set(units)) and units for units in plan.keep.values())
+    smaller = apply(ca.model, plan)  # the plan alone slices the model; count its parameters
+    assert sum(p.numel() for p in smaller.parameters()) == achieved.params
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not any("parametrizations" in k for k in ca.model.state_dict())
 
@@ -100,5 +105,5 @@ def test_layer_gates_project_with_the_hierarchy() -> None:
     assert torch.all(ca.theta["h2"].detach() <= layer + 1e-6)  # θ_unit ≤ θ_layer after every projection
     expected = float(ca.expected("flops").detach())
     assert expected <= 0.4 * cost().flops * (1 + 1e-6)  # the projection holds the linearised budget at θ
-    keep = ca.finalize()
-    assert cost({g: len(u) for g, u in keep.items()}).flops <= 0.4 * cost().flops
+    plan = ca.finalize()
+    assert cost(plan.kept_counts()).flops <= 0.4 * cost().flops

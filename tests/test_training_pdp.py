@@ -47,13 +47,15 @@ def test_adds_no_trainable_parameters_and_leaves_the_input_alone() -> None:
 def test_hard_density_is_exactly_the_target(density: float, seed: int) -> None:
     pdp = PDP(_mlp(seed), density, schedule=DensitySchedule(warmup=2, ramp=3))
     _train(pdp, 6)
-    masks = pdp.finalize()
+    plan = pdp.finalize()
+    masks = pdp.masks
     total = sum(m.numel() for m in masks.values())
     assert sum(int(m.sum()) for m in masks.values()) == round(density * total)
     for name, mask in masks.items():  # the model's weights carry exactly the hard mask
         weight = pdp.model.get_submodule(name).weight
         assert torch.equal(weight[~mask], torch.zeros_like(weight[~mask]))
         assert "parametrizations" not in dict(pdp.model.get_submodule(name).named_modules())
+        torch.testing.assert_close(plan.refit[f"{name}.weight"], weight.detach())
 
 
 def test_soft_mask_threshold_sits_between_kept_and_pruned() -> None:
@@ -83,8 +85,8 @@ def test_schedule_ramps_from_dense() -> None:
 def test_n_m_pattern_is_exact_in_every_block() -> None:
     pdp = PDP(_mlp(), structure="n:m", n=2, m=4, schedule=DensitySchedule(warmup=1, ramp=2))
     _train(pdp, 4)
-    masks = pdp.finalize()
-    for mask in masks.values():
+    pdp.finalize()
+    for mask in pdp.masks.values():
         per_block = mask.reshape(mask.shape[0], -1, 4).sum(-1)
         assert torch.all(per_block == 2)
 

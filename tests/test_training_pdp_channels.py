@@ -45,7 +45,7 @@ def test_training_keeps_exact_counts_and_adds_no_parameters() -> None:
         loss.backward()
         opt.step()
         pdp.step()
-    keep = pdp.finalize()
+    keep = pdp.finalize().keep
     assert len(keep["h"]) == 3 and keep["h"] == sorted(set(keep["h"]))
     assert not any("parametrizations" in k for k in pdp.model.state_dict())
     assert not pdp.model._forward_pre_hooks

@@ -55,7 +55,7 @@ def test_budgets_hold_after_every_step_and_finalize_keeps_the_largest() -> None:
             assert spent == pytest.approx(soft.units_kept(component), abs=1e-4)
         assert all(float(s.detach().min()) >= 0 and float(s.detach().max()) <= 1 for s in soft.coefficients.values())
     coefficients = {g: s.detach().clone() for g, s in soft.coefficients.items()}
-    kept = soft.finalize()
+    kept = soft.finalize().keep
     assert len(kept["enc"]) == 8 and len(kept["latent"]) == 2 and len(kept["dec"]) == 4
     for g, units in kept.items():  # nothing dropped scores above anything kept (one group per component)
         dropped = [u for u in range(coefficients[g].numel()) if u not in units]

@@ -28,10 +28,12 @@ from torch import nn
 from secateurs.cost import Cost, CostModel
 from secateurs.errors import InfeasibleBudgetError, ValidationError
 from secateurs.graph.groups import Group
+from secateurs.plan import PrunePlan
 from secateurs.problems.projection import Projection
 from secateurs.solvers import solve
 from secateurs.training.expected_cost import expected_cost
 from secateurs.training.gating import UnitScales
+from secateurs.training.plans import plan_from_keep
 
 
 class ComplexityAware:
@@ -233,15 +235,18 @@ class ComplexityAware:
             out[g] = kept
         return out
 
-    def finalize(self) -> dict[str, list[int]]:
-        """Kept units per group, within the hard budget when one was given; gates removed."""
+    def finalize(self) -> PrunePlan:
+        """The plan of kept units, within the hard budget when one was given; gates removed.
+
+        ``secateurs.apply(self.model, plan)`` then gives the physically smaller model.
+        """
         if self.steps == 0:
             raise ValidationError("finalize", "ComplexityAware was never stepped: call step() after each optimiser step")
         keep = self.keep()
         if self.budget:
             keep = self._meet_budget(keep)
         self.close()
-        return keep
+        return plan_from_keep(self.groups, keep, {"method": "complexity_aware", "budget": self.budget, "steps": self.steps})
 
     def _meet_budget(self, keep: dict[str, list[int]]) -> dict[str, list[int]]:
         """Drop units until every budget holds: least probable per unit of relative cost saved."""

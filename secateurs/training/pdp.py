@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from secateurs.errors import ValidationError
+from secateurs.plan import PrunePlan
 
 Structure = Literal["unstructured", "n:m"]
 
@@ -149,6 +150,7 @@ class PDP:
             raise ValidationError("model", "no Linear or Conv weights to prune")
         self.final_density: dict[str, float] = {name: self.density for name in self.layers}
         self.keep_counts: dict[str, int] = {}
+        self.masks: dict[str, torch.Tensor] = {}
         self._allocated = structure == "n:m"  # N:M is uniform by construction
         if structure == "n:m":
             self.keep_counts = {name: module.weight.numel() * n // m for name, module in self.layers.items()}
@@ -236,21 +238,24 @@ class PDP:
         if not self._allocated and self.steps >= self.schedule.warmup:
             self._allocate()
 
-    def finalize(self) -> dict[str, torch.Tensor]:
-        """Hard 0/1 masks per layer (module path → mask shaped like its weight), exact density.
+    def finalize(self) -> PrunePlan:
+        """The pruned weights as a plan (``refit``: each weight times its hard 0/1 mask).
 
-        The soft parametrisations are removed and the weights left multiplied by the hard masks,
-        so ``self.model`` is the pruned model; Σ mask = round(density · N) exactly.
+        The soft parametrisations are removed and ``self.model`` keeps the hard-masked weights;
+        ``self.masks`` holds the boolean masks. Σ mask = round(density · N) exactly (unstructured)
+        or exactly N of every M (N:M). ``secateurs.apply(dense, plan, mode="mask")`` reproduces it.
         """
         if self.steps == 0:
             raise ValidationError("finalize", "PDP was never stepped: call step() after each optimiser step first")
         if not self._allocated:
             self._allocate()
-        masks: dict[str, torch.Tensor] = {}
         self.hard = True
+        refit: dict[str, torch.Tensor] = {}
         with torch.no_grad():
             for name, module in self.layers.items():
-                masks[name] = self._hard_mask(name, self._scores(self._raw(name))).to(torch.bool)
+                self.masks[name] = self._hard_mask(name, self._scores(self._raw(name))).to(torch.bool)
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-                module.weight.mul_(masks[name].to(module.weight.dtype))
-        return masks
+                module.weight.mul_(self.masks[name].to(module.weight.dtype))
+                refit[f"{name}.weight"] = module.weight.detach().clone()
+        meta = {"method": "pdp", "structure": self.structure, "density": self.density}
+        return PrunePlan({}, groups={}, refit=refit, meta=meta)

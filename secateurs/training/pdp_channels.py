@@ -19,8 +19,10 @@ from torch import nn
 
 from secateurs.errors import ValidationError
 from secateurs.graph.groups import Group
+from secateurs.plan import PrunePlan
 from secateurs.training.gating import UnitScales
 from secateurs.training.pdp import DensitySchedule, keep_threshold
+from secateurs.training.plans import plan_from_keep
 
 
 class ChannelPDP:
@@ -100,7 +102,7 @@ class ChannelPDP:
     def step(self) -> None:
         self.steps += 1
 
-    def finalize(self) -> dict[str, list[int]]:
+    def finalize(self) -> PrunePlan:
         """Exactly round(ρ·size) units per group, the highest scores; masks removed."""
         if self.steps == 0:
             raise ValidationError("finalize", "ChannelPDP was never stepped: call step() after each optimiser step")
@@ -108,4 +110,4 @@ class ChannelPDP:
             keep = {g: sorted(torch.topk(self.scores(g), k).indices.tolist()) for g, k in self.keep_counts.items()}
         self._hook.remove()
         self.scales.remove()
-        return keep
+        return plan_from_keep(self.groups, keep, {"method": "pdp_channels", "density": self.density})

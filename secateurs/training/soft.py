@@ -21,9 +21,11 @@ from torch import nn
 
 from secateurs.errors import ValidationError
 from secateurs.graph.groups import Group
+from secateurs.plan import PrunePlan
 from secateurs.problems.projection import Projection
 from secateurs.solvers import solve
 from secateurs.training.gating import UnitScales
+from secateurs.training.plans import plan_from_keep
 
 
 def assign_components(groups: Iterable[Group], prefixes: Mapping[str, Iterable[str]]) -> dict[str, str]:
@@ -151,13 +153,13 @@ class SoftCoefficients:
             out.update({g: sorted(units) for g, units in chosen.items()})
         return out
 
-    def finalize(self) -> dict[str, list[int]]:
-        """Kept units per group; the coefficients' parametrisations are removed from the model."""
+    def finalize(self) -> PrunePlan:
+        """The plan of kept units; the coefficients' parametrisations are removed from the model."""
         if self.steps == 0:
             raise ValidationError("finalize", "SoftCoefficients was never stepped: call step() after each optimiser step")
         keep = self.keep()
         self.scales.remove()
-        return keep
+        return plan_from_keep(self.groups, keep, {"method": "soft_coefficients", "keep": self.fractions})
 
     def spent(self) -> dict[str, float]:
         """Σ s per component (equals its unit budget after every projection)."""
