@@ -145,7 +145,11 @@ def minilm_layer(rows: int = 4096) -> tuple[Reconstruction, str] | None:
     ids = ids[: (rows // seq) * seq].reshape(-1, seq)
     stats = ReconstructionStatistics()
     layer = model.encoder.layer[0]
-    handle = layer.intermediate.register_forward_hook(lambda _m, _i, out: stats.update(out))
+
+    def record(_module: torch.nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        stats.update(output)  # XᵀX in float64, batch by batch; X itself is never kept
+
+    handle = layer.intermediate.register_forward_hook(record)
     with torch.no_grad():
         for batch in ids.split(8):
             model(input_ids=batch, attention_mask=torch.ones_like(batch))

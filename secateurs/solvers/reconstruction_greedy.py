@@ -90,6 +90,7 @@ def greedy_path(
     step: int = 1,
     stop: int = 1,
     deadline: Deadline | None = None,
+    last_only: bool = False,
 ) -> list[tuple[int, list[int], float]]:
     """Backward elimination from all units down to ``stop`` kept, recording every level.
 
@@ -102,6 +103,8 @@ def greedy_path(
         Smallest keep level to reach (``problem.keep`` for the solver; 1 for an error curve).
     deadline : Deadline, optional
         When it expires the path ends early at the current level.
+    last_only : bool
+        Return only the final level (what the ``greedy`` solver needs; saves building g lists).
 
     Returns
     -------
@@ -120,7 +123,7 @@ def greedy_path(
     units = torch.arange(g, device=device)  # original index of each local unit
     alive = torch.ones(g, dtype=torch.bool, device=device)
     objective = -problem.constant
-    path: list[tuple[int, list[int], float]] = [(g, list(range(g)), objective)]
+    levels: list[tuple[int, list[int], float]] = []  # (count, units removed at this stage, objective)
     count = g
     inf = torch.tensor(math.inf, dtype=problem.dtype, device=device)
     while count > stop:
@@ -137,8 +140,7 @@ def greedy_path(
             objective += b.remove(cols)
         alive[chosen] = False
         count -= r
-        kept = units[alive]
-        path.append((count, sorted(kept.tolist()), objective))
+        levels.append((count, units[chosen].tolist(), objective))
         if blocks[0].t + step * w > blocks[0].U.shape[1] and count > stop:
             keep_units = alive.nonzero().reshape(-1)
             keep_cols = (keep_units[:, None] * w + torch.arange(w, device=device)).reshape(-1)
@@ -146,6 +148,16 @@ def greedy_path(
                 b.compact(keep_cols, keep_units)
             units = units[keep_units]
             alive = torch.ones(units.shape[0], dtype=torch.bool, device=device)
+    if last_only:
+        removed_all = {u for _, removed_t, _ in levels for u in removed_t}
+        final = levels[-1] if levels else (g, [], -problem.constant)
+        return [(final[0], [u for u in range(g) if u not in removed_all], final[2])]
+    # supports are built once at the end (not per stage): removal order defines every level
+    path: list[tuple[int, list[int], float]] = [(g, list(range(g)), -problem.constant)]
+    kept_set = set(range(g))
+    for count_t, removed_t, objective_t in levels:
+        kept_set.difference_update(removed_t)
+        path.append((count_t, sorted(kept_set), objective_t))
     return path
 
 
@@ -164,13 +176,13 @@ def greedy(problem: Reconstruction, *, time_limit: float | None, seed: int, step
     """
     deadline = Deadline(time_limit)
     trace = Trace(deadline)
-    path = greedy_path(problem, step=step, stop=problem.keep, deadline=deadline)
+    path = greedy_path(problem, step=step, stop=problem.keep, deadline=deadline, last_only=True)
     k, support, _ = path[-1]
     status = Status.FEASIBLE
     if k > problem.keep:  # ran out of time: finish in one stage
         support = _finish_in_one_stage(problem, support)
         status = Status.LIMIT
-    result = finish(problem, support, status, iterations=len(path) - 1, trace=[], info={"step": step})
+    result = finish(problem, support, status, iterations=problem.num_units - k, trace=[], info={"step": step})
     trace.record(result.objective)
     result.trace = trace.points
     return result

@@ -308,7 +308,7 @@ def local_search(
         return finish(problem, range(problem.num_units), Status.OPTIMAL, bound=value, objective=value,
                       info={"stopped": "local_optimum", "start_objective": value, "swaps": 0})
     if start is None:
-        support = greedy_path(problem, step=start_step, stop=problem.keep)[-1][1]
+        support = greedy_path(problem, step=start_step, stop=problem.keep, last_only=True)[-1][1]
     else:
         violations = problem.check(start)
         if violations:
