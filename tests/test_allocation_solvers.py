@@ -1,0 +1,119 @@
+"""Allocation solvers: conformance on generated problems, agreement with brute force and each other."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secateurs.cost import Polynomial
+from secateurs.errors import SolverRefusedError
+from secateurs.problems import Allocation, Budget
+from secateurs.solvers import available, solve
+from secateurs.testing.allocation import allocations, brute_force_allocation, check_allocation_solver
+
+EXACT = ["dp", "cpsat", "mip"]
+HEURISTIC = ["greedy", "uniform", "kde"]
+FAST_KDE = {"steps": 40, "sample": 64}
+
+
+def test_every_allocation_solver_is_registered() -> None:
+    p = Allocation({"a": [1, 2]}, {"a": [1.0, 0.0]})
+    assert set(EXACT + HEURISTIC) <= set(available(p))
+
+
+@settings(max_examples=30)
+@given(allocations(max_groups=5, max_levels=4, max_budgets=3))
+def test_exact_solvers_agree_with_brute_force_and_each_other(problem: Allocation) -> None:
+    optimum, _ = brute_force_allocation(problem)
+    values = {}
+    for name in EXACT:
+        r = check_allocation_solver(name, problem, optimum=optimum)
+        if r is None:  # dp refuses cycles
+            assert name == "dp" and problem.tables.cycle_edge() is not None
+            continue
+        assert r.status.value == ("optimal" if math.isfinite(optimum) else "infeasible"), (name, r.status, r.info)
+        values[name] = r.objective
+    if math.isfinite(optimum):
+        assert max(values.values()) - min(values.values()) <= 1e-6 * max(1.0, abs(optimum))
+
+
+@settings(max_examples=25)
+@given(allocations(max_groups=6, max_levels=4, max_budgets=2))
+def test_heuristics_are_feasible_and_never_beat_the_optimum(problem: Allocation) -> None:
+    optimum, _ = brute_force_allocation(problem)
+    for name in HEURISTIC:
+        r = check_allocation_solver(name, problem, optimum=optimum, **(FAST_KDE if name == "kde" else {}))
+        assert r is not None
+        if r.ok:
+            assert r.objective >= optimum - 1e-9 * max(1.0, abs(optimum))
+
+
+@settings(max_examples=15)
+@given(allocations(min_groups=4, max_groups=9, max_levels=6, structures=("separable", "chain", "tree"), max_budgets=2,
+                   components=False))
+def test_dp_matches_cpsat_on_larger_forests(problem: Allocation) -> None:
+    d = check_allocation_solver("dp", problem, allow_refusal=False)
+    c = check_allocation_solver("cpsat", problem)
+    assert d is not None and c is not None
+    assert d.status == c.status
+    if d.ok:
+        assert d.objective == pytest.approx(c.objective, rel=1e-6, abs=1e-9)
+
+
+def _cycle() -> Allocation:
+    lv = {g: [1, 2, 3] for g in "abc"}
+    err = {g: [2.0, 1.0, 0.0] for g in "abc"}
+    flops = Polynomial(0, {}, {("a", "b"): 1.0, ("b", "c"): 1.0, ("a", "c"): 1.0})
+    return Allocation(lv, err, [Budget("flops", flops, 14.0)])
+
+
+def test_dp_refuses_cycles_naming_the_pair() -> None:
+    with pytest.raises(SolverRefusedError, match=r"groups 'b' and 'c' close a cycle"):
+        solve(_cycle(), "dp")
+    optimum, _ = brute_force_allocation(_cycle())
+    for name in ("cpsat", "mip"):
+        r = check_allocation_solver(name, _cycle(), optimum=optimum)
+        assert r is not None and r.status.value == "optimal"
+
+
+def test_cpsat_states_scaling_and_keeps_rounding_in_the_bound() -> None:
+    p = Allocation({"a": [1, 2, 3], "b": [1, 2]}, {"a": [1 / 3, 1 / 7, 0.0], "b": [math.pi, 0.0]},
+                   [Budget("params", Polynomial(0.5, {"a": 1.1, "b": 2.0}), 5.0)])
+    r = solve(p, "cpsat")
+    assert r.status.value == "optimal"
+    assert "errors x" in r.info["scaling"] and "'params': 'x1e+01 exact'" in r.info["scaling"]
+    assert r.bound <= r.objective and r.objective == pytest.approx(brute_force_allocation(p)[0])
+
+
+def test_mip_reports_a_proven_bound() -> None:
+    p = _cycle()
+    r = solve(p, "mip")
+    assert r.info["backend"] in ("SCIP", "CBC")
+    assert r.bound == pytest.approx(r.objective, rel=1e-6)
+
+
+@given(st.integers(0, 3))
+@settings(max_examples=4)
+def test_kde_uses_scores_and_is_deterministic(seed: int) -> None:
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sizes = {f"l{i}": 1000 * (i + 1) for i in range(6)}
+    dens = [0.125, 0.25, 0.5, 0.75, 1.0]
+    errors = {g: [float(v) for v in np.sort(rng.uniform(0, 3, 5))[::-1]] for g in sizes}
+    scores = {g: rng.normal(size=300) for g in sizes}
+    p = Allocation.unstructured(sizes, dens, errors, density=0.4, scores=scores)
+    a = solve(p, "kde", seed=seed, **FAST_KDE)
+    b = solve(p, "kde", seed=seed, **FAST_KDE)
+    assert a.ok and a.solution == b.solution and p.check(a.solution) == []
+    assert a.objective >= solve(p, "dp").objective - 1e-9
+
+
+def test_time_limited_solvers_still_return_valid_results() -> None:
+    p = _cycle()
+    for name in EXACT[1:] + HEURISTIC:
+        r = check_allocation_solver(name, p, time_limit=5.0)
+        assert r is not None and r.ok
