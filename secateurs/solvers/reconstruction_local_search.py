@@ -8,10 +8,17 @@ complements S_J = H_JJ − (A H_SN)_JJ, the objective change of the swap (I out,
     M = A_JI D_I⁻¹,  R' = R_J + M B_I,  S' = S_J + M A_JIᵀ,
 
 (removal cost, then the gain of adding J to S \\ I after the exact downdate). Every quantity is a
-block of A, R Bᵀ, B Bᵀ or R Rᵀ, so all |N|·|S| swaps are scored with a few matrix products per
-iteration, no loop over pairs. The factorisation of H_SS is recomputed from scratch after each
-swap (k³, the same order as forming A), so rounding never accumulates; each accepted swap is
-checked against the exactly recomputed objective.
+block of A, R Bᵀ, B Bᵀ or R Rᵀ, so all |N|·|S| swaps are scored with elementwise tensor ops
+(w = 1) or batched w x w solves, with no Python loop over pairs.
+
+After a swap, Hinv, B, A, R and X = R Bᵀ are updated by rank-w corrections (the removal's
+Sherman–Morrison downdate, then the bordering update of the addition), O(p²·w) per swap instead
+of the O(p³) of refactorising (ours: slots keep their positions so no re-indexing is needed).
+Every ``refresh_every`` swaps, and before declaring a local optimum, everything is refactorised
+from scratch; if the refactorised objective did not improve, the best verified support is kept.
+
+Single-swap local optima can miss the optimum on small problems; seeded random restarts (on by
+default up to 64 units, where a descent costs milliseconds) close that gap (ours, not OSSCAR's).
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from typing import Any
 
 import torch
 
+from secateurs.errors import ValidationError
 from secateurs.problems.reconstruction import Reconstruction
 from secateurs.solvers._reconstruction_common import diag_blocks, finish
 from secateurs.solvers.reconstruction_greedy import greedy_path
@@ -312,8 +320,6 @@ def local_search(
     else:
         violations = problem.check(start)
         if violations:
-            from secateurs.errors import ValidationError
-
             raise ValidationError("start", "; ".join(violations))
         support = sorted(int(u) for u in start)
     if restarts is None:
