@@ -246,3 +246,12 @@ def test_incremental_swap_updates_match_refactorisation(w: int, inputs: int) -> 
     for name in ("Hinv", "B", "A", "R", "X", "Hns", "Hnn"):
         torch.testing.assert_close(getattr(state, name), getattr(fresh, name), rtol=1e-7, atol=1e-9, msg=name)
     torch.testing.assert_close(state.scores(), fresh.scores(), rtol=1e-7, atol=1e-7 * problem.constant)
+
+
+@pytest.mark.parametrize("solver", ["greedy", "local_search", "enumerate", "relaxation"])
+def test_expired_time_limit_still_returns_a_feasible_support(solver: str) -> None:
+    problem = random_reconstruction(19, units=16, keep=8, rows=30, correlated=True)
+    result = secateurs.solve(problem, solver, time_limit=1e-9)
+    assert result.ok and problem.check(result.solution) == []
+    assert result.objective == pytest.approx(problem.evaluate(result.solution))
+    assert result.status is Status.LIMIT

@@ -116,7 +116,8 @@ def relaxation(
     polish : bool
         Run ``local_search`` from the rounded support.
 
-    ``bound`` is the certified lower bound on the optimum of the original problem; status is
+    ``bound`` is the certified lower bound on the optimum of the original problem (valid at
+    every iterate, so also when the time limit stops it: status ``limit``); status is
     ``optimal`` only when the rounded support meets it.
     """
     deadline = Deadline(time_limit)
@@ -129,8 +130,12 @@ def relaxation(
     scale = max(problem.constant, 1e-300)
     step = 1.0 / max(float(grad.abs().max()), 1e-300)
     iters = 0
+    timed_out = False
     for iters in range(1, max_iter + 1):  # noqa: B007 - reported
-        if value - bound <= rtol * scale or deadline.expired():
+        if value - bound <= rtol * scale:
+            break
+        if deadline.expired():
+            timed_out = True
             break
         while True:  # backtracking on the projected gradient step
             z_new = project_capped_simplex(z - step * grad, k)
@@ -155,7 +160,8 @@ def relaxation(
                                 seed=seed, start=support)
         support = polished.solution
         info["polish_swaps"] = polished.iterations
-    result = finish(problem, support, Status.FEASIBLE, bound=bound, iterations=iters, info=info)
+    result = finish(problem, support, Status.LIMIT if timed_out else Status.FEASIBLE, bound=bound,
+                    iterations=iters, info=info)
     if result.objective - bound <= 1e-9 * scale:
         result.status = Status.OPTIMAL
     trace.record(result.objective)
