@@ -90,20 +90,24 @@ def enumerate_supports(
 
 
 def big_m(problem: Reconstruction) -> list[np.ndarray]:
-    """A valid bound M[j] on |B_ij| for every refit of every support, per consumer input.
+    """A valid bound M[i, j] on |B_ij| for every refit of every support, per consumer input.
 
-    For a fixed support S, column j of the refit solves min ½bᵀH_SS b − bᵀg_S, whose optimum is
-    f_j(S) = −½ b*ᵀH_SS b*. Dropping units only raises f_j, so f_j(S) ≥ f_j(all) = −c_j with
-    c_j = ½ŵ_jᵀHŵ_j, hence b*ᵀH_SS b* ≤ 2c_j. Since λ_min(H_SS) ≥ λ_min(H) (interlacing) and
-    λ_min(H) ≥ λ (the ridge), every entry obeys |b*_i| ≤ ‖b*‖ ≤ sqrt(2c_j / λ_min(H)). The
-    bound does not cut off the optimal B of any support, so the big-M model is exact. A 1%
-    margin covers the rounding of λ_min.
+    For a fixed support S ∋ i, column j of the refit solves min ½bᵀH_SS b − bᵀg_S, whose optimum
+    is f_j(S) = −½ b*ᵀH_SS b*. Dropping units only raises f_j, so f_j(S) ≥ f_j(all) = −c_j with
+    c_j = ½ŵ_jᵀHŵ_j, hence b*ᵀH_SS b* ≤ 2c_j, and maximising b_i over that ellipsoid gives
+    |b*_i| ≤ sqrt(2c_j (H_SS⁻¹)_ii). Finally (H_SS⁻¹)_ii = 1 / (H_ii − h_iᵀH_{S∖i}⁻¹h_i) grows as S
+    grows (the subtracted projection only gets larger), so (H_SS⁻¹)_ii ≤ (H⁻¹)_ii, and
+
+        M_ij = sqrt(2 c_j (H⁻¹)_ii)   (≤ sqrt(2c_j / λ_min(H)) ≤ sqrt(2c_j / λ), λ the ridge).
+
+    The bound does not cut off the optimal B of any support, so the big-M model is exact. A 1%
+    margin covers rounding.
     """
     out = []
     for H, G, D in zip(problem.hessians, problem.targets, problem.dense, strict=True):
-        lam = float(torch.linalg.eigvalsh(H)[0])
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(H)).diagonal().clamp_min(0)
         cj = 0.5 * (D * G).sum(0).clamp_min(0)
-        out.append((1.01 * torch.sqrt(2 * cj / lam) + 1e-12).cpu().numpy())
+        out.append((1.01 * torch.sqrt(2 * hinv[:, None] * cj[None, :]) + 1e-12).cpu().numpy())
     return out
 
 
@@ -124,11 +128,13 @@ def miqp(
     gap: float = 0.0,
     **_: Any,
 ) -> SolveResult:
-    """min Σ ½‖LᵀB‖² − tr(BᵀG)  s.t.  |B_ij| ≤ M_j z_u(i),  Σz = k,  z ∈ {0,1}^g.
+    """min Σ ½‖LᵀB‖² − tr(BᵀG)  s.t.  |B_ij| ≤ M_ij z_u(i),  Σz = k,  z ∈ {0,1}^g.
 
     The model has p·m continuous variables (p·m per consumer input), so it suits small layers
-    (tens of units, a few outputs). ``bound`` is SCIP's dual bound; status ``optimal`` means SCIP
-    closed the gap to ``gap`` (relative; 0 by default).
+    (tens of units, a few outputs). For SCIP's numerics the model is solved in scaled variables
+    B̃ = Diag(√H_ii)·B with the objective divided by c (both undone in the result). ``bound`` is
+    SCIP's dual bound; status ``optimal`` means SCIP closed the gap to ``gap`` (relative, 0 by
+    default).
     """
     import cvxpy as cp
 
@@ -140,14 +146,19 @@ def miqp(
     objective = 0
     constraints = [cp.sum(z) == problem.keep]
     variables = []
+    unit = max(problem.constant, 1e-300)
     for H, G, M in zip(problem.hessians, problem.targets, big_m(problem), strict=True):
         Hn, Gn = H.detach().cpu().numpy(), G.detach().cpu().numpy()
-        L = np.linalg.cholesky(Hn)
+        sc = np.sqrt(np.diag(Hn))
+        Hn = Hn / sc[:, None] / sc[None, :] / unit
+        Gn = Gn / sc[:, None] / unit
+        M = M * sc[:, None]
+        L = np.linalg.cholesky((Hn + Hn.T) / 2)
         B = cp.Variable(Gn.shape)
         variables.append(B)
         objective = objective + 0.5 * cp.sum_squares(L.T @ B) - cp.sum(cp.multiply(B, Gn))
         Zc = cp.reshape(expand @ z, (expand.shape[0], 1), order="F")  # (p, 1) unit indicator per column
-        bound = Zc @ M[None, :]
+        bound = cp.multiply(Zc @ np.ones((1, Gn.shape[1])), M)
         constraints += [B <= bound, B >= -bound]
     program = cp.Problem(cp.Minimize(objective), constraints)
     params: dict[str, Any] = {"limits/gap": float(gap), "randomization/randomseedshift": int(seed)}
@@ -175,10 +186,12 @@ def miqp(
             dual += float(program.value) - float(model.getPrimalbound())
         except Exception:  # noqa: BLE001
             pass
+    dual *= unit  # back from the scaled objective
     optimal = program.status == cp.OPTIMAL and scip_status == "optimal"
     result = finish(problem, support, Status.OPTIMAL if optimal else Status.LIMIT,
                     iterations=int(program.solver_stats.num_iters or 0),
-                    info={"scip_status": scip_status, "cvxpy_value": program.value})
+                    info={"scip_status": scip_status,
+                          "cvxpy_value": None if program.value is None else float(program.value) * unit})
     # SCIP works to feasibility tolerance 1e-6; keep the bound honest below the exact value.
     result.bound = min(dual, result.objective) - 1e-6 * max(1.0, abs(result.objective)) if math.isfinite(dual) \
         else -math.inf
