@@ -116,11 +116,12 @@ class _SwapState:
         Cp = C @ Dinv
         U1 = A[:, Ia] @ Dinv
         V1 = B[Ia].clone()
-        X += U1 @ (V1 @ B.T) - (R @ V1.T) @ Cp.T - U1 @ ((V1 @ V1.T) @ Cp.T)
-        R += U1 @ V1
-        B -= Cp @ V1
-        A -= U1 @ C.T
-        Hinv -= Cp @ C.T
+        # X1 = X + U1 V1 Bᵀ − (R V1ᵀ + U1 V1 V1ᵀ) Cpᵀ, as one rank-2w product (one pass over X)
+        X.addmm_(torch.cat([U1, -(R @ V1.T) - U1 @ (V1 @ V1.T)], 1), torch.cat([B @ V1.T, Cp], 1).T)
+        R.addmm_(U1, V1)
+        B.addmm_(Cp, V1, alpha=-1)
+        A.addmm_(U1, C.T, alpha=-1)
+        Hinv.addmm_(Cp, C.T, alpha=-1)
         Hinv[Ia] = 0.0
         Hinv[:, Ia] = 0.0
         B[Ia] = 0.0
@@ -136,11 +137,12 @@ class _SwapState:
         Q = H[oc[:, None], j_cols[None, :]] - A @ hJS.T
         sinv = torch.linalg.inv(sigma)
         Qs, vs = Q @ sinv, v @ sinv
-        X += (R @ r.T) @ vs.T - Qs @ (r @ B.T) - Qs @ ((r @ r.T) @ vs.T)
-        A += Qs @ v.T
-        R -= Qs @ r
-        B += vs @ r
-        Hinv += vs @ v.T
+        # X2 = X1 + (R1 rᵀ − Qs r rᵀ) vsᵀ − Qs (r B1ᵀ), again one rank-2w product
+        X.addmm_(torch.cat([R @ r.T - Qs @ (r @ r.T), -Qs], 1), torch.cat([vs, B @ r.T], 1).T)
+        A.addmm_(Qs, v.T)
+        R.addmm_(Qs, r, alpha=-1)
+        B.addmm_(vs, r)
+        Hinv.addmm_(vs, v.T)
         # --- N-slot b now holds I: its rows are computed directly
         self.Hns[:, Ia] = H[oc[:, None], j_cols[None, :]]
         self.Hns[Jb] = H[i_cols[:, None], kc[None, :]]
@@ -271,7 +273,7 @@ def _descend(
     kinds=["reconstruction"],
     exact=False,
     options={"max_iter": 10_000, "start": None, "start_step": 1, "restarts": None, "tol": 1e-10,
-             "refresh_every": 50},
+             "refresh_every": 100},
     description="OSSCAR best-improvement swaps from greedy, scored with low-rank updates",
 )
 def local_search(
@@ -284,7 +286,7 @@ def local_search(
     start_step: int = 1,
     restarts: int | None = None,
     tol: float = 1e-10,
-    refresh_every: int = 50,
+    refresh_every: int = 100,
     **_: Any,
 ) -> SolveResult:
     """Best-improvement swap local search.
