@@ -255,3 +255,15 @@ def test_expired_time_limit_still_returns_a_feasible_support(solver: str) -> Non
     assert result.ok and problem.check(result.solution) == []
     assert result.objective == pytest.approx(problem.evaluate(result.solution))
     assert result.status is Status.LIMIT
+
+
+@pytest.mark.parametrize("method", ["uniform", "scaled", "sdp"])
+def test_every_perspective_diagonal_gives_a_valid_bound(method: str) -> None:
+    from secateurs.solvers.reconstruction_relaxation import perspective_diagonal
+
+    problem = FIXTURES["ill_conditioned"]
+    d = perspective_diagonal(problem.H, method)
+    assert float(d.min()) >= 0
+    assert float(torch.linalg.eigvalsh(problem.H - torch.diag(d))[0]) >= -1e-9 * float(problem.H.diagonal().max())
+    result = secateurs.solve(problem, "relaxation", diagonal=method)
+    assert -problem.constant <= result.bound <= OPTIMA["ill_conditioned"][0] + TOL * problem.constant
