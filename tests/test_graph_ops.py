@@ -91,23 +91,153 @@ def test_depthwise_ties_in_to_out(transposed: bool) -> None:
 
 
 class Grouped(nn.Module):
-    def __init__(self, c: int = 8) -> None:
+    """1x1 -> grouped kxk -> BN -> 1x1 (the ResNeXt pattern); widths are per group, so a narrower
+    model built from scratch is the truth for a pruned within-group factor."""
+
+    def __init__(self, per_in: int = 4, per_out: int = 3, groups: int = 2, dims: int = 2, transposed: bool = False,
+                 bias: bool = True, norm: str = "bn") -> None:
         super().__init__()
-        self.a = nn.Conv2d(3, c, 1)
-        self.b = nn.Conv2d(c, 4, 3, groups=2)
+        conv = {1: nn.Conv1d, 2: nn.Conv2d}[dims]
+        grouped = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d}[dims] if transposed else conv
+        cin, cout = groups * per_in, groups * per_out
+        self.a = conv(3, cin, 1)
+        self.b = grouped(cin, cout, 3, groups=groups, bias=bias)
+        self.norm = nn.GroupNorm(groups, cout) if norm == "gn" else {1: nn.BatchNorm1d, 2: nn.BatchNorm2d}[dims](cout)
+        self.c = conv(cout, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(F.relu(self.norm(self.b(F.relu(self.a(x))))))
+
+
+def _grouped_input(dims: int) -> torch.Tensor:
+    return torch.randn(2, 3, 7) if dims == 1 else torch.randn(2, 3, 5, 5)
+
+
+@pytest.mark.parametrize("dims,transposed,bias", [(2, False, True), (2, False, False), (1, False, True),
+                                                  (2, True, True), (1, True, False)])
+def test_grouped_conv_within_group_factors_prune(dims: int, transposed: bool, bias: bool) -> None:
+    """Removing within-group unit j drops channel j of every group, in and out; the groups stay."""
+    kw = dict(dims=dims, transposed=transposed, bias=bias)
+    g = check_slice(Grouped, kw, dict(per_in=2, per_out=2, **kw), _grouped_input(dims),
+                    {"a:out": [0, 3], "b:out": [1]})
+    within_in, within_out = g.group("a:out"), g.group("b:out")
+    assert (within_in.size, within_out.size) == (4, 3) and within_in.prunable and within_out.prunable
+    prod_in = next(m for m in within_in.members if (m.module, m.param) == ("a", "weight"))
+    assert prod_in.indices([1]) == [1, 5]  # unit 1 = input channel 1 of each of the 2 groups of 4
+    if transposed:  # weight (cin, cout/g): dim 0 the full input, dim 1 the within-group output index
+        assert Member("b", "weight", 1, "producer") in within_out.members
+        assert next(m for m in within_in.members if m.module == "b").indices([1]) == [1, 5]
+    else:  # weight (cout, cin/g): dim 0 the full output, dim 1 the within-group input index
+        assert Member("b", "weight", 1, "consumer") in within_in.members
+        assert next(m for m in within_out.members if m.module == "b").indices([1]) == [1, 4]
+    groups = g.group("a:out:groups")
+    assert groups.size == 2 and not groups.prunable
+    assert groups.reason == "grouped convolution (groups=2) at node 'b' keeps its groups whole"
+    assert {"a", "b", "norm", "c"} <= set(groups.modules())  # group i in is group i out: one frozen factor
+
+
+@pytest.mark.parametrize("keep", [dict(a=3, b=1), dict(a=1, b=3), dict(a=4, b=2)])
+def test_grouped_conv_cost_is_exact(keep: dict[str, int]) -> None:
+    """FLOPs = 2·k·H·W · (within-group in) · (all out): checked against FlopCounterMode on fresh models."""
+    x = torch.randn(2, 3, 6, 6)
+    g = build(Grouped(4, 3, groups=2), x)
+    cost = g.cost({"a:out": keep["a"], "b:out": keep["b"]})
+    assert cost == dense_counts(Grouped(keep["a"], keep["b"], groups=2), x)
+    assert g.cost() == dense_counts(Grouped(4, 3, groups=2), x)
+    with pytest.raises(Exception, match="is frozen"):
+        g.cost({"a:out:groups": 1})
+
+
+def test_grouped_conv_with_group_norm_shares_the_factoring() -> None:
+    """GroupNorm(g) after a grouped conv(g) factors the same channels: one within factor, one frozen.
+
+    (Outputs are compared for the input side only: GroupNorm's statistics see the output units.)"""
+    x = torch.randn(2, 3, 5, 5)
+    g = check_slice(Grouped, dict(norm="gn"), dict(per_in=3, norm="gn"), x, {"a:out": [2]})
+    assert g.cost({"b:out": 2, "a:out": 1}) == dense_counts(Grouped(1, 2, norm="gn"), x)
+    out = g.group("b:out")
+    assert Member("norm", "weight", 0, "passthrough", block=2, unit_stride=1, inner_stride=3) in out.members
+    assert [gr.name for gr in g.groups if gr.name.endswith(":groups")] == ["a:out:groups"]
+    assert "keeps its groups whole" in g.group("a:out:groups").reason  # the conv froze it first
+
+
+@pytest.mark.parametrize("cin,cout,groups,prunable", [
+    (4, 8, 4, {"b:out"}),  # depthwise multiplier: each input channel is a group; 2 outputs per group
+    (8, 4, 4, {"a:out"}),  # each output channel is a group; 2 inputs per group
+])
+def test_grouped_conv_with_one_channel_per_group_side(cin: int, cout: int, groups: int, prunable: set[str]) -> None:
+    class Net(nn.Module):
+        def __init__(self, per_in: int = cin // groups, per_out: int = cout // groups) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, groups * per_in, 1)
+            self.b = nn.Conv2d(groups * per_in, groups * per_out, 3, groups=groups)
+            self.c = nn.Conv2d(groups * per_out, 2, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.c(self.b(self.a(x)))
+
+    x = torch.randn(1, 3, 5, 5)
+    g = build(Net(), x)
+    assert {gr.name for gr in g.prunable_groups()} == prunable
+    name = next(iter(prunable))
+    narrow = dict(per_out=1) if name == "b:out" else dict(per_in=1)
+    check_slice(Net, {}, narrow, x, {name: [0]})
+
+
+class GroupedStack(nn.Module):
+    """Two grouped convs in a row: the second reads the first's within-group factor (refined if g differs)."""
+
+    def __init__(self, per1: int = 4, per2: int = 2, g1: int = 2, g2: int = 2) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(2, 8, 1)
+        self.b = nn.Conv1d(8, g1 * per1, 3, padding=1, groups=g1)
+        self.c = nn.Conv1d(g1 * per1, g2 * per2, 3, padding=1, groups=g2)
+        self.d = nn.Conv1d(g2 * per2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.d(torch.relu(self.c(torch.relu(self.b(self.a(x))))))
+
+
+def test_stacked_grouped_convs_with_equal_groups_share_the_within_factor() -> None:
+    x = torch.randn(2, 2, 9)
+    g = check_slice(GroupedStack, {}, dict(per1=2, per2=1), x, {"b:out": [0, 3], "c:out": [1]})
+    assert Member("c", "weight", 1, "consumer") in g.group("b:out").members
+
+
+def test_stacked_grouped_convs_with_finer_groups_refine_the_factor() -> None:
+    """g1=2 then g2=4 on 8 channels: b's within factor (4) splits into c's groups (2) ⊗ c's within (2)."""
+    x = torch.randn(2, 2, 9)
+    g = build(GroupedStack(4, 1, g1=2, g2=4), x)
+    free = [gr for gr in g.prunable_groups() if any(m.module == "c" and m.dim == 1 for m in gr.members)]
+    assert len(free) == 1 and free[0].size == 2
+    b_rows = [m for m in free[0].members if (m.module, m.param, m.dim) == ("b", "weight", 0)]
+    assert sorted(i for m in b_rows for i in m.indices([1])) == [1, 3, 5, 7]  # index 1 of each of c's 4 groups
+    wide, narrow = dict(per1=4, per2=1, g1=2, g2=4), dict(per1=2, per2=1, g1=2, g2=4)
+    check_slice(GroupedStack, wide, narrow, x, {free[0].name: [0]})
+
+
+class CatIntoGrouped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 1)
+        self.b = nn.Conv2d(3, 5, 1)
+        self.g = nn.Conv2d(8, 4, 3, groups=2)
         self.c = nn.Conv2d(4, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.c(self.b(self.a(x)))
+        return self.c(self.g(torch.cat([self.a(x), self.b(x)], dim=1)))
 
 
-def test_grouped_conv_freezes_with_reason() -> None:
-    x = torch.randn(1, 3, 6, 6)
-    g = build(Grouped(), x)
+def test_grouped_conv_on_concatenated_input_freezes_it_with_reason() -> None:
+    """A cat whose pieces do not factor as g ⊗ (c/g): the input freezes, the output factor still prunes."""
+    x = torch.randn(1, 3, 5, 5)
+    g = build(CatIntoGrouped(), x)
     for name in ("a:out", "b:out"):
         assert not g.group(name).prunable
-        assert g.group(name).reason.startswith("grouped convolution (groups=2) at node 'b'")
-    assert g.cost() == dense_counts(Grouped(), x)
+        assert g.group(name).reason == ("grouped convolution (groups=2) at node 'g' cannot split its input channels "
+                                        "(concatenated or strided channels)")
+    assert g.group("g:out").prunable and g.group("g:out").size == 2
+    assert g.cost() == dense_counts(CatIntoGrouped(), x)
 
 
 # -- linear, norms, embedding ------------------------------------------------------------
@@ -475,8 +605,11 @@ def test_several_inputs_and_outputs() -> None:
 @given(st.data())
 def test_any_removal_slices_exactly(data: st.DataObject) -> None:
     """Random units of random groups: Member.indices cut the right rows/columns every time."""
-    which = data.draw(st.sampled_from(["cat", "channels_last", "attention", "glu"]))
-    if which == "cat":
+    which = data.draw(st.sampled_from(["cat", "channels_last", "attention", "glu", "grouped"]))
+    if which == "grouped":
+        make, wide, x, sizes = Grouped, dict(per_in=4, per_out=3), torch.randn(1, 3, 5, 5), {
+            "a:out": ("per_in", 4), "b:out": ("per_out", 3)}
+    elif which == "cat":
         make, wide, x, sizes = Cat, dict(a=4, b=3), torch.randn(1, 3, 4, 4), {"a:out": ("a", 4), "b:out": ("b", 3)}
     elif which == "channels_last":
         make, wide, x, sizes = FlatHead, dict(c=5, channels_last=True), torch.randn(1, 3, 4, 4), {"conv:out": ("c", 5)}

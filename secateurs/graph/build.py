@@ -308,6 +308,8 @@ def _finalize(model: nn.Module, gm: fx.GraphModule, c: Coupler, example_inputs: 
             name = origin if ":" in origin else f"{origin}:out"
         else:
             name = f"{ms[0].module or ms[0].param}:in"
+        if sp.has_flag(r, "group_factor"):  # the groups of a grouped conv / GroupNorm: ':out' names the rest
+            name = f"{name}:groups"
         used[name] = used.get(name, 0) + 1
         if used[name] > 1:
             name = f"{name}#{used[name]}"

@@ -447,12 +447,7 @@ class Coupler:
             lout = lin
             wf = [lin, 1]
         else:
-            reason = f"grouped convolution (groups={g}) at node '{node.name}'"
-            self.freeze([x[cdim]], reason)
-            lout = space_layout(self.sp.new(cout, path, frozen=reason), cout)
-            if not transposed:
-                self.register(node, path, "weight", 0, "producer", lout)
-            wf = list(mod.weight.shape[:2])
+            lout, wf = self.grouped_conv(node, path, g, cin, cout, x[cdim], transposed)
         if mod.bias is not None:
             self.register(node, path, "bias", 0, "passthrough", lout)
         out[cdim] = lout
@@ -460,6 +455,41 @@ class Coupler:
         spatial = xs[cdim + 1 :] if transposed else shape[cdim + 1 :]
         self.add_flops(node, 2 * prod(mod.kernel_size) * prod(spatial), [batch, *wf], [x, out])
         return out
+
+    def grouped_conv(self, node: fx.Node, path: str, g: int, cin: int, cout: int, xin: DimInfo,
+                     transposed: bool) -> tuple[Layout, list[Factor]]:
+        """A grouped conv (1 < groups, not depthwise): channels = g ⊗ (c/g) on both sides (row-major).
+
+        The weight's full dim (out channels; in channels when transposed) is indexed by the whole
+        layout, its ``c/g`` dim by the within-group factor alone. The group factors stay whole
+        (frozen) and are tied in to out: group i reads group i. The within-group factors are free:
+        out's is a new space of this conv, nothing ties it to the input's (each output channel of a
+        group reads every input channel of that group). Returns the output layout and the weight's
+        FLOPs factors (within-group in x full out; full in x within-group out when transposed).
+        """
+        kept = f"grouped convolution (groups={g}) at node '{node.name}' keeps its groups whole"
+        lin = self.as_layout(xin, cin, node)
+        lout = space_layout(self.sp.new(cout, path), cout)
+        g_out, j_out = self.split_info(lout, [g, cout // g], node)  # a fresh space always factors
+        try:
+            g_in, j_in = self.split_info(lin, [g, cin // g], node)
+        except CouplingError as e:
+            reason = f"grouped convolution (groups={g}) at node '{node.name}' cannot split its input channels ({e})"
+            self.freeze([lin], reason)
+            g_in = j_in = Opaque(reason)
+        for part in (g_in, g_out):
+            for s in layout_spaces(part):
+                self.sp.flag(s, "group_factor")
+        self.freeze([g_in, g_out], kept)
+        if not isinstance(g_in, Opaque):
+            self.tie(g_in, g_out, node)
+        full, within, role = (lin, j_out, "producer") if transposed else (lout, j_in, "consumer")
+        self.register(node, path, "weight", 0, "consumer" if transposed else "producer", full)
+        if not isinstance(within, Opaque):  # c/g == 1 or an input that could not be split: a constant
+            self.register(node, path, "weight", 1, role, within)
+        width = (cout if transposed else cin) // g
+        wf: list[Factor] = [full, self.factor(within, width)]
+        return lout, wf
 
     def linear(self, node: fx.Node, path: str, weight: torch.Tensor, has_bias: bool, x: list[DimInfo],
                xs: torch.Size, shape: torch.Size, wname: str, bname: str, wlay: list[DimInfo] | None = None) -> Info:
@@ -487,6 +517,8 @@ class Coupler:
         if 1 < g < c:
             try:  # channels c = g ⊗ (c/g): only the within-group factor may shrink
                 parts = self.split_info(lay, [g, c // g], node)
+                for s in layout_spaces(parts[0]):
+                    self.sp.flag(s, "group_factor")
                 self.freeze([parts[0]], f"GroupNorm num_groups={g} at node '{node.name}' is kept whole")
             except CouplingError:
                 self.freeze([lay], f"GroupNorm groups at node '{node.name}'")
