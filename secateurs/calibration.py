@@ -8,7 +8,8 @@ input channel c occupies the k·k consecutive columns c·k·k … (c+1)·k·k �
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,13 +22,19 @@ from secateurs.errors import ValidationError
 
 @dataclass
 class GramStatistics:
-    """Σ XᵀX over calibration rows (float64) for one layer's input, and the number of rows."""
+    """Σ XᵀX over calibration rows (float64) for one layer's input, and the number of rows.
+
+    With a ``target`` (the same layer's input in the dense model, row for row), Σ XᵀX_dense is
+    accumulated too: sequential pruning refits toward the dense model's output on the pruned
+    model's inputs.
+    """
 
     gram: torch.Tensor | None = None
     rows: int = 0
     sums: torch.Tensor | None = field(default=None, repr=False)
+    cross: torch.Tensor | None = field(default=None, repr=False)
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, target: torch.Tensor | None = None) -> None:
         x = x.detach().to(torch.float64)
         if self.gram is None:
             self.gram = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
@@ -36,6 +43,13 @@ class GramStatistics:
         assert self.sums is not None
         self.sums += x.sum(0)
         self.rows += x.shape[0]
+        if target is not None:
+            y = target.detach().to(torch.float64)
+            if y.shape != x.shape:
+                raise ValidationError("target", f"shape {tuple(y.shape)} differs from the input's {tuple(x.shape)}")
+            if self.cross is None:
+                self.cross = torch.zeros_like(self.gram)
+            self.cross.addmm_(x.T, y)
 
 
 def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -96,6 +110,20 @@ def validate_batch(batch: Any, index: int) -> None:
             raise ValidationError("calibration", f"batch {index} contains NaN or infinite values")
 
 
+@contextmanager
+def evaluating(*models: nn.Module) -> Iterator[None]:
+    """Eval mode and no grad for the block; every submodule's own train/eval flag is restored."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    for model in models:
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
 def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]) -> dict[str, GramStatistics]:
     """Run ``calibration`` through ``model`` (eval mode, no grad) accumulating XᵀX per module.
 
@@ -111,11 +139,9 @@ def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]
             stats[_name].update(layer_rows(mod, args[0]))
 
         handles.append(module.register_forward_pre_hook(hook))
-    was_training = model.training
-    model.eval()
     count = 0
     try:
-        with torch.no_grad():
+        with evaluating(model):
             for index, batch in enumerate(calibration):
                 validate_batch(batch, index)
                 try:
@@ -128,7 +154,6 @@ def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]
     finally:
         for handle in handles:
             handle.remove()
-        model.train(was_training)
     if count == 0:
         raise ValidationError("calibration", "no batches: give at least one calibration batch")
     return stats

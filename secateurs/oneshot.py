@@ -35,13 +35,14 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.apply import apply
+from secateurs.apply import _mask_tensors, _plan_targets, apply
 from secateurs.budget import Budget
-from secateurs.calibration import GramStatistics, collect
+from secateurs.calibration import GramStatistics, collect, layer_rows
 from secateurs.consumers import ConsumerColumns, consumer_columns, supports_reconstruction
 from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, ValidationError
 from secateurs.graph import DependencyGraph, build, dense_counts
 from secateurs.graph.groups import Group
+from secateurs.layerwise import Lockstep, run_together
 from secateurs.plan import PrunePlan
 from secateurs.problems.allocation import Allocation
 from secateurs.problems.reconstruction import Reconstruction
@@ -74,6 +75,7 @@ class _GroupWork:
     consumers: list[ConsumerColumns]
     path: dict[int, tuple[list[int], float]]
     note: str = ""
+    fresh: bool = False  # problem rebuilt from the partly pruned model's inputs (sequential)
 
 
 def prune(
@@ -85,6 +87,7 @@ def prune(
     reconstruction: str = "local_search",
     allocation: str = "dp",
     structure: str = "channels",
+    sequential: bool = True,
     nm: tuple[int, int] = (2, 4),
     levels: int = 32,
     refit: bool = True,
@@ -110,6 +113,11 @@ def prune(
     reconstruction, allocation : str
         Solver names (``secateurs.solvers.available(problem)`` lists them).
     structure : {"channels", "unstructured", "n:m"}
+    sequential : bool
+        Channels: solve each group on the inputs of the model with every earlier group already
+        pruned and refit (OSSCAR's layer-by-layer order), in one layer-wise pass that holds the
+        calibration set's live activations at one point of the graph. False: every group is
+        solved on the dense model's statistics, streaming (memory independent of the batches).
     nm : (N, M)
         The N:M pattern for ``structure="n:m"``.
     levels : int
@@ -156,7 +164,8 @@ def prune(
     if structure == "channels":
         assert budget is not None
         return _prune_channels(model, calibration, budget, first if example_inputs is None else example_inputs,
-                               reconstruction, allocation, levels, error_curve, progress, deadline, seed)
+                               reconstruction, allocation, levels, error_curve, progress, deadline, seed,
+                               sequential=sequential)
     return _prune_weights(model, calibration, budget, structure, nm, allocation, levels, refit, progress, deadline, seed)
 
 
@@ -185,17 +194,21 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
         usable = [c for c in usable if c.width == widths[0]]
     if not usable:
         return None, [], "; ".join(notes + ["no reconstructable consumer: magnitude error curve"])
-    hessians, weights = [], []
+    hessians, targets = [], []
     for c in usable:
-        gram = stats[c.module].gram
+        gram, cross = stats[c.module].gram, stats[c.module].cross
         assert gram is not None
         cols = c.flat().to(gram.device)
         h = gram[cols][:, cols]
         ridge = 0.01 * float(torch.diagonal(h).mean()) or 1e-8
-        hessians.append(h + ridge * torch.eye(h.shape[0], dtype=h.dtype, device=h.device))
+        eye = ridge * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
         weight = model.get_submodule(c.module).weight.detach()
-        weights.append(weight.reshape(weight.shape[0], -1)[:, cols.to(weight.device)].to(torch.float64))
-    problem = Reconstruction.from_hessian(hessians, W=weights, unit_width=widths[0], keep=group.size)
+        dense = weight.reshape(weight.shape[0], -1)[:, cols.to(weight.device)].to(gram).T  # Ŵ, p x m
+        # G = (XᵀX_target + λI)·Ŵ: the target is the dense layer's output on the dense model's inputs
+        # when those were recorded (sequential pruning), else on the same inputs (G = HŴ).
+        targets.append(((h if cross is None else cross[cols][:, cols]) + eye) @ dense)
+        hessians.append(h + eye)
+    problem = Reconstruction.from_hessian(hessians, G=targets, unit_width=widths[0], keep=group.size)
     return problem, usable, "; ".join(notes)
 
 
@@ -278,7 +291,7 @@ def _write_refit(work_model: nn.Module, work: _GroupWork, support: list[int]) ->
 
 def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget, example_inputs: Any,
                     reconstruction: str, allocation: str, levels: int, error_curve: bool, progress: bool,
-                    deadline: Deadline, seed: int) -> PruneResult:
+                    deadline: Deadline, seed: int, *, sequential: bool) -> PruneResult:
     report = PruneReport("channels")
     clock = Deadline(None)
 
@@ -297,7 +310,8 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
 
     start = clock.elapsed()
     modules = sorted({c.module for g in groups for c in consumer_columns(model, g)[0]})
-    stats = collect(model, _progress(calibration, progress, "calibration"), modules)
+    cached = list(calibration) if sequential else []  # the layer-wise pass reads the batches again
+    stats = collect(model, _progress(cached or calibration, progress, "calibration"), modules)
     stage("statistics", start)
 
     start = clock.elapsed()
@@ -329,36 +343,25 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
 
     start = clock.elapsed()
     work_model = copy.deepcopy(model)
-    keep: dict[str, list[int]] = {}
-    fell_back = False
-    for work in _progress(works, progress, "solves"):
-        name, k = work.group.name, keep_counts[work.group.name]
-        support, solver_name, seconds, error = work.path[k][0], "greedy", 0.0, work.path[k][1]
-        if work.problem is None:
-            solver_name = "magnitude"
-        elif k < work.group.size:
-            if deadline.expired():
-                fell_back = True
-            else:
-                options = {"start": support} if reconstruction == "local_search" else {}
-                solved = solve(work.problem.with_keep(k), reconstruction, time_limit=_remaining(deadline),
-                               seed=seed, **options)
-                if solved.ok:
-                    support, solver_name, seconds = list(solved.solution), solved.solver, solved.seconds
-                    error = work.problem.relative_error(support)
-        if work.problem is not None and k < work.group.size:
-            _write_refit(work_model, work, support)
-        if k < work.group.size:
-            keep[name] = sorted(support)
-        report.groups.append(GroupReport(name, k, work.group.size, float(error), solver_name, seconds, work.note))
-        log.info("%s: keep %d/%d, relative error %.4g (%s, %.3fs)", name, k, work.group.size, error, solver_name, seconds)
-    if fell_back:
+    solver = _GroupSolver(reconstruction, deadline, seed)
+    if sequential:
+        keep = _solve_layerwise(model, work_model, works, keep_counts, stats, cached, solver, report, progress)
+    else:
+        keep = {}
+        for work in _progress(works, progress, "solves"):
+            support = solver(work, keep_counts[work.group.name], report)
+            if support is not None:
+                keep[work.group.name] = support
+                if work.problem is not None:
+                    _write_refit(work_model, work, support)
+    if solver.fell_back:
         report.notes.append("time limit reached: the remaining groups use their greedy supports")
     stage("solves", start)
 
     start = clock.elapsed()
     plan = PrunePlan.from_graph(graph, keep, meta={"structure": "channels", "allocation": allocation,
-                                                   "reconstruction": reconstruction, "budget": limits})
+                                                   "reconstruction": reconstruction, "sequential": sequential,
+                                                   "budget": limits})
     pruned = apply(work_model, plan, graph=graph, mode="slice", inplace=True)
     plan.refit = _consumer_tensors(pruned, works, keep)
     stage("apply", start)
@@ -371,6 +374,111 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
             report.notes.append(f"{name}: counted {getattr(counted, name):.0f} on the pruned model, "
                                 f"cost model said {getattr(predicted, name):.0f}")
     return PruneResult(pruned, plan, report, graph)
+
+
+class _GroupSolver:
+    """The final solve of one group at its allocated keep level, recorded in the report."""
+
+    def __init__(self, reconstruction: str, deadline: Deadline, seed: int) -> None:
+        self.reconstruction, self.deadline, self.seed = reconstruction, deadline, seed
+        self.fell_back = False
+
+    def __call__(self, work: _GroupWork, k: int, report: PruneReport) -> list[int] | None:
+        """Kept units (None when the group keeps all), from ``work.problem`` as it is now."""
+        name, size = work.group.name, work.group.size
+        solver_name, seconds = "greedy", 0.0
+        if k >= size:
+            support, error = list(range(size)), 0.0
+        elif work.problem is None:
+            (support, error), solver_name = work.path[k], "magnitude"
+        else:
+            support = _greedy_support(work.problem, k) if work.fresh else work.path[k][0]
+            if self.deadline.expired():
+                self.fell_back = True
+            else:
+                options = {"start": support} if self.reconstruction == "local_search" else {}
+                solved = solve(work.problem.with_keep(k), self.reconstruction, time_limit=_remaining(self.deadline),
+                               seed=self.seed, **options)
+                if solved.ok:
+                    support, solver_name, seconds = list(solved.solution), solved.solver, solved.seconds
+            error = work.problem.relative_error(support)
+        report.groups.append(GroupReport(name, k, size, float(error), solver_name, seconds, work.note))
+        log.info("%s: keep %d/%d, relative error %.4g (%s, %.3fs)", name, k, size, error, solver_name, seconds)
+        return None if k >= size else sorted(support)
+
+
+def _greedy_support(problem: Reconstruction, k: int) -> list[int]:
+    """Greedy backward elimination down to ``k`` units (a start for the final solver)."""
+    return list(greedy_path(problem.with_keep(k), step=1, stop=k)[-1][1])
+
+
+def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_GroupWork], keep_counts: dict[str, int],
+                     stats: dict[str, GramStatistics], calibration: list[Any], solver: _GroupSolver,
+                     report: PruneReport, progress: bool) -> dict[str, list[int]]:
+    """OSSCAR's sequential pass: each group is solved on the inputs of the partly pruned model.
+
+    One layer-wise pass over the calibration set (:class:`~secateurs.layerwise.Lockstep`): just
+    before the first layer that reads a group runs, the Gram matrices of the group's consumers
+    are re-accumulated from the inputs they are about to receive (every earlier group already
+    pruned, masked and refit in ``work_model``), the group is solved, its removed slices are
+    zeroed and its consumers refit; then the pass goes on. The refit target is the dense
+    weight on the pruned inputs (min ‖X_p·B − X_p·Ŵ‖). A consumer whose input is not computed
+    yet at that point (it reads the group further downstream, e.g. along a residual stream) keeps
+    its dense statistics.
+    """
+    lock, reference = Lockstep(work_model, calibration), Lockstep(model, calibration)
+    last = len(lock.nodes)
+
+    def position(work: _GroupWork) -> int:
+        calls = [lock.first_call(c.module) for c in work.consumers] or [lock.first_call(m.module)
+                                                                        for m in work.group.members]
+        found = [c for c in calls if c is not None]
+        return min(found) if found else last
+
+    pending = sorted(works, key=position)
+    at = {id(w): position(w) for w in works}
+    keep: dict[str, list[int]] = {}
+    bar = tqdm(total=len(pending), desc="solves (layer-wise)", leave=False, disable=not progress)
+
+    def handle(work: _GroupWork) -> None:
+        k = keep_counts[work.group.name]
+        if k < work.group.size and work.problem is not None:
+            fresh = dict(stats)
+            refreshed = 0
+            for c in work.consumers:
+                inputs, dense_inputs = lock.inputs_of(c.module), reference.inputs_of(c.module)
+                if inputs is not None and dense_inputs is not None:
+                    module = work_model.get_submodule(c.module)
+                    fresh[c.module] = GramStatistics()
+                    for x, y in zip(inputs, dense_inputs, strict=True):
+                        fresh[c.module].update(layer_rows(module, x), layer_rows(module, y))
+                    refreshed += 1
+            problem, consumers, note = _group_problem(model, work.group, fresh)
+            if problem is not None and refreshed:
+                work.problem, work.consumers, work.fresh = problem, consumers, True
+                if refreshed < len(consumers):
+                    work.note = "; ".join(n for n in (work.note, f"{len(consumers) - refreshed} consumer(s) "
+                                                      "on dense statistics (input not yet computed)") if n)
+        support = solver(work, k, report)
+        if support is not None:
+            keep[work.group.name] = support
+            group_plan = PrunePlan({work.group.name: support})
+            _mask_tensors(work_model, _plan_targets(work_model, group_plan, {work.group.name: work.group}))
+            if work.problem is not None:
+                _write_refit(work_model, work, support)
+        bar.update(1)
+
+    def before(i: int) -> None:
+        while pending and at[id(pending[0])] <= i:
+            handle(pending.pop(0))
+
+    try:
+        run_together([lock, reference], before)
+        while pending:
+            handle(pending.pop(0))
+    finally:
+        bar.close()
+    return keep
 
 
 def _consumer_tensors(pruned: nn.Module, works: list[_GroupWork], keep: dict[str, list[int]]) -> dict[str, torch.Tensor]:

@@ -28,11 +28,12 @@ def _relative_output_error(a: torch.nn.Module, b: torch.nn.Module, batches: list
     return float((ya - yb).norm() / ya.norm())
 
 
+@pytest.mark.parametrize("sequential", [True, False])
 @pytest.mark.parametrize("budget", [Budget(flops=0.5), Budget(params=0.4), Budget(flops=0.6, params=0.6)])
-def test_channels_meet_the_budget_as_counted_on_the_pruned_model(cnn, budget: Budget) -> None:
+def test_channels_meet_the_budget_as_counted_on_the_pruned_model(cnn, budget: Budget, sequential: bool) -> None:
     model, calibration = cnn
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    result = prune(model, calibration, budget, progress=False, error_curve=False)
+    result = prune(model, calibration, budget, progress=False, error_curve=False, sequential=sequential)
     dense = dense_counts(model, calibration[0])
     counted = dense_counts(result.model, calibration[0])  # independent count on the sliced model
     for name, value in budget.structured().items():
