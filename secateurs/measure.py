@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from secateurs.calibration import forward_batch
+from secateurs.errors import ValidationError
 from secateurs.graph import dense_counts
 
 
@@ -36,15 +37,25 @@ def summary(model: nn.Module, inputs: Any, *, repeats: int = 20) -> dict[str, fl
     return {"params": counted.params, "flops": counted.flops, "latency_ms": 1e3 * latency(model, inputs, repeats=repeats)}
 
 
-def embedding_agreement(dense: nn.Module, pruned: nn.Module, batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
+def embeddings(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:
+    """Sentence embeddings of every batch, concatenated (eval mode, no grad)."""
+    with torch.no_grad():
+        return torch.cat([model.eval()(**b) for b in batches])
+
+
+def embedding_agreement(dense: nn.Module | torch.Tensor, pruned: nn.Module,
+                        batches: list[dict[str, torch.Tensor]]) -> dict[str, float]:
     """Mean cosine of pruned to dense sentence embeddings, and top-1 nearest-neighbour agreement.
 
     Retrieval: each held-out sentence queries all others; agreement is the share of queries
-    whose nearest neighbour under the pruned model is the dense model's.
+    whose nearest neighbour under the pruned model is the dense model's. ``dense`` may be the
+    dense model or its :func:`embeddings` of ``batches``, so comparing many pruned models to one
+    dense model runs the dense forward once.
     """
-    with torch.no_grad():
-        a = torch.cat([dense.eval()(**b) for b in batches])
-        b = torch.cat([pruned.eval()(**x) for x in batches])
+    a = dense if isinstance(dense, torch.Tensor) else embeddings(dense, batches)
+    b = embeddings(pruned, batches)
+    if a.shape != b.shape:
+        raise ValidationError("dense", f"dense embeddings {tuple(a.shape)} do not match the pruned model's {tuple(b.shape)}")
     cosine = float(torch.nn.functional.cosine_similarity(a, b).mean())
     eye = torch.eye(a.shape[0], dtype=torch.bool)
     nn_dense = (a @ a.T).masked_fill(eye, -2).argmax(1)
