@@ -139,9 +139,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
         example = calibration[0]
         print("note: calibrating on random inputs (a user model brings no data)")
     budget = Budget(sparsity=args.sparsity) if args.structure == "unstructured" else (
-        None if args.structure == "n:m" else Budget(flops=args.flops, params=args.params))
+        None if args.structure == "n:m" else Budget(flops=args.flops, params=args.params, latency=args.latency))
     result = prune(model, calibration, budget, reconstruction=args.solver, allocation=args.allocation,
-                   structure=args.structure, progress=not args.quiet, time_limit=args.time_limit)
+                   structure=args.structure, sequential=not args.no_sequential, progress=not args.quiet,
+                   time_limit=args.time_limit)
     before, after = summary(model, example), summary(result.model, example)
     rows = [("", "dense", "pruned")]
     if info is not None and info.task == "classification":
@@ -187,6 +188,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="a zoo model (mnist1d_cnn, digits_cnn, minilm) or MODULE:FACTORY / FILE.py:FACTORY")
     p.add_argument("--flops", type=float, default=None, help="keep this fraction (<= 1) or number of FLOPs")
     p.add_argument("--params", type=float, default=None, help="keep this fraction (<= 1) or number of parameters")
+    p.add_argument("--latency", type=float, default=None,
+                   help="keep at most this fraction (<= 1) of the dense model's measured CPU latency")
     p.add_argument("--sparsity", type=float, default=0.5, help="fraction of weights removed (unstructured)")
     p.add_argument("--structure", choices=["channels", "unstructured", "n:m"], default="channels")
     p.add_argument("--solver", default="local_search", help="reconstruction solver (per group)")
@@ -195,6 +198,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--input-shape", default=None, help="for a user model: one input shape, e.g. 8,3,32,32")
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run")
+    p.add_argument("--no-sequential", action="store_true",
+                   help="solve every group on the dense model's statistics (streaming, less memory)")
     p.add_argument("--out", default=None, help="folder for the pruned model, report.json and plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prune)
@@ -205,7 +210,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``secateurs`` console script; returns the exit status."""
     parser = make_parser()
     args = parser.parse_args(argv)
-    if args.command == "prune" and args.flops is None and args.params is None:
+    if args.command == "prune" and args.flops is None and args.params is None and args.latency is None:
         args.flops = 0.5  # the embedded default: half the FLOPs
     try:
         return int(args.func(args))

@@ -42,9 +42,12 @@ from secateurs.consumers import ConsumerColumns, consumer_columns, supports_reco
 from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, ValidationError
 from secateurs.graph import DependencyGraph, build, dense_counts
 from secateurs.graph.groups import Group
+from secateurs.latency import measure as measure_latency
+from secateurs.latency import model_seconds
 from secateurs.layerwise import Lockstep, run_together
 from secateurs.plan import PrunePlan
-from secateurs.problems.allocation import Allocation
+from secateurs.problems.allocation import Allocation, Latency
+from secateurs.problems.allocation import Budget as CostBudget
 from secateurs.problems.reconstruction import Reconstruction
 from secateurs.report import BudgetLine, GroupReport, PruneReport
 from secateurs.solvers import Deadline, SolveResult, solve
@@ -106,7 +109,8 @@ def prune(
         Tensors, tuples of tensors (positional inputs) or dicts (keyword inputs). Read once,
         streaming: statistics do not grow with the number of batches.
     budget : Budget
-        ``Budget(flops=0.5)``, ``Budget(params=0.6)`` for channels; ``Budget(sparsity=0.7)`` for
+        ``Budget(flops=0.5)``, ``Budget(params=0.6)``, ``Budget(latency=0.6)`` (measured on
+        ``example_inputs``) for channels; ``Budget(sparsity=0.7)`` for
         unstructured; ``None`` (or the matching sparsity) for N:M.
     example_inputs : optional
         Inputs to trace with; default the first calibration batch.
@@ -144,8 +148,9 @@ def prune(
         raise ValidationError("levels", f"must be an integer >= 2, got {levels!r}")
     if time_limit is not None and not time_limit > 0:
         raise ValidationError("time_limit", f"must be positive seconds, got {time_limit!r}")
-    if structure == "channels" and (budget is None or not budget.structured()):
-        raise ValidationError("budget", "channel pruning needs Budget(flops=...) and/or Budget(params=...)")
+    if structure == "channels" and (budget is None or not (budget.structured() or budget.timed())):
+        raise ValidationError("budget", "channel pruning needs Budget(flops=...), Budget(params=...) and/or "
+                                        "Budget(latency=...)")
     if structure == "unstructured" and (budget is None or budget.sparsity is None):
         raise ValidationError("budget", "unstructured pruning needs Budget(sparsity=...)")
     if structure == "n:m":
@@ -239,11 +244,12 @@ def _error_path(work: _GroupWork, levels: int) -> None:
 
 
 def _allocate(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str, float], solver: str,
-              deadline: Deadline, seed: int) -> tuple[SolveResult, Allocation, str]:
-    """Keep level per group from the error curves under the exact cost polynomials."""
+              deadline: Deadline, seed: int, latency: Latency | None) -> tuple[SolveResult, Allocation, str]:
+    """Keep level per group from the error curves under the exact cost polynomials (and latency)."""
     levels = {w.group.name: sorted(w.path) for w in works}
     errors = {w.group.name: [max(w.path[k][1], 0.0) for k in levels[w.group.name]] for w in works}
-    problem = Allocation.from_graph(graph, errors, levels=levels, relative=False,
+    timed = [CostBudget("latency_seconds", latency, limits["latency"])] if latency is not None else []
+    problem = Allocation.from_graph(graph, errors, levels=levels, relative=False, budgets=timed,
                                     flops=limits.get("flops"), params=limits.get("params"))
     note = ""
     try:
@@ -263,14 +269,14 @@ def _remaining(deadline: Deadline) -> float | None:
 
 
 def _curve(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str, float], dense: dict[str, float],
-           solver: str, seed: int) -> list[tuple[float, float]]:
+           solver: str, seed: int, latency: Latency | None) -> list[tuple[float, float]]:
     """Allocated error at budgets from 20% to 100% of the dense cost (the first budget named)."""
     name = next(iter(limits))
     points = []
     for fraction in np.linspace(0.2, 1.0, 9):
         scaled = {**limits, name: float(fraction) * dense[name]}
         try:
-            result, _, _ = _allocate(graph, works, scaled, solver, Deadline(None), seed)
+            result, _, _ = _allocate(graph, works, scaled, solver, Deadline(None), seed, latency)
         except (InfeasibleBudgetError, SolverError):
             continue
         points.append((float(fraction), float(result.objective)))
@@ -326,8 +332,17 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
         works.append(work)
     stage("error curves", start)
 
+    latency = None
+    dense_values = {"flops": dense.flops, "params": dense.params}
+    if budget.timed():
+        start = clock.elapsed()
+        latency, dense_values["latency"] = measure_latency(model, groups, example_inputs,
+                                                           {w.group.name: sorted(w.path) for w in works})
+        limits["latency"] = budget.latency_limit(dense_values["latency"])
+        stage("latency tables", start)
+
     start = clock.elapsed()
-    result, alloc_problem, alloc_note = _allocate(graph, works, limits, allocation, deadline, seed)
+    result, alloc_problem, alloc_note = _allocate(graph, works, limits, allocation, deadline, seed, latency)
     keep_counts = {g: int(round(k)) for g, k in result.solution.items()}
     report.allocation = {"solver": result.solver, "status": result.status.value, "objective": result.objective,
                          "bound": result.bound, "seconds": result.seconds,
@@ -337,8 +352,7 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     stage("allocation", start)
     if error_curve:
         start = clock.elapsed()
-        report.error_curve = _curve(graph, works, limits, {"flops": dense.flops, "params": dense.params},
-                                    allocation, seed)
+        report.error_curve = _curve(graph, works, limits, dense_values, allocation, seed, latency)
         stage("error curve", start)
 
     start = clock.elapsed()
@@ -373,6 +387,13 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
         if not math.isclose(getattr(counted, name), getattr(predicted, name), rel_tol=1e-9):
             report.notes.append(f"{name}: counted {getattr(counted, name):.0f} on the pruned model, "
                                 f"cost model said {getattr(predicted, name):.0f}")
+    if latency is not None:
+        modelled = latency.evaluate({**{g.name: g.size for g in groups}, **keep_counts})
+        requested = 1e3 * limits["latency"]
+        report.totals.append(BudgetLine("latency ms (modelled)", 1e3 * dense_values["latency"], 1e3 * modelled,
+                                        requested))
+        report.totals.append(BudgetLine("latency ms (measured)", 1e3 * dense_values["latency"],
+                                        1e3 * model_seconds(pruned, example_inputs), requested))
     return PruneResult(pruned, plan, report, graph)
 
 

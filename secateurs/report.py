@@ -69,8 +69,8 @@ class PruneReport:
         totals = [("total", "dense", "requested", "achieved", "ratio", "met")]
         for t in self.totals:
             ratio = t.achieved / t.dense if t.dense else 1.0
-            totals.append((t.name, f"{t.dense:,.0f}", "-" if t.requested is None else f"{t.requested:,.0f}",
-                           f"{t.achieved:,.0f}", f"{ratio:.3f}", "yes" if t.met else "NO"))
+            totals.append((t.name, _number(t.dense), "-" if t.requested is None else _number(t.requested),
+                           _number(t.achieved), f"{ratio:.3f}", "yes" if t.met else "NO"))
         out += [_format(totals), ""]
         out.append("stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stages.items()))
         if self.allocation:
@@ -130,6 +130,11 @@ class PruneReport:
             fig.savefig(written[-1], dpi=120)
             plt.close(fig)
         return written
+
+
+def _number(x: float) -> str:
+    """Counts with thousands separators; small measured values (milliseconds) with 4 digits."""
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.4g}"
 
 
 def _format(rows: list[tuple[str, ...]]) -> str:

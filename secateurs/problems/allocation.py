@@ -729,6 +729,7 @@ class Allocation:
         max_keep: Mapping[str, float] | None = None,
         round_to: Mapping[str, float] | int | None = None,
         scores: Mapping[str, Any] | None = None,
+        budgets: Sequence[Budget] = (),
     ) -> Allocation:
         """Allocation over the groups of a ``DependencyGraph`` with its exact params/FLOPs polynomials.
 
@@ -745,6 +746,8 @@ class Allocation:
             Budgets: fractions of the dense model's cost when ``relative`` (default), else absolute.
         components : mapping name → (groups, fraction), optional
             ``>=`` bounds: the component keeps at least ``fraction`` of its own parameters.
+        budgets : sequence of Budget
+            More budgets over the same groups (a measured latency table, say), kept as given.
         """
         model = graph.cost_model
         by_name = {g.name: g for g in graph.groups}
@@ -763,7 +766,7 @@ class Allocation:
                 if len(set(lv)) != count:
                     raise ValidationError(f"errors[{g!r}]", f"{count} levels do not fit a group of {size} units; pass levels")
                 levels[g] = lv
-        budgets: list[Budget] = []
+        extra, budgets = list(budgets), []
         for name, poly, value in (("params", model.params, params), ("flops", model.flops, flops)):
             if value is None:
                 continue
@@ -777,7 +780,8 @@ class Allocation:
                     raise ValidationError(f"components[{name!r}]", f"unknown group {g!r}")
             own = restrict(model.params, members)
             budgets.append(Budget(name, own.fix(fixed), float(fraction) * own.evaluate(sizes), ">=", members))
-        return cls(levels, errors, budgets, weights=weights, min_keep=dict(min_keep or {}), max_keep=dict(max_keep or {}),
+        return cls(levels, errors, budgets + extra, weights=weights, min_keep=dict(min_keep or {}),
+                   max_keep=dict(max_keep or {}),
                    round_to=round_to if round_to is not None else {}, sizes={g: sizes[g] for g in errors}, scores=scores)
 
     @classmethod

@@ -1,0 +1,101 @@
+"""Latency as a budget: measured tables per layer, and prune(Budget(latency=...)).
+
+Wall-clock timing is noisy, so the plumbing is checked with a deterministic stand-in for the
+timer: "seconds" = FLOPs that FlopCounterMode counts × 1e-12 (+ a fixed overhead for a whole
+model). Layer FLOPs are bilinear in the kept input/output widths and the tables interpolate
+multilinearly between measured widths, so the modelled latency of any plan must then equal
+overhead + graph.cost(plan).flops × 1e-12 exactly: an independent count.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import secateurs.latency as latency_module
+from secateurs.budget import Budget
+from secateurs.calibration import forward_batch
+from secateurs.errors import InfeasibleBudgetError, ValidationError
+from secateurs.graph import build
+from secateurs.models import zoo
+from secateurs.oneshot import prune
+
+OVERHEAD = 1e-6  # seconds of a whole forward that no layer accounts for
+
+
+def _flops(fn, *args) -> int:  # noqa: ANN001 - test double
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn(*args)
+    return counter.get_total_flops()
+
+
+def fake_seconds(fn, *args, min_run_time: float = 0.0) -> float:  # noqa: ANN001 - test double
+    """Deterministic 'time': FLOPs × 1e-12, plus OVERHEAD for a whole-model forward."""
+    return _flops(fn, *args) * 1e-12 + (OVERHEAD if fn is forward_batch else 0.0)
+
+
+@pytest.fixture
+def deterministic_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(latency_module, "seconds", fake_seconds)
+
+
+@pytest.fixture(scope="module")
+def cnn() -> tuple[torch.nn.Module, list[torch.Tensor]]:
+    model, info = zoo.load("mnist1d_cnn")
+    return model, info.calibration(128, 32)
+
+
+def test_tables_price_every_plan_like_the_flops_count(deterministic_timer: None, cnn) -> None:
+    model, batches = cnn
+    graph = build(model, batches[0])
+    groups = graph.prunable_groups()
+    levels = {g.name: sorted({1, g.size // 3, g.size // 2, g.size}) for g in groups}
+    cost, dense = latency_module.measure(model, groups, batches[0], levels, points=3)
+    assert dense == pytest.approx(graph.cost().flops * 1e-12 + OVERHEAD, rel=1e-12)
+    mixed = {groups[0].name: 1, groups[-1].name: levels[groups[-1].name][2]}
+    for keep in ({}, {g.name: levels[g.name][1] for g in groups}, mixed):
+        full = {**{g.name: g.size for g in groups}, **keep}
+        assert cost.evaluate(full) == pytest.approx(OVERHEAD + graph.cost(keep).flops * 1e-12, rel=1e-9)
+
+
+def test_prune_meets_a_latency_budget_in_the_model(deterministic_timer: None, cnn) -> None:
+    model, batches = cnn
+    result = prune(model, batches, Budget(latency=0.5), progress=False, error_curve=False, sequential=False)
+    modelled = result.report.total("latency ms (modelled)")
+    assert modelled.met and modelled.requested == pytest.approx(0.5 * modelled.dense)
+    graph = build(model, batches[0])
+    kept = {g: len(u) for g, u in result.plan.keep.items()}
+    assert modelled.achieved == pytest.approx(1e3 * (OVERHEAD + graph.cost(kept).flops * 1e-12), rel=1e-9)
+    measured = result.report.total("latency ms (measured)")  # the stand-in timer on the sliced model
+    assert measured.achieved == pytest.approx(1e3 * (OVERHEAD + graph.cost(kept).flops * 1e-12), rel=1e-9)
+
+
+def test_an_unreachable_latency_names_the_least_achievable(deterministic_timer: None, cnn) -> None:
+    model, batches = cnn
+    with pytest.raises(InfeasibleBudgetError, match=r"budget 'latency_seconds' cannot be met: requested .*least achievable"):
+        prune(model, batches, Budget(latency_ms=1e-3), progress=False, error_curve=False, sequential=False)
+
+
+def test_latency_budget_fields_are_checked() -> None:
+    with pytest.raises(ValidationError, match=r"budget.latency: is a fraction of the dense latency"):
+        Budget(latency=2.0)
+    with pytest.raises(ValidationError, match=r"budget: give latency= \(a fraction\) or latency_ms=, not both"):
+        Budget(latency=0.5, latency_ms=3.0)
+    with pytest.raises(ValidationError, match=r"budget.latency_ms: must be positive"):
+        Budget(latency_ms=-1.0)
+    with pytest.raises(ValidationError, match=r"sparsity is for unstructured pruning"):
+        Budget(sparsity=0.5, latency=0.5)
+    assert Budget(latency_ms=4.0).latency_limit(1.0) == pytest.approx(0.004)
+    assert Budget(latency=0.25).latency_limit(0.008) == pytest.approx(0.002)
+
+
+def test_real_timer_gives_monotone_tables(cnn) -> None:
+    model, batches = cnn
+    graph = build(model, batches[0])
+    groups = graph.prunable_groups()
+    levels = {g.name: [1, g.size // 2, g.size] for g in groups}
+    cost, dense = latency_module.measure(model, groups, batches[0], levels, points=3, min_run_time=0.001)
+    assert dense > 0 and cost.constant >= 0
+    for term in cost.terms:
+        assert (term.table[1:] >= term.table[:-1]).all() and (term.table[:, 1:] >= term.table[:, :-1]).all()
