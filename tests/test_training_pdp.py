@@ -97,6 +97,8 @@ def test_errors_name_the_problem() -> None:
     with pytest.raises(ValidationError, match=r"density: an 2:4 pattern keeps exactly 0.5"):
         PDP(_mlp(), 0.3, structure="n:m")
     with pytest.raises(ValidationError, match=r"modules: module '0': 6 inputs per output are not a multiple of M=4"):
+        PDP(nn.Sequential(nn.Linear(6, 4)), structure="n:m", modules=["0"])
+    with pytest.raises(ValidationError, match=r"model: no Linear or Conv weights to prune \(skipped '0': 6 inputs"):
         PDP(nn.Sequential(nn.Linear(6, 4)), structure="n:m")
     with pytest.raises(ValidationError, match=r"modules: no module 'nope'"):
         PDP(_mlp(), 0.5, modules=["nope"])

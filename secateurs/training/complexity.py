@@ -8,11 +8,27 @@ the exact expected cost from the graph's polynomial (see ``expected_cost``):
 
     R = γ · [β · R(θ_layers) + (1 − β) · R(θ_units)],  R = α·E[FLOPs]/FLOPs₀ + (1−α)·E[params]/P₀
 
-where each part takes the gradient only with respect to its own gates. θ takes projected
-gradient steps, onto the box or, when a hard budget is stated instead of γ, onto the budget
-linearised at the current θ (the ``Projection`` problem; bisection, or CVXPY with the layer →
-unit hierarchy). A concave term κ·Σθ(1−θ) (our stand-in for the flattening hyperprior) pulls
-probabilities to 0 or 1; a gate that reaches 0 is fixed there for good.
+where each part takes the gradient only with respect to its own gates; normalising by the dense
+costs makes every gate's weight its share of the expected cost (the paper's per-layer weights).
+θ takes projected gradient steps, onto the box or, when a hard budget is stated instead of γ,
+onto the budget linearised at the current θ (the ``Projection`` problem; bisection, or CVXPY
+with the layer → unit hierarchy), re-linearised a few times per step.
+
+Ours, where the paper's body was not available:
+
+- The step direction is the momentum of ∂L/∂θ over one global running RMS (``steps``), so
+  ``lr`` is a step in probability units (∂loss/∂θ is ~1e-4 on the zoo CNNs) while the relative
+  sizes of the gradients, which are the units' importances, are kept.
+- In hard-budget mode the budget ramps linearly from the dense cost to the target over the
+  ``schedule`` (as PDP's density does), so the network adapts while gates separate.
+- E[loss] + γ·E[cost] is already multilinear in θ (expectations over independent Bernoullis), so
+  its minima over the box are 0/1 vertices: that is what the flattening hyperprior secures in the
+  paper. A concave term κ·Σθ(1−θ) (``flatten``, growing with the schedule's progress, applied
+  in the step's normalised units) adds a pull to the nearest vertex so that a short training run
+  ends with decided gates.
+- A gate that reaches 0 is fixed there for good: never sampled again, left out of projections.
+- ``finalize`` in hard-budget mode keeps the units of largest probability that fit the budget
+  *exactly* (an Allocation over per-group keep counts with the graph's exact polynomials).
 """
 
 from __future__ import annotations
@@ -25,15 +41,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from secateurs.cost import Cost, CostModel
-from secateurs.errors import InfeasibleBudgetError, ValidationError
+from secateurs.cost import CostModel
+from secateurs.errors import ValidationError
 from secateurs.graph.groups import Group
 from secateurs.plan import PrunePlan
 from secateurs.problems.projection import Projection
 from secateurs.solvers import solve
 from secateurs.training.expected_cost import expected_cost
 from secateurs.training.gating import UnitScales
-from secateurs.training.plans import plan_from_keep
+from secateurs.training.pdp import DensitySchedule
+from secateurs.training.plans import allocate_units, check_budget, plan_from_keep
+from secateurs.training.steps import ScaledStep
+
+_DEAD = 1e-6
 
 
 class ComplexityAware:
@@ -50,14 +70,17 @@ class ComplexityAware:
         The paper's γ (overall strength), α (FLOPs vs params) and β (layer vs unit terms).
     budget : mapping {"flops" or "params": fraction of the dense cost}, optional
         A hard budget: θ is projected onto it after every step instead of penalised (γ is then
-        only used if also given).
+        not used), and ``finalize`` meets it exactly.
     layers : mapping layer name → group names inside that removable block, optional
     lr : float
-        Step size of the projected gradient step on θ.
+        Step size of the projected (globally normalised) gradient step on θ, in probability units.
     flatten : float
-        Weight κ of the term pulling probabilities to 0/1.
+        Weight κ of the pull to 0/1 relative to the normalised task gradient (times the
+        schedule's progress).
     init : float
         Initial probability of every gate.
+    schedule : DensitySchedule, optional
+        Hard-budget mode: how the budget ramps from the dense cost to the target (default: at once).
     inplace : bool
         Gate ``model`` itself; by default a deep copy, exposed as ``.model``.
     """
@@ -73,32 +96,43 @@ class ComplexityAware:
         layer_balance: float = 0.5,
         budget: Mapping[str, float] | None = None,
         layers: Mapping[str, Iterable[str]] | None = None,
-        lr: float = 0.05,
-        flatten: float = 0.01,
+        lr: float = 0.02,
+        flatten: float = 0.0,
         init: float = 0.9,
+        schedule: DensitySchedule | None = None,
         inplace: bool = False,
     ) -> None:
         for name, value in (("flops_priority", flops_priority), ("layer_balance", layer_balance), ("init", init)):
             if not 0.0 <= value <= 1.0:
                 raise ValidationError(name, f"must be in [0, 1], got {value!r}")
-        if strength < 0 or lr <= 0 or flatten < 0:
-            raise ValidationError("strength" if strength < 0 else "lr" if lr <= 0 else "flatten", "must be positive")
-        self.model = model if inplace else copy.deepcopy(model)
+        for name, value in (("strength", strength), ("flatten", flatten)):
+            if not value >= 0:
+                raise ValidationError(name, f"must be non-negative, got {value!r}")
+        if not lr > 0:
+            raise ValidationError("lr", f"must be positive, got {lr!r}")
         self.groups = {g.name: g for g in groups}
+        if not self.groups:
+            raise ValidationError("groups", "no groups to gate")
         for g in self.groups.values():
             if not g.prunable:
                 raise ValidationError("groups", f"group {g.name!r} is frozen ({g.reason}); it cannot be gated")
+            if g.name not in cost_model.sizes:
+                raise ValidationError("groups", f"group {g.name!r} is not in the cost model")
         self.cost_model = cost_model
         self.strength, self.alpha, self.beta = float(strength), float(flops_priority), float(layer_balance)
         self.lr, self.flatten = float(lr), float(flatten)
+        self.schedule = schedule or DensitySchedule(warmup=0, ramp=0)
         self.relinearise = 3
-        self.budget = self._check_budget(budget)
+        self.budget = check_budget(budget)
         self.layer_of: dict[str, str] = {}
         for layer, members in (layers or {}).items():
             for g in members:
                 if g not in self.groups:
                     raise ValidationError("layers", f"layer {layer!r} names group {g!r}, which is not gated")
+                if g in self.layer_of:
+                    raise ValidationError("layers", f"group {g!r} is in two layers ({self.layer_of[g]!r}, {layer!r})")
                 self.layer_of[g] = layer
+        self.model = model if inplace else copy.deepcopy(model)
         self.theta = {g: torch.full((grp.size,), init, dtype=torch.float64, requires_grad=True)
                       for g, grp in self.groups.items()}
         self.layer_theta = {name: torch.tensor(init, dtype=torch.float64, requires_grad=True)
@@ -107,30 +141,31 @@ class ComplexityAware:
         self.fixed_counts = {g: size for g, size in cost_model.sizes.items() if g not in self.groups}
         dense = cost_model()
         self.dense = {"flops": float(dense.flops), "params": float(dense.params)}
+        self._optimizer = ScaledStep([*self.theta.values(), *self.layer_theta.values()], lr=self.lr)
         self.scales = UnitScales(self.model, self.groups.values())
         self._hook = self.model.register_forward_pre_hook(self._sample)
         self.steps = 0
+        self._closed = False
 
-    def _check_budget(self, budget: Mapping[str, float] | None) -> dict[str, float]:
-        out = dict(budget or {})
-        for key, value in out.items():
-            if key not in ("flops", "params"):
-                raise ValidationError("budget", f"unknown budget {key!r} (use 'flops' or 'params')")
-            if not 0.0 < value <= 1.0:
-                raise ValidationError("budget", f"{key} must be a fraction in (0, 1], got {value!r}")
-        return out
+    # -- forward ---------------------------------------------------------------------------
+
+    def probabilities(self, group: str) -> torch.Tensor:
+        """P(unit active) = θ_unit · θ_layer (differentiable)."""
+        p = self.theta[group]
+        if group in self.layer_of:
+            p = p * self.layer_theta[self.layer_of[group]]
+        return p
 
     def _sample(self, module: nn.Module, args: Any) -> None:
         """Draw gates for this forward (training) or use the rounded gates (eval)."""
         values = {}
-        for g, theta in self.theta.items():
-            p = theta
-            if g in self.layer_of:
-                p = p * self.layer_theta[self.layer_of[g]]
-            p32 = p.to(torch.float32)
+        for g in self.theta:
+            p32 = self.probabilities(g).to(torch.float32)
             sample = torch.bernoulli(p32.detach()) if module.training else (p32.detach() > 0.5).to(torch.float32)
             values[g] = sample + p32 - p32.detach()  # straight-through: value ξ, gradient wrt θ
         self.scales.set(values)
+
+    # -- regulariser -----------------------------------------------------------------------
 
     def expected(self, what: str, *, units: bool = True, layers: bool = True) -> torch.Tensor:
         """E[FLOPs] or E[params] at the current probabilities (gradients to the chosen gates)."""
@@ -145,38 +180,41 @@ class ComplexityAware:
         return self.alpha * flops + (1 - self.alpha) * params
 
     def penalty(self) -> torch.Tensor:
-        """The complexity regulariser plus the pull to 0/1; add it to the task loss."""
+        """The complexity regulariser (zero in hard-budget mode); add it to the task loss."""
         total = torch.zeros((), dtype=torch.float64)
         if self.strength and not self.budget:
             unit_term = self._relative(units=True, layers=False)
             layer_term = self._relative(units=False, layers=True) if self.layer_theta else torch.zeros(())
             weight = self.beta if self.layer_theta else 0.0
             total = total + self.strength * (weight * layer_term + (1 - weight) * unit_term)
-        for theta in [*self.theta.values(), *self.layer_theta.values()]:
-            total = total + self.flatten * (theta * (1 - theta)).sum()
         return total.to(torch.float32)
+
+    # -- step ------------------------------------------------------------------------------
+
+    def budget_now(self) -> dict[str, float]:
+        """The hard budget at the current step of the schedule (fractions of the dense cost)."""
+        progress = self.schedule.progress(self.steps)
+        return {what: 1.0 - progress * (1.0 - fraction) for what, fraction in self.budget.items()}
 
     def step(self) -> None:
         """Projected gradient step on θ (call after the optimiser step, before zero_grad)."""
+        if self._closed:
+            raise ValidationError("step", "this ComplexityAware was finalized or closed; wrap the model again")
+        self._optimizer.step(flatten=self.flatten * self.schedule.progress(self.steps))
         with torch.no_grad():
             for g, theta in self.theta.items():
-                if theta.grad is not None:
-                    theta -= self.lr * theta.grad
                 theta.clamp_(0.0, 1.0)
                 theta[self.dead[g]] = 0.0
             for theta in self.layer_theta.values():
-                if theta.grad is not None:
-                    theta -= self.lr * theta.grad
                 theta.clamp_(0.0, 1.0)
         if self.budget:
             for _ in range(self.relinearise):  # each pass re-linearises at the projected point
                 self._project_onto_budget()
         with torch.no_grad():
             for g, theta in self.theta.items():
-                self.dead[g] |= theta <= 1e-6  # a gate at 0 is removed for good
-                theta.grad = None
-            for theta in self.layer_theta.values():
-                theta.grad = None
+                self.dead[g] |= theta <= _DEAD  # a gate at 0 is removed for good
+                theta[self.dead[g]] = 0.0
+        self._optimizer.zero_grad()
         self.steps += 1
 
     def _flat(self) -> tuple[list[tuple[str, str]], torch.Tensor]:
@@ -189,7 +227,8 @@ class ComplexityAware:
         """Project θ onto each budget linearised at θ (exact for the linearisation)."""
         keys, flat = self._flat()
         rows, rhs = [], []
-        for what, fraction in self.budget.items():
+        target = self.budget_now()
+        for what, fraction in target.items():
             params = [self.theta[k] if kind == "unit" else self.layer_theta[k] for kind, k in keys]
             value = self.expected(what)
             grads = torch.autograd.grad(value, params, allow_unused=True)
@@ -197,12 +236,11 @@ class ComplexityAware:
                            for gr, p in zip(grads, params, strict=True)])
             rows.append(c.numpy())
             rhs.append(fraction * self.dense[what] - float(value.detach()) + float(c @ flat))
-        parent = None
         offsets, position = {}, 0
         for kind, k in keys:
-            size = self.theta[k].numel() if kind == "unit" else 1
             offsets[(kind, k)] = position
-            position += size
+            position += self.theta[k].numel() if kind == "unit" else 1
+        parent = None
         if self.layer_theta:
             parent = -np.ones(position, dtype=np.int64)
             for g, layer in self.layer_of.items():
@@ -212,8 +250,12 @@ class ComplexityAware:
         for g in self.theta:
             for i in torch.nonzero(self.dead[g]).reshape(-1).tolist():
                 fixed[offsets[("unit", g)] + i] = 0.0
-        problem = Projection(flat.numpy(), costs=np.array(rows), budgets=np.array(rhs), parent=parent, fixed=fixed)
-        simple = parent is None and len(rows) == 1 and bool(np.all(problem.costs >= 0))
+        costs = np.maximum(np.array(rows), 0.0)  # E[cost] has non-negative coefficients; drop round-off
+        rhs_array = np.array(rhs)
+        if np.all(costs @ flat.numpy() <= rhs_array + 1e-9 * np.maximum(1.0, np.abs(rhs_array))):
+            return  # already within the (linearised) budget: the projection is the identity
+        problem = Projection(flat.numpy(), costs=costs, budgets=rhs_array, parent=parent, fixed=fixed)
+        simple = parent is None and len(rows) == 1
         result = solve(problem, "bisection" if simple else "cvxpy")
         if not result.ok:
             raise ValidationError("budget", f"the gate projection failed: {result.status.value} {result.info}")
@@ -226,57 +268,44 @@ class ComplexityAware:
                 else:
                     self.layer_theta[k].copy_(new[start])
 
+    # -- results ---------------------------------------------------------------------------
+
+    def undecided(self, tol: float = 0.01) -> float:
+        """Fraction of unit gates not yet within ``tol`` of 0 or 1 (0 once training has converged)."""
+        p = torch.cat([self.probabilities(g).detach() for g in self.theta])
+        return float(((p > tol) & (p < 1 - tol)).double().mean())
+
     def keep(self) -> dict[str, list[int]]:
         """Units whose gate (times its layer's) is above ½; at least one per group."""
         out = {}
-        for g, theta in self.theta.items():
-            p = theta.detach() * (self.layer_theta[self.layer_of[g]].detach() if g in self.layer_of else 1.0)
-            kept = torch.nonzero(p > 0.5).reshape(-1).tolist() or [int(torch.argmax(p))]
-            out[g] = kept
+        for g in self.theta:
+            p = self.probabilities(g).detach()
+            out[g] = torch.nonzero(p > 0.5).reshape(-1).tolist() or [int(torch.argmax(p))]
         return out
 
     def finalize(self) -> PrunePlan:
-        """The plan of kept units, within the hard budget when one was given; gates removed.
+        """The plan of kept units, within the hard budget exactly when one was given; gates removed.
 
-        ``secateurs.apply(self.model, plan)`` then gives the physically smaller model.
+        Penalty mode keeps the units whose probability is above ½. Hard-budget mode keeps, among
+        all choices that meet the budget under the graph's exact polynomials, the one retaining
+        the most probability mass (``allocate_units``). ``secateurs.apply(self.model, plan)``
+        then gives the physically smaller model.
         """
         if self.steps == 0:
             raise ValidationError("finalize", "ComplexityAware was never stepped: call step() after each optimiser step")
-        keep = self.keep()
+        if self._closed:
+            raise ValidationError("finalize", "ComplexityAware was already finalized or closed")
         if self.budget:
-            keep = self._meet_budget(keep)
+            scores = {g: self.probabilities(g).detach() for g in self.theta}
+            keep = allocate_units(scores, cost_model=self.cost_model, budget=self.budget)
+        else:
+            keep = self.keep()
         self.close()
         return plan_from_keep(self.groups, keep, {"method": "complexity_aware", "budget": self.budget, "steps": self.steps})
 
-    def _meet_budget(self, keep: dict[str, list[int]]) -> dict[str, list[int]]:
-        """Drop units until every budget holds: least probable per unit of relative cost saved."""
-        counts = {g: len(units) for g, units in keep.items()}
-
-        def excess(cost: Cost) -> bool:
-            return any(getattr(cost, w) > f * self.dense[w] for w, f in self.budget.items())
-
-        current = self.cost_model(counts)
-        while excess(current):
-            best: tuple[float, str, int, Cost] | None = None
-            for g, units in keep.items():
-                if len(units) <= 1:
-                    continue
-                trial = self.cost_model({**counts, g: counts[g] - 1})
-                saved = sum((getattr(current, w) - getattr(trial, w)) / self.dense[w] for w in self.budget)
-                weakest = min(units, key=lambda u, g=g: float(self.theta[g][u]))
-                score = float(self.theta[g][weakest]) / max(saved, 1e-12)
-                if best is None or score < best[0]:
-                    best = (score, g, weakest, trial)
-            if best is None:
-                what, fraction = next(iter(self.budget.items()))
-                least = getattr(self.cost_model(dict.fromkeys(keep, 1)), what)
-                raise InfeasibleBudgetError(what, fraction * self.dense[what], least, "one unit kept per gated group")
-            _, g, unit, current = best
-            keep[g] = [u for u in keep[g] if u != unit]
-            counts[g] -= 1
-        return keep
-
     def close(self) -> None:
-        """Remove the gates' hook and parametrisations from the model."""
-        self._hook.remove()
-        self.scales.remove()
+        """Remove the gates' hook and parametrisations from the model (the weights stay trained)."""
+        if not self._closed:
+            self._hook.remove()
+            self.scales.remove()
+            self._closed = True

@@ -105,3 +105,17 @@ class UnitScales:
             if parametrize.is_parametrized(module, param):
                 parametrize.remove_parametrizations(module, param, leave_parametrized=False)
         self._installed = []
+
+
+def fold_scales(model: nn.Module, groups: Mapping[str, Group], keep: Mapping[str, Iterable[int]],
+                values: Mapping[str, torch.Tensor]) -> None:
+    """Multiply the consumer columns of each kept unit by its scale, in place (no parametrisation
+    may be installed): the model then computes, on the kept units, what the scaled one did."""
+    with torch.no_grad():
+        for g, units in keep.items():
+            for member in groups[g].consumers():
+                weight = getattr(model.get_submodule(member.module), member.param)
+                for u in units:
+                    index = torch.tensor(member.indices([u]), dtype=torch.long, device=weight.device)
+                    scaled = weight.index_select(member.dim, index) * values[g][u].to(weight.dtype)
+                    weight.index_copy_(member.dim, index, scaled)

@@ -8,7 +8,10 @@ the right temperature scales with the weights. Scores are w² per weight (unstru
 of M along the input dimension (N:M), or a channel's squared L2 norm (channels).
 
 The schedule is ours where the paper is terse: a dense warm-up, then one global magnitude sort
-fixes each layer's final density, then every layer's density ramps linearly to it.
+fixes each layer's final density, then every layer's density ramps linearly to it while τ decays
+geometrically to ``tau_final``; once the ramp is over the mask is the hard top-K, so the last
+steps train exactly the network ``finalize`` returns (a few epochs are too short for the weights
+to polarise on their own, and a BatchNorm after a pruned channel makes its norm a free scale).
 """
 
 from __future__ import annotations
@@ -43,6 +46,14 @@ class DensitySchedule:
         if self.ramp <= 0:
             return 1.0
         return min(1.0, (step - self.warmup + 1) / self.ramp)
+
+
+def annealed(start: float, end: float | None, progress: float) -> float:
+    """Geometric interpolation from ``start`` (progress 0) to ``end`` (progress 1); ``end=None``
+    keeps ``start``."""
+    if end is None or end == start:
+        return start
+    return start * (end / start) ** min(max(progress, 0.0), 1.0)
 
 
 def keep_threshold(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -84,11 +95,14 @@ class PDP:
     structure : {"unstructured", "n:m"}
     n, m : int
         The N:M pattern (N kept of every M consecutive inputs).
-    tau : float
-        Temperature relative to t² (the sigmoid's width in units of the threshold's square).
+    tau, tau_final : float
+        Temperature relative to t² (the sigmoid's width in units of the threshold's square) at
+        the start and at the end of the ramp (geometric in between; ``tau_final=None`` keeps
+        ``tau`` throughout, as in the paper). After the ramp the mask is hard (exact top-K).
     schedule : DensitySchedule
     modules : iterable of str, optional
-        Dotted paths of the modules whose ``weight`` is pruned.
+        Dotted paths of the modules whose ``weight`` is pruned. By default every Linear and Conv;
+        for N:M those whose inputs per output are not a multiple of M stay dense (``skipped``).
     inplace : bool
         Wrap ``model`` itself; by default a deep copy is wrapped and exposed as ``.model``.
 
@@ -105,6 +119,7 @@ class PDP:
         n: int = 2,
         m: int = 4,
         tau: float = 0.05,
+        tau_final: float | None = 0.002,
         schedule: DensitySchedule | None = None,
         modules: Iterable[str] | None = None,
         inplace: bool = False,
@@ -119,13 +134,15 @@ class PDP:
                 raise ValidationError("density", f"an {n}:{m} pattern keeps exactly {n / m}, not {density}")
         if density is None or not (0.0 < density <= 1.0):
             raise ValidationError("density", f"must be in (0, 1], got {density!r}")
-        if not tau > 0:
-            raise ValidationError("tau", f"must be positive, got {tau!r}")
+        for label, value in (("tau", tau), ("tau_final", tau if tau_final is None else tau_final)):
+            if not value > 0:
+                raise ValidationError(label, f"must be positive, got {value!r}")
         self.model = model if inplace else copy.deepcopy(model)
         self.density = float(density)
         self.structure: Structure = structure
         self.n, self.m = n, m
         self.tau = float(tau)
+        self.tau_final = None if tau_final is None else float(tau_final)
         self.schedule = schedule or DensitySchedule()
         self.steps = 0
         self.hard = False
@@ -134,6 +151,7 @@ class PDP:
             if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
         ]
         self.layers: dict[str, nn.Module] = {}
+        self.skipped: dict[str, str] = {}
         for name in names:
             try:
                 module = self.model.get_submodule(name)
@@ -143,11 +161,15 @@ class PDP:
             if not isinstance(weight, torch.Tensor):
                 raise ValidationError("modules", f"module {name!r} has no weight tensor")
             if structure == "n:m" and (weight.dim() < 2 or weight[0].numel() % m):
-                inputs = weight[0].numel()
-                raise ValidationError("modules", f"module {name!r}: {inputs} inputs per output are not a multiple of M={m}")
+                why = f"{weight[0].numel()} inputs per output are not a multiple of M={m}"
+                if modules is None:  # as one-shot N:M does: such a layer stays dense, and says so
+                    self.skipped[name] = why
+                    continue
+                raise ValidationError("modules", f"module {name!r}: {why}")
             self.layers[name] = module
         if not self.layers:
-            raise ValidationError("model", "no Linear or Conv weights to prune")
+            detail = "; ".join(f"{k!r}: {v}" for k, v in self.skipped.items())
+            raise ValidationError("model", "no Linear or Conv weights to prune" + (f" (skipped {detail})" if detail else ""))
         self.final_density: dict[str, float] = {name: self.density for name in self.layers}
         self.keep_counts: dict[str, int] = {}
         self.masks: dict[str, torch.Tensor] = {}
@@ -197,24 +219,33 @@ class PDP:
     def _scores(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.detach() ** 2
 
+    def current_tau(self) -> float:
+        """τ at this step: geometric from ``tau`` to ``tau_final`` along the ramp."""
+        return annealed(self.tau, self.tau_final, self.schedule.progress(self.steps))
+
     def mask(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The soft (or, after finalize, hard) mask of layer ``name`` for the given weights."""
-        scores = self._scores(weight)
-        if self.hard:
-            return self._hard_mask(name, scores)
+        """The mask of layer ``name`` for the given weights: soft during the ramp, hard after it.
+
+        The scores w² are not detached (PDP's gradient reaches w through m(w) too); the threshold
+        is (it is an order statistic, not a parameter).
+        """
+        scores = weight**2
+        progress = self.schedule.progress(self.steps)
+        if self.hard or (progress >= 1.0 and self._allocated):
+            return self._hard_mask(name, scores.detach())
         if self.structure == "n:m":
             # Active once warm-up ends (the sigmoid keeps it soft): per block of M consecutive
             # inputs, the threshold lies between the N-th and (N+1)-th largest score.
-            if self.schedule.progress(self.steps) == 0.0:
+            if progress == 0.0:
                 return torch.ones_like(weight)
-            blocks = scores.reshape(scores.shape[0], -1, self.m)
+            blocks = scores.detach().reshape(scores.shape[0], -1, self.m)
             top = torch.topk(blocks, self.n + 1, dim=-1, sorted=True).values
             t2 = 0.5 * (top[..., self.n - 1] + top[..., self.n])
             t2 = t2.unsqueeze(-1).expand_as(blocks).reshape_as(scores)
         else:
             keep = round(self.current_density(name) * scores.numel())
-            t2 = keep_threshold(scores, max(keep, 1))
-        temperature = self.tau * torch.clamp(t2, min=torch.finfo(scores.dtype).tiny)
+            t2 = keep_threshold(scores.detach(), max(keep, 1))
+        temperature = self.current_tau() * torch.clamp(t2, min=torch.finfo(scores.dtype).tiny)
         return torch.sigmoid((scores - t2) / temperature)
 
     def _hard_mask(self, name: str, scores: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,21 @@
 
 Groups are partitioned into named components (encoder, latent, decoder, heads...): a group
 belongs to the component whose module prefix its producers carry, and a group whose producers and
-consumers lie in different components (a latent size) is its own component unless the user names
-it. Each unit gets a coefficient s ∈ [0, 1] that scales its channel (consumer columns, see
-``gating``). The coefficients are trained on the user's application loss by projected gradient:
-after each step, every component's coefficients are projected onto {0 ≤ s ≤ 1, Σ s = ρ_c·N_c}
-(the ``Projection`` problem with a density, solved exactly by bisection), so the soft model always
-spends exactly the component's budget. ``finalize`` keeps the units with the largest coefficients
-within each component's budget.
+consumers lie in different components (a latent size) is its own component ``"<a>→<b>"`` unless
+the user names it. Each unit gets a coefficient s ∈ [0, 1] that scales its channel (consumer
+columns, see ``gating``). The coefficients are trained on the user's application loss by
+projected gradient (globally normalised steps, ours, see ``steps``): after each step
+they are projected (the ``Projection`` problem) onto
+
+- every component's unit budget {Σ_{c} s = ρ_c·N_c} (one exact bisection per component), and/or
+- a model-wide params/FLOPs budget, linearised at the soft keep counts k_g = Σ_i s_gi with the
+  graph's exact polynomials (bisection; CVXPY when both kinds of budget are given).
+
+``finalize`` turns coefficients into a plan with the allocation solvers: per group, keeping k
+units loses the coefficients of the others, and the exact ``Allocation`` (``allocate_units``)
+keeps the most coefficient mass within every component's unit budget and the model budget.
+Each kept unit's coefficient is folded into its consumer columns of ``self.model``, so
+``apply(self.model, plan)`` computes what the soft model did, less the dropped units.
 """
 
 from __future__ import annotations
@@ -16,16 +24,22 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping
 
+import numpy as np
 import torch
 from torch import nn
 
+from secateurs.cost import CostModel
 from secateurs.errors import ValidationError
 from secateurs.graph.groups import Group
 from secateurs.plan import PrunePlan
 from secateurs.problems.projection import Projection
 from secateurs.solvers import solve
-from secateurs.training.gating import UnitScales
-from secateurs.training.plans import plan_from_keep
+from secateurs.training.gating import UnitScales, fold_scales
+from secateurs.training.pdp import DensitySchedule
+from secateurs.training.plans import UnitBudget, allocate_units, check_budget, gated_polynomial, plan_from_keep
+from secateurs.training.steps import ScaledStep
+
+WHOLE_MODEL = "model"
 
 
 def assign_components(groups: Iterable[Group], prefixes: Mapping[str, Iterable[str]]) -> dict[str, str]:
@@ -56,45 +70,86 @@ def assign_components(groups: Iterable[Group], prefixes: Mapping[str, Iterable[s
 
 
 class SoftCoefficients:
-    """Per-unit coefficients in [0, 1], optimised under per-component keep fractions.
+    """Per-unit coefficients in [0, 1], optimised under per-component and model-wide budgets.
 
     Parameters
     ----------
     model : nn.Module
     groups : iterable of Group
         Prunable groups (``graph.prunable_groups()``).
-    components : mapping component name → module prefixes
-    keep : mapping component name → fraction of its units kept (ρ_c), or one float for all
+    components : mapping component name → module prefixes, optional
+        Default: one component ``"model"`` holding every group.
+    keep : mapping component name → fraction of its units kept (ρ_c), or one float for all, optional
+    cost_model : CostModel, optional
+        ``graph.cost_model``; needed with ``budget``.
+    budget : {"flops" | "params": fraction of the dense model's cost}, optional
+        A model-wide budget, met exactly by ``finalize`` (give ``keep``, ``budget`` or both).
     lr : float
-        Step size of the projected gradient step on the coefficients.
+        Step size of the projected (globally normalised, see ``steps``) gradient step, in
+        coefficient units.
+    flatten : float
+        Weight κ of a pull to 0/1 (the gradient of κ·Σ s(1−s), times the schedule's progress,
+        applied in the step's normalised units) so the pruned model is the soft one (ours).
+    schedule : DensitySchedule, optional
+        How the budgets ramp from the dense model to their targets (default: at once).
     inplace : bool
         Scale ``model`` itself; by default a deep copy, exposed as ``.model``.
     """
 
-    def __init__(self, model: nn.Module, groups: Iterable[Group], components: Mapping[str, Iterable[str]],
-                 keep: float | Mapping[str, float], *, lr: float = 0.05, inplace: bool = False) -> None:
+    def __init__(self, model: nn.Module, groups: Iterable[Group], components: Mapping[str, Iterable[str]] | None = None,
+                 keep: float | Mapping[str, float] | None = None, *, cost_model: CostModel | None = None,
+                 budget: Mapping[str, float] | None = None, lr: float = 0.02, flatten: float = 0.0,
+                 schedule: DensitySchedule | None = None, inplace: bool = False) -> None:
         self.groups = {g.name: g for g in groups}
+        if not self.groups:
+            raise ValidationError("groups", "no groups to scale")
         for g in self.groups.values():
             if not g.prunable:
                 raise ValidationError("groups", f"group {g.name!r} is frozen ({g.reason})")
-        self.component_of = assign_components(self.groups.values(), components)
+        self.component_of = assign_components(self.groups.values(), components or {WHOLE_MODEL: [""]})
         names = sorted(set(self.component_of.values()))
-        fractions = {c: float(keep) for c in names} if isinstance(keep, (int, float)) else dict(keep)
-        for c in names:
-            if c not in fractions:
-                raise ValidationError("keep", f"no keep fraction for component {c!r} (components: {names})")
-            if not 0.0 < fractions[c] <= 1.0:
-                raise ValidationError("keep", f"component {c!r}: fraction must be in (0, 1], got {fractions[c]}")
+        self.budget = check_budget(budget)
+        if keep is None and not self.budget:
+            raise ValidationError("keep", "give per-component keep fractions (keep=), a model budget (budget=), or both")
+        if self.budget and cost_model is None:
+            raise ValidationError("cost_model", "a flops/params budget needs the graph's cost model")
+        if keep is None:
+            fractions: dict[str, float] = {}
+        elif isinstance(keep, (int, float)):
+            fractions = {c: float(keep) for c in names}
+        else:
+            fractions = {str(c): float(v) for c, v in dict(keep).items()}
+            for c in names:
+                if c not in fractions:
+                    raise ValidationError("keep", f"no keep fraction for component {c!r} (components: {names})")
+            for c in fractions:
+                if c not in names:
+                    raise ValidationError("keep", f"unknown component {c!r} (components: {names})")
+        for c, value in fractions.items():
+            if not 0.0 < value <= 1.0:
+                raise ValidationError("keep", f"component {c!r}: fraction must be in (0, 1], got {value}")
         self.fractions = fractions
-        if lr <= 0:
+        if not lr > 0:
             raise ValidationError("lr", f"must be positive, got {lr}")
         self.lr = float(lr)
+        if not flatten >= 0:
+            raise ValidationError("flatten", f"must be non-negative, got {flatten!r}")
+        self.flatten = float(flatten)
+        self.schedule = schedule or DensitySchedule(warmup=0, ramp=0)
+        self.cost_model = cost_model
+        self.relinearise = 3
         self.model = model if inplace else copy.deepcopy(model)
         self.coefficients = {g: torch.ones(grp.size, requires_grad=True) for g, grp in self.groups.items()}
+        self._optimizer = ScaledStep(list(self.coefficients.values()), lr=self.lr)
         self.scales = UnitScales(self.model, self.groups.values())
         self.scales.set(self.coefficients)
         self.steps = 0
+        self._closed = False
         self._project()
+
+    def components(self) -> list[str]:
+        """Component names, sorted."""
+        return sorted(set(self.component_of.values()))
 
     def members(self, component: str) -> list[str]:
         return [g for g, c in self.component_of.items() if c == component]
@@ -105,62 +160,120 @@ class SoftCoefficients:
         total = sum(self.groups[g].size for g in groups)
         return max(round(self.fractions[component] * total), len(groups))
 
+    def _progress(self) -> float:
+        return self.schedule.progress(self.steps)
+
+    def units_now(self, component: str) -> float:
+        """The component's unit budget at this step of the schedule (its size, ramping to ``units_kept``)."""
+        total = sum(self.groups[g].size for g in self.members(component))
+        return total - self._progress() * (total - self.units_kept(component))
+
     def parameters(self) -> list[torch.Tensor]:
         """The coefficients (for users who prefer their own optimiser over ``step``)."""
         return list(self.coefficients.values())
 
+    # -- projection ------------------------------------------------------------------------
+
+    def _unit_rows(self, order: list[str]) -> tuple[list[np.ndarray], list[float]]:
+        rows, limits = [], []
+        for component in self.fractions:
+            chosen = set(self.members(component))
+            rows.append(np.concatenate([np.full(self.groups[g].size, 1.0 if g in chosen else 0.0) for g in order]))
+            limits.append(float(self.units_now(component)))
+        return rows, limits
+
+    def _cost_rows(self, order: list[str]) -> tuple[list[np.ndarray], list[float]]:
+        """Model budgets linearised at the soft counts k_g = Σ_i s_gi (exact polynomials)."""
+        assert self.cost_model is not None
+        rows, limits = [], []
+        dense = self.cost_model()
+        counts = {g: self.coefficients[g].detach().double().sum().requires_grad_(True) for g in order}
+        flat = np.concatenate([self.coefficients[g].detach().double().numpy() for g in order])
+        for what, target in self.budget.items():
+            fraction = 1.0 - self._progress() * (1.0 - target)
+            polynomial = gated_polynomial(self.cost_model, what, order)
+            value = torch.tensor(polynomial.constant, dtype=torch.float64)
+            for g, a in polynomial.linear.items():
+                value = value + a * counts[g]
+            for (g, h), b in polynomial.bilinear.items():
+                value = value + b * counts[g] * counts[h]
+            grads = torch.autograd.grad(value, [counts[g] for g in order], allow_unused=True)
+            c = np.concatenate([np.full(self.groups[g].size, 0.0 if gr is None else max(float(gr), 0.0))
+                                for g, gr in zip(order, grads, strict=True)])
+            rows.append(c)
+            limits.append(fraction * float(getattr(dense, what)) - float(value.detach()) + float(c @ flat))
+        return rows, limits
+
+    def _set(self, order: list[str], values: np.ndarray) -> None:
+        projected = torch.as_tensor(values, dtype=torch.float32)
+        start = 0
+        for g in order:
+            size = self.groups[g].size
+            self.coefficients[g].copy_(projected[start:start + size])
+            start += size
+
     def _project(self) -> None:
         with torch.no_grad():
-            for component in self.fractions:
-                groups = self.members(component)
-                if not groups:
-                    continue
-                flat = torch.cat([self.coefficients[g].detach().double() for g in groups]).numpy()
-                problem = Projection(flat, total=float(self.units_kept(component)))
-                projected = torch.as_tensor(solve(problem, "bisection").solution, dtype=torch.float32)
-                start = 0
-                for g in groups:
-                    size = self.groups[g].size
-                    self.coefficients[g].copy_(projected[start:start + size])
-                    start += size
+            if not self.budget:  # components are disjoint: one exact bisection each
+                for component in self.fractions:
+                    order = self.members(component)
+                    flat = torch.cat([self.coefficients[g].detach().double() for g in order]).numpy()
+                    problem = Projection(flat, total=float(self.units_now(component)))
+                    self._set(order, solve(problem, "bisection").solution)
+                return
+            order = list(self.groups)
+            for _ in range(self.relinearise):
+                flat = torch.cat([self.coefficients[g].detach().double() for g in order]).numpy()
+                with torch.enable_grad():
+                    rows, limits = self._cost_rows(order)
+                unit_rows, unit_limits = self._unit_rows(order)
+                costs, budgets = np.array(rows + unit_rows), np.array(limits + unit_limits)
+                if np.all(costs @ flat <= budgets + 1e-9 * np.maximum(1.0, np.abs(budgets))):
+                    return
+                problem = Projection(flat, costs=costs, budgets=budgets)
+                result = solve(problem, "bisection" if costs.shape[0] == 1 else "cvxpy")
+                if not result.ok:
+                    raise ValidationError("budget", f"the coefficient projection failed: {result.status.value}")
+                self._set(order, result.solution)
+
+    # -- protocol --------------------------------------------------------------------------
 
     def penalty(self) -> torch.Tensor:
-        """No regulariser: the budget is held by projection (zero, for a uniform API)."""
+        """No regulariser: the budgets are held by projection (zero, for a uniform API)."""
         return torch.zeros(())
 
     def step(self) -> None:
-        """Gradient step on the coefficients, then projection onto every component's budget."""
+        """Gradient step on the coefficients, then projection onto every budget."""
+        if self._closed:
+            raise ValidationError("step", "this SoftCoefficients was finalized; wrap the model again")
+        self._optimizer.step(flatten=self.flatten * self._progress())
         with torch.no_grad():
             for s in self.coefficients.values():
-                if s.grad is not None:
-                    s -= self.lr * s.grad
-                    s.grad = None
+                s.clamp_(0.0, 1.0)
         self._project()
+        self._optimizer.zero_grad()
         self.steps += 1
 
     def keep(self) -> dict[str, list[int]]:
-        """The largest coefficients within each component's unit budget (≥ 1 unit per group)."""
-        out: dict[str, list[int]] = {}
-        for component in self.fractions:
-            groups = self.members(component)
-            budget = self.units_kept(component)
-            chosen = {g: [int(torch.argmax(self.coefficients[g]))] for g in groups}
-            candidates = [(float(self.coefficients[g].detach()[u]), g, u) for g in groups
-                          for u in range(self.groups[g].size) if u != chosen[g][0]]
-            candidates.sort(key=lambda t: (-t[0], t[1], t[2]))
-            for _, g, u in candidates[: budget - len(groups)]:
-                chosen[g].append(u)
-            out.update({g: sorted(units) for g, units in chosen.items()})
-        return out
+        """The most coefficient mass within every budget, exactly (the allocation solvers)."""
+        unit_budgets = [UnitBudget(c, tuple(self.members(c)), self.units_kept(c)) for c in self.fractions]
+        scores = {g: s.detach() for g, s in self.coefficients.items()}
+        return allocate_units(scores, cost_model=self.cost_model, budget=self.budget, unit_budgets=unit_budgets)
 
     def finalize(self) -> PrunePlan:
-        """The plan of kept units; the coefficients' parametrisations are removed from the model."""
+        """The plan of kept units; coefficients folded into consumer columns, parametrisations removed."""
         if self.steps == 0:
             raise ValidationError("finalize", "SoftCoefficients was never stepped: call step() after each optimiser step")
+        if self._closed:
+            raise ValidationError("finalize", "SoftCoefficients was already finalized")
         keep = self.keep()
+        fold = {g: s.detach().clone() for g, s in self.coefficients.items()}
         self.scales.remove()
-        return plan_from_keep(self.groups, keep, {"method": "soft_coefficients", "keep": self.fractions})
+        self._closed = True
+        fold_scales(self.model, self.groups, keep, fold)
+        meta = {"method": "soft_coefficients", "keep": self.fractions, "budget": self.budget}
+        return plan_from_keep(self.groups, keep, meta)
 
     def spent(self) -> dict[str, float]:
-        """Σ s per component (equals its unit budget after every projection)."""
+        """Σ s per component with a unit budget (``units_now`` after every projection, without a model budget)."""
         return {c: float(sum(float(self.coefficients[g].detach().sum()) for g in self.members(c))) for c in self.fractions}
