@@ -8,6 +8,8 @@ in one step, so a failure never leaves a half-pruned model behind.
 After slicing, module attributes are re-derived from the new parameter shapes (in/out channels
 and features, ``groups`` of depthwise convs, ``num_features``, ``normalized_shape``,
 ``num_channels``, ``embedding_dim``, attention heads), so the result trains and prints truthfully.
+Any other grouped conv keeps its ``groups``: a plan must take the same within-group channels from
+every group.
 """
 
 from __future__ import annotations
@@ -251,13 +253,8 @@ def _check_modules(model: nn.Module, targets: Mapping[int, _Target]) -> None:
             if new % mod.num_groups and mod.num_groups != mod.num_channels:
                 raise InvalidPlanError(f"group(s) {_names(tgt.groups[0])}: GroupNorm {where!r} would keep {new} channels, "
                                        f"not a multiple of num_groups={mod.num_groups}")
-        elif isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1 and id(mod.weight) in targets:
-            tgt = targets[id(mod.weight)]
-            depthwise = mod.groups == mod.in_channels == mod.out_channels
-            if not depthwise or set(tgt.removed) - {0}:
-                raise InvalidPlanError(f"group(s) {_names(set().union(*tgt.groups.values()))}: grouped convolution "
-                                       f"{where!r} (groups={mod.groups}) can only be sliced when depthwise, along its "
-                                       "channels")
+        elif isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
+            _check_grouped_conv(where, mod, targets)
         elif isinstance(mod, nn.MultiheadAttention):
             touched = [getattr(mod, n, None) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight",
                                                        "bias_k", "bias_v")]
@@ -271,6 +268,50 @@ def _check_modules(model: nn.Module, targets: Mapping[int, _Target]) -> None:
                 if gone % (3 * mod.head_dim):
                     raise InvalidPlanError(f"group(s) {_names(tgt.groups[0])}: MultiheadAttention {where!r} can only "
                                            f"lose whole heads of head_dim={mod.head_dim} in q, k and v alike")
+
+
+def _brief(indices: set[int]) -> str:
+    shown = sorted(indices)
+    return "[" + ", ".join(map(str, shown[:8])) + (", ...]" if len(shown) > 8 else "]")
+
+
+def _check_grouped_conv(where: str, mod: nn.modules.conv._ConvNd, targets: Mapping[int, _Target]) -> None:
+    """A grouped conv stays grouped only if every group loses the same within-group channels.
+
+    Weight dim 0 spans all channels (out; in when transposed), ``g`` blocks of ``n/g``: each block
+    must lose the same offsets. Dim 1 is the within-group index itself and may lose any. The bias
+    (out channels) must lose what the weight loses. A depthwise conv loses whole groups instead.
+    """
+    g = mod.groups
+    w = targets.get(id(mod.weight))
+    b = targets.get(id(mod.bias)) if mod.bias is not None else None
+    if w is None and b is None:
+        return
+    names = _names({n for t in (w, b) if t is not None for ns in t.groups.values() for n in ns})
+    head = f"group(s) {names}: grouped convolution {where!r} (groups={g})"
+    lose = {d: (w.removed.get(d, set()) if w is not None else set()) for d in (0, 1)}
+    bias = None if mod.bias is None else b.removed.get(0, set()) if b is not None else set()
+    if g == mod.in_channels == mod.out_channels:  # depthwise: a channel is a group
+        if lose[1] or (bias is not None and bias != lose[0]):
+            raise InvalidPlanError(f"{head} can only be sliced along its channels, weight and bias alike")
+        return
+
+    def within(gone: set[int], size: int, what: str) -> set[int]:
+        per = size // g
+        offsets = {frozenset(i - k * per for i in gone if k * per <= i < (k + 1) * per) for k in range(g)}
+        if len(offsets) > 1:
+            raise InvalidPlanError(f"{head} must lose the same channels in each of its {g} groups of {per}; "
+                                   f"{what} loses {_brief(gone)}")
+        return set(next(iter(offsets)))
+
+    within(lose[0], mod.weight.shape[0], f"{where}.weight dim 0")
+    if bias is None:
+        return
+    if mod.transposed:  # bias: all out channels; weight dim 1: their within-group index
+        if within(bias, mod.out_channels, f"{where}.bias") != lose[1]:
+            raise InvalidPlanError(f"{head}: its bias and weight dim 1 lose different output channels")
+    elif bias != lose[0]:
+        raise InvalidPlanError(f"{head}: its bias and weight dim 0 lose different output channels")
 
 
 def _check_refit(model: nn.Module, plan: PrunePlan, targets: dict[int, _Target],
@@ -348,14 +389,13 @@ def _sync_attributes(model: nn.Module) -> None:
         if isinstance(mod, nn.MultiheadAttention):
             _sync_mha(mod)
         elif isinstance(mod, nn.modules.conv._ConvNd):
-            w = mod.weight
-            if mod.groups > 1:
-                if mod.groups == mod.in_channels == mod.out_channels:  # depthwise: in = out = groups
-                    mod.in_channels = mod.out_channels = mod.groups = w.shape[0]
+            w = mod.weight  # dim 0 spans all channels, dim 1 one group's: the group count stays
+            if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:  # depthwise: in = out = groups
+                mod.in_channels = mod.out_channels = mod.groups = w.shape[0]
             elif mod.transposed:
-                mod.in_channels, mod.out_channels = w.shape[0], w.shape[1]
+                mod.in_channels, mod.out_channels = w.shape[0], w.shape[1] * mod.groups
             else:
-                mod.out_channels, mod.in_channels = w.shape[0], w.shape[1]
+                mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
         elif isinstance(mod, nn.Linear) and not isinstance(mod, nn.LazyLinear):
             mod.out_features, mod.in_features = mod.weight.shape
         elif isinstance(mod, nn.modules.batchnorm._NormBase):
@@ -408,6 +448,8 @@ def _sync_heads(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group]) 
         g = groups[name]
         if g.unit_width <= 1 or len(kept) == g.size or not g.members:
             continue
+        if any(m.block > 1 and m.inner_stride != 1 for m in g.producers()):
+            continue  # strided units (within-group channels of grouped convs, GroupNorm) are not heads
         path = _common_parent([m.module for m in g.members])
         parent = model.get_submodule(path) if path else model
         while path and not any(isinstance(getattr(parent, a, None), int) for a in HEAD_ATTRIBUTES) \
@@ -490,7 +532,8 @@ def apply(model: nn.Module, plan: PrunePlan, *, graph: DependencyGraph | None = 
     InvalidPlanError
         Unknown group, unit out of range, unsorted or duplicate units, every unit removed, a frozen
         group pruned, a member's module or parameter missing, a GroupNorm left with a channel count
-        its ``num_groups`` does not divide, a refit tensor of the wrong shape, or a result that
+        its ``num_groups`` does not divide, a grouped conv whose groups would lose different channels
+        (or whose bias and weight would disagree), a refit tensor of the wrong shape, or a result that
         fails on the graph's example inputs. Raised before ``model`` is touched.
     """
     if mode not in ("slice", "mask"):

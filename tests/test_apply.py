@@ -418,12 +418,182 @@ def test_invalid_plans_raise_before_touching(bad: PrunePlan, pattern: str, mode:
     assert same_state(m, snap) and m.conv.out_channels == 4
 
 
-def test_grouped_convolution_refused() -> None:
+# -- grouped convolutions -----------------------------------------------------------------------
+
+
+class GroupedBlock(nn.Module):
+    """1x1 (8) -> grouped 3x3 (groups=2, 8 -> 6) -> BN -> 1x1: the ResNeXt pattern."""
+
+    def __init__(self, transposed: bool = False) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = (nn.ConvTranspose2d if transposed else nn.Conv2d)(8, 6, 3, padding=1, groups=2)
+        self.bn = nn.BatchNorm2d(6)
+        self.c = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(F.relu(self.bn(self.b(F.relu(self.a(x))))))
+
+
+def grouped_block(transposed: bool = False) -> tuple[GroupedBlock, Any]:
+    torch.manual_seed(0)
+    m = GroupedBlock(transposed).eval()
+    with torch.no_grad():
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+    return m, build(m, torch.randn(2, 3, 6, 6))
+
+
+#: a:out drops within-group input 1 (channels 1 and 5), b:out drops within-group output 1 (channels 1 and 4)
+GROUPED_KEEP = {"a:out": [0, 2, 3], "b:out": [0, 2]}
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_grouped_conv_slice_shapes_attributes_repr_backward(transposed: bool) -> None:
+    m, g = grouped_block(transposed)
+    snap = snapshot(m)
+    s = apply(m, PrunePlan.from_graph(g, GROUPED_KEEP), graph=g)
+    assert same_state(m, snap)
+    assert (s.b.in_channels, s.b.out_channels, s.b.groups) == (6, 4, 2)
+    assert s.a.out_channels == 6 and s.bn.num_features == 4 and s.c.in_channels == 4
+    ins, outs = [0, 2, 3, 4, 6, 7], [0, 2, 3, 5]
+    if transposed:  # weight (in, out/groups, k, k)
+        assert s.b.weight.shape == (6, 2, 3, 3)
+        torch.testing.assert_close(s.b.weight, m.b.weight[ins][:, [0, 2]])
+        assert "ConvTranspose2d(6, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), groups=2)" in repr(s)
+    else:  # weight (out, in/groups, k, k)
+        assert s.b.weight.shape == (4, 3, 3, 3)
+        torch.testing.assert_close(s.b.weight, m.b.weight[outs][:, [0, 2, 3]])
+        assert "Conv2d(6, 4, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), groups=2)" in repr(s)
+    torch.testing.assert_close(s.a.weight, m.a.weight[ins])
+    torch.testing.assert_close(s.b.bias, m.b.bias[outs])
+    torch.testing.assert_close(s.bn.running_var, m.bn.running_var[outs])
+    torch.testing.assert_close(s.c.weight, m.c.weight[:, outs])
+    fresh = (nn.ConvTranspose2d if transposed else nn.Conv2d)(6, 4, 3, padding=1, groups=2)
+    assert repr(fresh) in repr(s.b)  # the sliced module is what a fresh one of that size prints
+    s.train()
+    s(torch.randn(2, 3, 6, 6)).square().sum().backward()
+    assert all(p.grad is not None and p.grad.shape == p.shape for p in s.parameters())
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_grouped_conv_mask_zeroes_exactly_the_removed_slices_and_agrees_with_slice(transposed: bool) -> None:
+    m, g = grouped_block(transposed)
+    p = PrunePlan.from_graph(g, GROUPED_KEEP)
+    mk = apply(m, p, mode="mask")
+    gone_in, gone_out = [1, 5], [1, 4]  # within index 1 of each group, on either side
+    expect = {name: t.clone() for name, t in m.state_dict().items()}
+    for key in ("a.weight", "a.bias"):
+        expect[key][gone_in] = 0
+    for key in ("b.bias", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"):
+        expect[key][gone_out] = 0
+    expect["c.weight"][:, gone_out] = 0
+    if transposed:
+        expect["b.weight"][gone_in] = 0
+        expect["b.weight"][:, [1]] = 0
+    else:
+        expect["b.weight"][gone_out] = 0
+        expect["b.weight"][:, [1]] = 0
+    state = mk.state_dict()
+    assert all(torch.equal(state[k], expect[k]) for k in expect), [k for k in expect if not torch.equal(state[k],
+                                                                                                       expect[k])]
+    assert (mk.b.in_channels, mk.b.out_channels, mk.b.groups) == (8, 6, 2)
+    x = torch.randn(3, 3, 6, 6)
+    torch.testing.assert_close(apply(m, p)(x), mk(x), rtol=1e-5, atol=1e-6)
+
+
+def _strided(param: str, dim: int = 0, role: str = "passthrough") -> Member:
+    """Unit j = channel j of each of 2 groups of 2 (what the graph builds for a grouped conv)."""
+    return Member("0", param, dim, role, block=2, unit_stride=1, inner_stride=2)  # type: ignore[arg-type]
+
+
+def _groups(*gs: Group) -> dict[str, Group]:
+    return {g.name: g for g in gs}
+
+
+GROUPED_INVALID = [
+    # a plan that removes a whole group (channels 2, 3) of Conv2d(4, 4, groups=2)
+    (lambda: nn.Conv2d(4, 4, 1, groups=2),
+     _groups(Group("g", 2, [Member("0", "weight", 0, "producer", block=2), Member("0", "bias", 0, block=2)])),
+     {"g": [0]}, r"group\(s\) 'g': grouped convolution '0' \(groups=2\) must lose the same channels in each of "
+                 r"its 2 groups of 2; 0\.weight dim 0 loses \[2, 3\]"),
+    # weight rows within-group (1 and 3), bias contiguous (1): they disagree
+    (lambda: nn.Conv2d(4, 4, 1, groups=2), _groups(Group("g", 2, [_strided("weight", role="producer")]),
+                                                   Group("h", 4, [Member("0", "bias", 0)])),
+     {"g": [0], "h": [0, 2, 3]}, r"group\(s\) 'g', 'h': grouped convolution '0' \(groups=2\): its bias and weight "
+                                 r"dim 0 lose different output channels"),
+    # the weight loses rows, the bias nothing
+    (lambda: nn.Conv2d(4, 4, 1, groups=2), _groups(Group("g", 2, [_strided("weight", role="producer")])),
+     {"g": [0]}, r"its bias and weight dim 0 lose different output channels"),
+    # transposed: weight dim 0 is the full input and must be uniform too
+    (lambda: nn.ConvTranspose2d(4, 4, 1, groups=2), _groups(Group("g", 4, [Member("0", "weight", 0, "consumer")])),
+     {"g": [0, 2, 3]}, r"must lose the same channels in each of its 2 groups of 2; 0\.weight dim 0 loses \[1\]"),
+    # transposed: the bias (all outputs) must be uniform, and lose what weight dim 1 (within-group outputs) loses
+    (lambda: nn.ConvTranspose2d(4, 4, 1, groups=2),
+     _groups(Group("g", 2, [Member("0", "weight", 1, "producer"), Member("0", "bias", 0)])),
+     {"g": [0]}, r"must lose the same channels in each of its 2 groups of 2; 0\.bias loses \[1\]"),
+    (lambda: nn.ConvTranspose2d(4, 4, 1, groups=2),
+     _groups(Group("g", 2, [Member("0", "weight", 1, "producer")]), Group("h", 2, [_strided("bias")])),
+     {"g": [0], "h": [1]}, r"group\(s\) 'g', 'h': grouped convolution '0' \(groups=2\): its bias and weight dim 1 "
+                           r"lose different output channels"),
+    # depthwise: channels go, weight and bias alike
+    (lambda: nn.Conv2d(4, 4, 1, groups=4), _groups(Group("g", 4, [Member("0", "weight", 0, "producer")])),
+     {"g": [0, 1, 2]}, r"grouped convolution '0' \(groups=4\) can only be sliced along its channels, weight and "
+                       r"bias alike"),
+]
+
+
+@pytest.mark.parametrize(("make", "groups", "keep", "pattern"), GROUPED_INVALID)
+@pytest.mark.parametrize("mode", ["slice", "mask"])
+def test_grouped_conv_invalid_plans_raise_before_touching(make: Any, groups: dict[str, Group],
+                                                          keep: dict[str, list[int]], pattern: str, mode: str) -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(make())
+    snap = snapshot(m)
+    with pytest.raises(InvalidPlanError, match=pattern):
+        apply(m, PrunePlan(keep, groups=groups), mode=mode, inplace=True)  # type: ignore[arg-type]
+    assert same_state(m, snap) and (m[0].in_channels, m[0].out_channels) == (4, 4)
+
+
+def test_grouped_conv_valid_hand_plan_and_depthwise_multiplier() -> None:
+    """Hand-written within-group members slice correctly; a depthwise multiplier conv keeps groups = in."""
     m = nn.Sequential(nn.Conv2d(4, 4, 1, groups=2))
-    g = Group("g", 4, [Member("0", "weight", 0), Member("0", "bias", 0)])
-    with pytest.raises(InvalidPlanError, match=r"group\(s\) 'g': grouped convolution '0' \(groups=2\) can only be "
-                                               r"sliced when depthwise"):
-        apply(m, PrunePlan({"g": [0, 1]}, groups={"g": g}))
+    s = apply(m, PrunePlan({"g": [1]}, groups=_groups(Group("g", 2, [_strided("weight", role="producer"),
+                                                                      _strided("bias")]))))
+    assert (s[0].in_channels, s[0].out_channels, s[0].groups) == (4, 2, 2)
+    torch.testing.assert_close(s[0].weight, m[0].weight[[1, 3]])
+    t = nn.Sequential(nn.ConvTranspose2d(4, 4, 1, groups=2))  # weight (4, 2): dim 1 within, bias strided
+    s = apply(t, PrunePlan({"g": [0]}, groups=_groups(Group("g", 2, [Member("0", "weight", 1, "producer"),
+                                                                      _strided("bias")]))))
+    assert (s[0].in_channels, s[0].out_channels, s[0].groups) == (4, 2, 2)
+    torch.testing.assert_close(s[0].bias, t[0].bias[[0, 2]])
+    mult = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 8, 3, groups=4), nn.Conv2d(8, 2, 1))
+    g = build(mult, torch.randn(1, 3, 5, 5))
+    s = apply(mult, PrunePlan.from_graph(g, {"1:out": [1]}), graph=g)
+    assert (s[1].in_channels, s[1].out_channels, s[1].groups) == (4, 4, 4) and s[2].in_channels == 4
+    torch.testing.assert_close(s[1].weight, mult[1].weight[[1, 3, 5, 7]])
+
+
+class HeadsAttribute(nn.Module):
+    """A parent with an int ``num_heads`` equal to a within-group factor's size: not a head count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.num_heads = 4
+        self.a = nn.Conv2d(3, 8, 1)
+        self.b = nn.Conv2d(8, 4, 3, groups=2)
+        self.c = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.b(self.a(x)))
+
+
+def test_within_group_units_are_not_mistaken_for_heads() -> None:
+    m = HeadsAttribute().eval()
+    g = build(m, torch.randn(1, 3, 5, 5))
+    assert g.group("a:out").size == 4 and g.group("a:out").unit_width == 2
+    s = apply(m, PrunePlan.from_graph(g, {"a:out": [0, 1]}), graph=g)
+    assert s.num_heads == 4 and s.a.out_channels == 4 and s.b.in_channels == 4
 
 
 def test_invalid_with_graph_and_arguments() -> None:
