@@ -60,6 +60,7 @@ def test_widths_are_arguments(name: str) -> None:
     """Each factory takes width arguments with defaults; a narrower model has fewer parameters."""
     narrower = {
         "resnet_basic": dict(widths=(4, 6)), "resnet_bottleneck": dict(width=4, mid=2, out=8),
+        "resnext": dict(width=4, out=8),
         "vgg": dict(widths=(3, 4, 5), hidden=8), "mobilenet_v2": dict(width=4, expand=2, last=8),
         "densenet": dict(init=4, growth=2), "inception": dict(stem=4, b1=2, b2=(2, 2), b3=(1, 2), b4=1, gate=4),
         "unet": dict(base=2), "cnn1d": dict(widths=(3, 4)), "vit": dict(embed=8, heads=2, mlp=8),
@@ -83,6 +84,8 @@ def test_zoo_covers_every_op() -> None:
         assert k in kinds, k
     assert any(isinstance(m, nn.Conv2d) and m.groups == m.in_channels > 1 for model in models.values()
                for m in model.modules()), "a depthwise conv"
+    assert any(isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels for model in models.values()
+               for m in model.modules()), "a grouped (not depthwise) conv"
     gpt = models["gpt"]
     assert gpt.lm_head.weight is gpt.tok.weight, "weight tying"
     attn = gpt.blocks[0].attn
@@ -96,7 +99,8 @@ def test_zoo_covers_every_op() -> None:
         assert meth in methods, meth
     covers = {c for r in REFERENCE_MODELS.values() for c in r.covers}
     for c in ("squeeze-excitation", "layer-scale parameter", "weight tying", "hand-written attention",
-              "channels-last permute", "latent bottleneck", "several inputs", "several outputs", "skip cat"):
+              "channels-last permute", "latent bottleneck", "several inputs", "several outputs", "skip cat",
+              "grouped Conv2d"):
         assert c in covers, c
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "mobilenet_v2",
     "resnet_basic",
     "resnet_bottleneck",
+    "resnext",
     "two_heads",
     "unet",
     "vgg",
@@ -123,6 +124,53 @@ class ResNetBottleneck(nn.Module):
 def resnet_bottleneck(width: int = 8, mid: int = 4, out: int = 16, num_classes: int = 5) -> nn.Module:
     """ResNet with bottleneck blocks (projection then identity), max-pool stem."""
     return ResNetBottleneck(width, mid, out, num_classes)
+
+
+# -- ResNeXt ---------------------------------------------------------------------------------
+
+
+class ResNeXtBlock(nn.Module):
+    """ResNeXt bottleneck: 1x1 reduce, 3x3 grouped conv (``groups`` = cardinality), 1x1 expand, residual."""
+
+    def __init__(self, cin: int, width: int, cout: int, groups: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.downsample: nn.Module | None = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNeXt(nn.Module):
+    def __init__(self, stem: int = 8, width: int = 8, out: int = 12, groups: int = 2, num_classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU())
+        self.block1 = ResNeXtBlock(stem, width, out, groups, stride=2)
+        self.block2 = ResNeXtBlock(out, 2 * width, out, 2 * groups)
+        self.fc = nn.Linear(out, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.block2(self.block1(self.stem(x)))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def resnext(stem: int = 8, width: int = 8, out: int = 12, groups: int = 2, num_classes: int = 5) -> nn.Module:
+    """ResNeXt with grouped 3x3 convs (cardinality ``groups``, then twice that in the second block).
+
+    ``width`` is the first block's inner width (a multiple of ``groups``): a grouped conv prunes
+    within its groups, so a pruned model is a narrower ResNeXt with the same cardinality.
+    """
+    return ResNeXt(stem, width, out, groups, num_classes)
 
 
 # -- VGG ---------------------------------------------------------------------------------------
@@ -559,6 +607,8 @@ REFERENCE_MODELS: dict[str, ReferenceModel] = {
                         "flatten")),
         ReferenceModel("resnet_bottleneck", resnet_bottleneck, _image(),
                        ("bottleneck", "MaxPool2d", "residual add")),
+        ReferenceModel("resnext", resnext, _image(),
+                       ("grouped Conv2d", "cardinality", "bottleneck", "residual add")),
         ReferenceModel("vgg", vgg, _image(), ("flatten into Linear", "Dropout", "MaxPool2d", "conv bias")),
         ReferenceModel("mobilenet_v2", mobilenet_v2, _image(),
                        ("depthwise Conv2d", "inverted residual", "squeeze-excitation", "ReLU6", "mean pooling")),
