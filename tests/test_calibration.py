@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
-from secateurs.calibration import collect, layer_rows
+from secateurs.calibration import GramStatistics, collect, layer_rows
 from secateurs.errors import ValidationError
 
 
@@ -62,3 +62,23 @@ def test_bad_calibration_is_rejected_naming_the_batch() -> None:
     with pytest.raises(ValidationError, match=r"calibration: batch 0 has an empty tensor"):
         collect(model, [torch.zeros(0, 6)], ["0"])
     assert not model[0]._forward_pre_hooks
+
+
+def test_chunked_float32_products_match_float64_and_exact_mode_is_exact() -> None:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9000, 12, generator=g)  # three chunks of rows
+    y = x + 0.1 * torch.randn(9000, 12, generator=g)
+    fast, exact = GramStatistics(), GramStatistics(exact=True)
+    for s in (fast, exact):
+        s.update(x[:5000], y[:5000])
+        s.update(x[5000:], y[5000:])
+    x64, y64 = x.double(), y.double()
+    torch.testing.assert_close(exact.gram, x64.T @ x64, rtol=1e-12, atol=1e-9)
+    torch.testing.assert_close(exact.cross, x64.T @ y64, rtol=1e-12, atol=1e-9)
+    for got, want in ((fast.gram, x64.T @ x64), (fast.cross, x64.T @ y64)):
+        assert got.dtype == torch.float64
+        assert float((got - want).norm() / want.norm()) < 1e-6
+    assert fast.rows == exact.rows == 9000
+    torch.testing.assert_close(fast.sums, x64.sum(0))
+    with pytest.raises(ValidationError, match=r"target: shape \(3, 12\) differs from the input's \(2, 12\)"):
+        GramStatistics().update(x[:2], y[:3])
