@@ -77,15 +77,15 @@ def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The (rows × p) matrix a layer multiplies by ``weight.reshape(out, -1)ᵀ``."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
+    if isinstance(module, nn.Conv2d):  # grouped too: every input channel, as consumers.py indexes it
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=_padding(module, x), stride=module.stride)
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    if isinstance(module, nn.Conv1d) and module.groups == 1:
+    if isinstance(module, nn.Conv1d):
         x2 = x.unsqueeze(2)
         cols = F.unfold(x2, (1, module.kernel_size[0]), dilation=(1, module.dilation[0]),
                         padding=(0, _padding(module, x)[0]), stride=(1, module.stride[0]))
         return cols.transpose(1, 2).reshape(-1, cols.shape[1])
-    raise ValidationError("module", f"{type(module).__name__} inputs cannot be unfolded into rows (groups must be 1)")
+    raise ValidationError("module", f"{type(module).__name__} inputs cannot be unfolded into rows")
 
 
 def _padding(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> tuple[int, ...]:

@@ -208,7 +208,7 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
         ridge = 0.01 * float(torch.diagonal(h).mean()) or 1e-8
         eye = ridge * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
         weight = model.get_submodule(c.module).weight.detach()
-        dense = weight.reshape(weight.shape[0], -1)[:, cols.to(weight.device)].to(gram).T  # Ŵ, p x m
+        dense = c.weight_block(weight)[:, c.weight_flat().to(weight.device)].to(gram).T  # Ŵ, p x m
         # G = (XᵀX_target + λI)·Ŵ: the target is the dense layer's output on the dense model's inputs
         # when those were recorded (sequential pruning), else on the same inputs (G = HŴ).
         targets.append(((h if cross is None else cross[cols][:, cols]) + eye) @ dense)
@@ -290,9 +290,8 @@ def _write_refit(work_model: nn.Module, work: _GroupWork, support: list[int]) ->
     with torch.no_grad():
         for consumer, new in zip(work.consumers, refits, strict=True):
             weight = work_model.get_submodule(consumer.module).weight
-            flat = weight.view(weight.shape[0], -1)
-            cols = consumer.flat().to(weight.device)
-            flat[:, cols] = new.to(dtype=weight.dtype, device=weight.device)
+            block = consumer.weight_block(weight)  # a view: writing it writes the weight
+            block[:, consumer.weight_flat().to(weight.device)] = new.to(dtype=weight.dtype, device=weight.device)
 
 
 def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget, example_inputs: Any,
@@ -466,14 +465,14 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
         if k < work.group.size and work.problem is not None:
             fresh = dict(stats)
             refreshed = 0
-            for c in work.consumers:
-                inputs, dense_inputs = lock.inputs_of(c.module), reference.inputs_of(c.module)
+            for name in dict.fromkeys(c.module for c in work.consumers):
+                inputs, dense_inputs = lock.inputs_of(name), reference.inputs_of(name)
                 if inputs is not None and dense_inputs is not None:
-                    module = work_model.get_submodule(c.module)
-                    fresh[c.module] = GramStatistics()
+                    module = work_model.get_submodule(name)
+                    fresh[name] = GramStatistics()
                     for x, y in zip(inputs, dense_inputs, strict=True):
-                        fresh[c.module].update(layer_rows(module, x), layer_rows(module, y))
-                    refreshed += 1
+                        fresh[name].update(layer_rows(module, x), layer_rows(module, y))
+                    refreshed += sum(c.module == name for c in work.consumers)
             problem, consumers, note = _group_problem(model, work.group, fresh)
             if problem is not None and refreshed:
                 work.problem, work.consumers, work.fresh = problem, consumers, True

@@ -1,8 +1,8 @@
 """Grouped convs end to end: consumer columns, one-shot prune() and apply on the ResNeXt reference model.
 
-A grouped conv is not reconstructable (``supports_reconstruction``), so the within-group input
-factor it reads is skipped for refit with a note and falls back to a magnitude error curve, while
-the within-group output factor is refit in the 1x1 conv that reads it (strided columns).
+A grouped conv with g groups is g consumers sharing one support (one per block of output rows),
+so the within-group input factor it reads is refit block by block; the within-group output factor
+is refit in the 1x1 conv that reads it (strided columns).
 """
 
 from __future__ import annotations
@@ -27,12 +27,29 @@ def _calibration() -> list[torch.Tensor]:
     return [torch.randn(8, 3, 16, 16, generator=gen) for _ in range(3)]
 
 
-def test_grouped_consumers_skipped_and_strided_columns_carry_their_unit() -> None:
+def test_grouped_conv_is_one_consumer_per_block_and_each_block_reproduces_its_outputs() -> None:
     model = REFERENCE_MODELS["resnext"].build()
     x = _calibration()[0]
     graph = build(model, x)
+    conv2 = model.block1.conv2
     found, skipped = consumer_columns(model, graph.group("block1.conv1:out"))
-    assert not found and skipped == ["block1.conv2.weight (dim 1, Conv2d)"]
+    assert not skipped and [c.module for c in found] == ["block1.conv2"] * conv2.groups
+    captured: list[torch.Tensor] = []
+    hook = conv2.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        model(x)
+        out = conv2(captured[0])  # torch's grouped conv: the reference
+    hook.remove()
+    X = layer_rows(conv2, captured[0])
+    flat_out = out.permute(0, 2, 3, 1).reshape(-1, conv2.out_channels)
+    bias = conv2.bias if conv2.bias is not None else torch.zeros(conv2.out_channels)
+    for c in found:
+        start, stop = c.rows
+        W = c.weight_block(conv2.weight)[:, c.weight_flat()]
+        # every output of the block is the block's weights times its own input channels' columns
+        torch.testing.assert_close(X[:, c.flat()] @ W.T + bias[start:stop], flat_out[:, start:stop],
+                                   rtol=1e-5, atol=1e-5)
+        assert c.width == 9 and c.columns.shape[0] == graph.group("block1.conv1:out").size
     found, skipped = consumer_columns(model, graph.group("block1.conv2:out"))
     assert not skipped and [c.module for c in found] == ["block1.conv3"]
     (consumer,) = found
@@ -63,9 +80,9 @@ def test_oneshot_prunes_grouped_model_within_budget(sequential: bool) -> None:
         assert conv.groups == groups
         assert (conv.out_channels, conv.in_channels) == (conv.weight.shape[0], conv.weight.shape[1] * groups)
         assert conv.in_channels % groups == 0 and conv.out_channels % groups == 0
-    notes = {g.name: g.note for g in result.report.groups}
-    for name in ("block1.conv1:out", "block2.conv1:out"):
-        assert "not refit" in notes[name] and name.replace(":out", "").replace("conv1", "conv2") in notes[name]
+    reports = {g.name: g for g in result.report.groups}
+    for name in ("block1.conv1:out", "block2.conv1:out"):  # refit through their grouped consumers
+        assert "not refit" not in reports[name].note and reports[name].solver != "magnitude"
     x = torch.cat(calibration)
     with torch.no_grad():
         y = result.model.eval()(x)
