@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +14,16 @@ from secateurs.cost import CostModel, Polynomial
 from secateurs.errors import ValidationError
 from secateurs.graph.groups import Group, Member
 from secateurs.training.complexity import ComplexityAware
+from secateurs.training.pdp import DensitySchedule
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny tensors: more threads only add contention on a shared machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _setup() -> tuple[nn.Module, list[Group], CostModel]:
@@ -44,9 +57,17 @@ def test_hard_budget_is_met_and_the_input_model_is_untouched() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ca = ComplexityAware(model, groups, cost, budget={"flops": 0.3}, lr=0.1, flatten=0.0)
     _train(ca, 60)
+    theta = {g: t.detach().clone() for g, t in ca.theta.items()}
     plan = ca.finalize()
-    achieved = cost(plan.kept_counts())
+    achieved = cost({**cost.sizes, **plan.kept_counts()})
     assert achieved.flops <= 0.3 * cost().flops
+    # The kept units retain the most probability mass of any choice within the exact budget:
+    # brute force over every pair of keep counts, each group keeping its most probable units.
+    best = max(sum(float(torch.sort(theta[g], descending=True).values[:k].sum()) for g, k in zip(theta, ks, strict=True))
+               for ks in itertools.product(range(1, 17), repeat=2)
+               if cost(dict(zip(theta, ks, strict=True))).flops <= 0.3 * cost().flops)
+    kept = {g: plan.keep.get(g, list(range(16))) for g in theta}
+    assert sum(float(theta[g][units].sum()) for g, units in kept.items()) == pytest.approx(best, rel=1e-9)
     assert all(units == sorted(set(units)) and units for units in plan.keep.values())
     smaller = apply(ca.model, plan)  # the plan alone slices the model; count its parameters
     assert sum(p.numel() for p in smaller.parameters()) == achieved.params
@@ -60,6 +81,40 @@ def test_gates_converge_to_zero_or_one() -> None:
     _train(ca, 80)
     theta = torch.cat([t.detach() for t in ca.theta.values()])
     assert torch.all((theta < 1e-6) | (theta > 1 - 1e-6))
+    assert ca.undecided() == 0.0
+
+
+def test_hard_budget_gates_converge_and_the_budget_ramps() -> None:
+    model, groups, cost = _setup()
+    ca = ComplexityAware(model, groups, cost, budget={"flops": 0.4}, lr=0.1, flatten=0.5, init=1.0,
+                         schedule=DensitySchedule(warmup=0, ramp=20))
+    assert ca.budget_now()["flops"] == pytest.approx(1 - 0.6 / 20)  # step 0 is the first of the ramp
+    _train(ca, 120)
+    assert ca.budget_now()["flops"] == pytest.approx(0.4)
+    # Gates are decided: dead ones at 0, live ones pushed under 1 only by the budget's shift, at
+    # most one fractional gate per budget (the linear program's vertex has one).
+    theta = {g: t.detach().clone() for g, t in ca.theta.items()}
+    flat = torch.cat(list(theta.values()))
+    assert int(((flat > 0.1) & (flat < 0.9)).sum()) <= 1
+    assert float(ca.expected("flops").detach()) <= 0.4 * cost().flops * (1 + 1e-6)
+    plan = ca.finalize()
+    kept = {g: set(plan.keep.get(g, range(16))) for g in theta}
+    assert cost({g: len(u) for g, u in kept.items()}).flops <= 0.4 * cost().flops
+    for g, t in theta.items():  # the plan is the decided network
+        assert {i for i in range(16) if t[i] > 0.9} <= kept[g]
+        assert not {i for i in range(16) if t[i] < 0.1} & kept[g]
+
+
+def test_penalty_is_the_weighted_expected_cost() -> None:
+    model, groups, cost = _setup()
+    ca = ComplexityAware(model, groups, cost, strength=2.0, flops_priority=0.25, init=0.5)
+    # No layer gates: the penalty is γ·(α·E[FLOPs]/FLOPs₀ + (1−α)·E[params]/P₀), computed by hand
+    # from the polynomials with E[k] = 8 and E[k_h1·k_h2] = 64 (independent gates at ½).
+    flops = 12 * 8 + 6 * 8 + 2 * 64
+    params = 3 + 7 * 8 + 4 * 8 + 64
+    dense = cost()
+    assert float(ca.penalty().detach()) == pytest.approx(2.0 * (0.25 * flops / dense.flops + 0.75 * params / dense.params), rel=1e-6)
+    assert float(ComplexityAware(model, groups, cost, budget={"flops": 0.5}).penalty()) == 0.0
 
 
 def test_dead_gates_stay_dead_and_eval_uses_rounded_gates() -> None:

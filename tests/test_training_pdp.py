@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+from secateurs.apply import apply
 from secateurs.errors import ValidationError
 from secateurs.training.pdp import PDP, DensitySchedule
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -59,8 +70,8 @@ def test_hard_density_is_exactly_the_target(density: float, seed: int) -> None:
 
 
 def test_soft_mask_threshold_sits_between_kept_and_pruned() -> None:
-    pdp = PDP(_mlp(), 0.25, schedule=DensitySchedule(warmup=0, ramp=1))
-    _train(pdp, 1)
+    pdp = PDP(_mlp(), 0.25, schedule=DensitySchedule(warmup=0, ramp=4))
+    _train(pdp, 2)
     for name in pdp.layers:
         weight = pdp._raw(name).detach()
         soft = pdp.mask(name, weight)
@@ -69,6 +80,38 @@ def test_soft_mask_threshold_sits_between_kept_and_pruned() -> None:
         above = torch.zeros(weight.numel(), dtype=torch.bool)
         above[top] = True
         assert torch.equal(soft.reshape(-1) > 0.5, above)  # σ > ½ exactly on the top-K scores
+
+
+def test_mask_is_differentiable_in_the_weights_and_hard_after_the_ramp() -> None:
+    pdp = PDP(nn.Sequential(nn.Linear(8, 4)), 0.5, tau=0.1, tau_final=0.01, schedule=DensitySchedule(warmup=0, ramp=3))
+    w = pdp._raw("0").detach().clone().requires_grad_(True)
+    pdp.steps = 1  # mid-ramp: progress 2/3, density 1 − (2/3)·0.5, τ geometric between 0.1 and 0.01
+    tau = 0.1 * (0.01 / 0.1) ** (2 / 3)
+    assert pdp.current_tau() == pytest.approx(tau)
+    keep = round(pdp.current_density("0") * 32)
+    (pdp.mask("0", w) * w).sum().backward()
+    # By hand: m = σ((w² − t²)/(τt²)), t² the midpoint of the keep-th and (keep+1)-th w²;
+    # d(m·w)/dw = m + w·m(1 − m)·2w/(τt²) (t² is an order statistic, held fixed).
+    s2 = w.detach() ** 2
+    top = torch.sort(s2.reshape(-1), descending=True).values
+    t2 = 0.5 * (top[keep - 1] + top[keep])
+    m = torch.sigmoid((s2 - t2) / (tau * t2))
+    torch.testing.assert_close(w.grad, m + w.detach() * m * (1 - m) * 2 * w.detach() / (tau * t2))
+    pdp.steps = 3  # the ramp is over: the mask is the exact top-K, 0/1
+    hard = pdp.mask("0", w.detach())
+    assert torch.all((hard == 0) | (hard == 1)) and int(hard.sum()) == pdp.keep_counts["0"] == 16
+    assert set(torch.nonzero(hard.reshape(-1)).reshape(-1).tolist()) == set(torch.topk(s2.reshape(-1), 16).indices.tolist())
+
+
+def test_the_plan_is_the_trained_model() -> None:
+    pdp = PDP(_mlp(), 0.3, schedule=DensitySchedule(warmup=1, ramp=3))
+    _train(pdp, 6)
+    x = torch.randn(7, 16)
+    with torch.no_grad():
+        trained = pdp.model(x)  # after the ramp the forward already uses the hard masks
+    plan = pdp.finalize()
+    torch.testing.assert_close(apply(pdp.model, plan, mode="mask")(x), trained)
+    torch.testing.assert_close(pdp.model(x), trained)
 
 
 def test_schedule_ramps_from_dense() -> None:
@@ -89,6 +132,17 @@ def test_n_m_pattern_is_exact_in_every_block() -> None:
     for mask in pdp.masks.values():
         per_block = mask.reshape(mask.shape[0], -1, 4).sum(-1)
         assert torch.all(per_block == 2)
+
+
+def test_n_m_leaves_incompatible_layers_dense_by_default() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 4))
+    pdp = PDP(model, structure="n:m", schedule=DensitySchedule(warmup=0, ramp=1))
+    assert list(pdp.layers) == ["2"] and pdp.skipped == {"0": "6 inputs per output are not a multiple of M=4"}
+    pdp.step()
+    pdp.finalize()
+    assert torch.equal(pdp.model[0].weight, model[0].weight)  # left dense and untouched
+    assert torch.all((pdp.model[2].weight != 0).reshape(4, -1, 4).sum(-1) == 2)
 
 
 def test_errors_name_the_problem() -> None:

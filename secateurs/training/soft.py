@@ -10,7 +10,16 @@ they are projected (the ``Projection`` problem) onto
 
 - every component's unit budget {Σ_{c} s = ρ_c·N_c} (one exact bisection per component), and/or
 - a model-wide params/FLOPs budget, linearised at the soft keep counts k_g = Σ_i s_gi with the
-  graph's exact polynomials (bisection; CVXPY when both kinds of budget are given).
+  graph's exact polynomials (bisection; with both kinds, one QP in CVXPY where the unit budgets
+  become Σ_c s ≤ ρ_c·N_c).
+
+Budgets ramp from the dense model to their targets along ``schedule``, and an optional pull to
+0/1 (``flatten``) makes the soft model end close to a pruned one.
+
+Train the coefficients on the *frozen* model (build the optimiser without the model's weights, or
+none at all): when the weights train too, the consumer columns absorb any scale, so ∂L/∂s carries
+no signal and only the costs decide (``benchmarks/training.py`` trains them frozen for a third of
+its epochs, then finalizes and fine-tunes). Fine-tune after ``finalize``.
 
 ``finalize`` turns coefficients into a plan with the allocation solvers: per group, keeping k
 units loses the coefficients of the others, and the exact ``Allocation`` (``allocate_units``)
