@@ -113,8 +113,24 @@ def test_penalty_is_the_weighted_expected_cost() -> None:
     flops = 12 * 8 + 6 * 8 + 2 * 64
     params = 3 + 7 * 8 + 4 * 8 + 64
     dense = cost()
-    assert float(ca.penalty().detach()) == pytest.approx(2.0 * (0.25 * flops / dense.flops + 0.75 * params / dense.params), rel=1e-6)
+    expected = 2.0 * (0.25 * flops / dense.flops + 0.75 * params / dense.params)
+    assert float(ca.penalty().detach()) == pytest.approx(expected, rel=1e-6)
     assert float(ComplexityAware(model, groups, cost, budget={"flops": 0.5}).penalty()) == 0.0
+
+
+def test_layer_balance_splits_the_gradient_between_layer_and_unit_gates() -> None:
+    model, groups, cost = _setup()
+    ca = ComplexityAware(model, groups, cost, strength=2.0, flops_priority=0.25, layer_balance=0.3, init=0.5,
+                         layers={"block": ["h2"]})
+    ca.penalty().backward()
+    # By hand, all gates at ½ (Σθ = 8 per group), h2 inside the layer gate θ_l:
+    # E[FLOPs] = 12Σθ1 + 6θ_lΣθ2 + 2θ_lΣθ1Σθ2, E[params] = 3 + 7Σθ1 + 4θ_lΣθ2 + θ_lΣθ1Σθ2.
+    # ∂/∂θ_l: FLOPs 6·8 + 2·64 = 176, params 4·8 + 64 = 96; ∂/∂θ_h1,i: FLOPs 12 + 2·½·8 = 20,
+    # params 7 + ½·8 = 11. Dense: FLOPs 800, params 435. β weighs the layer term, 1 − β the units.
+    layer = 2.0 * 0.3 * (0.25 * 176 / 800 + 0.75 * 96 / 435)
+    unit = 2.0 * 0.7 * (0.25 * 20 / 800 + 0.75 * 11 / 435)
+    assert float(ca.layer_theta["block"].grad) == pytest.approx(layer, rel=1e-5)
+    torch.testing.assert_close(ca.theta["h1"].grad, torch.full((16,), unit, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 def test_dead_gates_stay_dead_and_eval_uses_rounded_gates() -> None:

@@ -99,7 +99,8 @@ def test_chained_groups_train_and_meet_a_flops_budget_exactly() -> None:
     _train(pdp, 8)  # h2's producer is gated by h1: scores must read the raw weight (this crashed before)
     for g in groups:  # after the ramp the mask is the exact top-K
         mask = pdp.mask(g.name).detach()
-        assert set(torch.nonzero(mask).reshape(-1).tolist()) == set(torch.topk(pdp.scores(g.name), counts[g.name]).indices.tolist())
+        top = torch.topk(pdp.scores(g.name), counts[g.name]).indices
+        assert set(torch.nonzero(mask).reshape(-1).tolist()) == set(top.tolist())
         assert torch.all((mask == 0) | (mask == 1))
     x = torch.randn(5, 6)
     pdp.model.eval()
