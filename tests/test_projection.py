@@ -13,7 +13,7 @@ import secateurs
 from secateurs.errors import InfeasibleBudgetError, SolverRefusedError, ValidationError
 from secateurs.problems import Projection
 from secateurs.solvers import Status
-from secateurs.testing.projection import projections
+from secateurs.testing.projection import check_projection_solver, projections
 
 
 def _kkt_residual(problem: Projection, theta: np.ndarray, multiplier: float, c: np.ndarray) -> float:
@@ -111,3 +111,21 @@ def test_solvers_refuse_what_they_cannot_solve() -> None:
     with pytest.raises(SolverRefusedError, match="binary"):
         secateurs.solve(Projection(np.zeros(3), total=1), "topk")
     assert {"bisection", "cvxpy", "topk"} <= set(secateurs.available(hier))
+
+
+@given(st.sampled_from(["bisection", "cvxpy", "topk"]), st.booleans(), st.booleans(), st.data())
+def test_every_solver_passes_the_conformance_check(solver: str, density: bool, binary: bool, data: st.DataObject) -> None:
+    problem = data.draw(projections(max_size=8, max_budgets=0 if binary else 1, density=density or binary, binary=binary))
+    reference = "cvxpy" if not problem.binary else None  # binary: SCIP; topk is checked against brute force above
+    check_projection_solver(solver, problem, reference=reference)
+
+
+def test_zero_cost_entries_are_clipped_independently_of_the_multiplier() -> None:
+    problem = Projection(np.array([0.9, 0.8, 1.4, -0.2]), costs=np.array([[1.0, 0.0, 2.0, 1.0]]), budgets=[0.5])
+    result = secateurs.solve(problem, "bisection")
+    lam = result.info["multiplier"]
+    # Entries the budget does not charge are just clipped; the others are clip(θ₀ − λc) with the
+    # budget tight (θ₃ clips to 0): (0.9 − λ) + 2·(1.4 − 2λ) = 0.5 gives λ = 0.64, θ₀ = 0.26, θ₂ = 0.12.
+    np.testing.assert_allclose(result.solution, [0.26, 0.8, 0.12, 0.0], atol=1e-9)
+    assert lam == pytest.approx(0.64)
+    assert problem.check(result.solution) == []

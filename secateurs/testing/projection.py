@@ -1,11 +1,18 @@
-"""Hypothesis strategies for Projection problems (gate projections)."""
+"""Hypothesis strategies for Projection problems (gate projections) and a solver conformance check."""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from hypothesis import strategies as st
 
+from secateurs.errors import SolverRefusedError
 from secateurs.problems.projection import Projection
+from secateurs.solvers import SolveResult, Status, solve
+from secateurs.solvers.registry import SolverSpec
 
 
 @st.composite
@@ -20,8 +27,9 @@ def projections(
     binary: bool = False,
     fixed: bool = True,
 ) -> Projection:
-    """Feasible Projection problems: θ₀ around [0, 1], non-negative costs, budgets that fixed
-    entries never exceed, an optional forest hierarchy and an optional density (Σθ = total)."""
+    """Feasible Projection problems: θ₀ around [0, 1], non-negative costs (some exactly 0, as a
+    dead gate's are), budgets that fixed entries never exceed, an optional forest hierarchy and
+    an optional density (Σθ = total)."""
     n = draw(st.integers(min_size, max_size))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
@@ -52,6 +60,53 @@ def projections(
             total = float(lo.sum() + (hi.sum() - lo.sum()) * rng.random())
     r = draw(st.integers(0, max_budgets))
     costs = rng.uniform(0.1, 3.0, (r, n))
+    if r and rng.random() < 0.3:  # entries the budget does not charge (gates already removed, other components)
+        costs[:, rng.random(n) < 0.3] = 0.0
     budgets = np.array([float(costs[j] @ lo + rng.random() * costs[j] @ (hi - lo)) for j in range(r)])
     return Projection(theta0, costs=costs, budgets=budgets, parent=parent, fixed=fixed_entries,
                       total=total, binary=binary)
+
+
+def check_projection_solver(
+    solver: str | SolverSpec | Callable[..., Any],
+    problem: Projection,
+    *,
+    reference: str | None = "cvxpy",
+    tol: float = 1e-6,
+    allow_refusal: bool = True,
+    **options: Any,
+) -> SolveResult | None:
+    """Solve ``problem`` and assert what every projection solver owes its caller.
+
+    - a :class:`SolveResult` whose solution meets every constraint (``check`` is empty) and whose
+      objective equals ``problem.evaluate(solution)``;
+    - the bound never exceeds the objective, and ``optimal`` comes with a tight bound;
+    - the objective matches the ``reference`` solver's (an exact one) when both report optimal.
+
+    Returns the result, or None when the solver refused the instance and ``allow_refusal``.
+    """
+    try:
+        result = solve(problem, solver, **options)
+    except SolverRefusedError:
+        if not allow_refusal:
+            raise
+        return None
+    assert isinstance(result, SolveResult), f"solver returned {type(result).__name__}, not a SolveResult"
+    name = result.solver
+    if result.ok:
+        violations = problem.check(result.solution)
+        assert not violations, f"{name}: reported solution violates {violations}"
+        value = problem.evaluate(result.solution)
+        assert math.isclose(result.objective, value, rel_tol=1e-9, abs_tol=1e-12), \
+            f"{name}: objective {result.objective} but evaluate gives {value}"
+        assert result.bound <= result.objective + tol * max(1.0, abs(result.objective)), \
+            f"{name}: bound {result.bound} above objective {result.objective}"
+    if result.status == Status.OPTIMAL:
+        assert result.objective - result.bound <= tol * max(1.0, abs(result.objective)), \
+            f"{name}: optimal with bound {result.bound} below objective {result.objective}"
+        if reference is not None and reference != name:
+            other = solve(problem, reference)
+            if other.status == Status.OPTIMAL:
+                assert math.isclose(result.objective, other.objective, rel_tol=tol, abs_tol=tol), \
+                    f"{name}: objective {result.objective}, {reference} finds {other.objective}"
+    return result
