@@ -166,6 +166,13 @@ def test_errors_name_the_problem() -> None:
         ComplexityAware(model, [frozen], cost)
     with pytest.raises(ValidationError, match=r"finalize: ComplexityAware was never stepped"):
         ComplexityAware(model, groups, cost).finalize()
+    ca = ComplexityAware(model, groups, cost)
+    ca.step()
+    ca.finalize()
+    with pytest.raises(ValidationError, match=r"finalize: ComplexityAware was already finalized or closed"):
+        ca.finalize()
+    with pytest.raises(ValidationError, match=r"step: this ComplexityAware was finalized or closed"):
+        ca.step()
 
 
 def test_layer_gates_project_with_the_hierarchy() -> None:

@@ -158,3 +158,10 @@ def test_errors_name_the_problem() -> None:
         PDP(_mlp(), 0.5, modules=["nope"])
     with pytest.raises(ValidationError, match=r"finalize: PDP was never stepped"):
         PDP(_mlp(), 0.5).finalize()
+    pdp = PDP(_mlp(), 0.5)
+    pdp.step()
+    pdp.finalize()
+    with pytest.raises(ValidationError, match=r"finalize: PDP was already finalized"):
+        pdp.finalize()
+    with pytest.raises(ValidationError, match=r"step: this PDP was finalized"):
+        pdp.step()

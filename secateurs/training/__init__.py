@@ -1,7 +1,12 @@
 """Training-aware pruning: PDP soft masks, complexity-aware gates, component-aware soft coefficients.
 
-Each method wraps a model: add ``penalty()`` to the loss, call ``step()`` after the optimiser
-step, and ``finalize()`` at the end.
+Each method wraps a copy of the model (``method.model``; build the optimiser on its parameters):
+add ``penalty()`` to the loss, call ``step()`` after the optimiser step, and ``finalize()`` at the
+end for a ``PrunePlan``. Training moves every weight, so apply the plan to the trained copy:
+``secateurs.apply(method.model, plan)`` (``mode="mask"`` for PDP's weight sparsity). Every
+budget given is met exactly by ``finalize``: PDP's densities and N:M patterns by construction,
+FLOPs/params budgets of the structured methods through an exact ``Allocation`` over per-group
+keep counts under the graph's polynomials. Calling ``finalize`` before any ``step`` is a ``ValidationError``.
 """
 
 from secateurs.training.complexity import ComplexityAware

@@ -265,6 +265,8 @@ class PDP:
 
     def step(self) -> None:
         """Advance the schedule by one optimiser step; allocate densities when warm-up ends."""
+        if self.hard:
+            raise ValidationError("step", "this PDP was finalized; wrap the model again")
         self.steps += 1
         if not self._allocated and self.steps >= self.schedule.warmup:
             self._allocate()
@@ -274,10 +276,14 @@ class PDP:
 
         The soft parametrisations are removed and ``self.model`` keeps the hard-masked weights;
         ``self.masks`` holds the boolean masks. Σ mask = round(density · N) exactly (unstructured)
-        or exactly N of every M (N:M). ``secateurs.apply(dense, plan, mode="mask")`` reproduces it.
+        or exactly N of every M (N:M). Training also moved biases and norms, so apply the plan to
+        the trained copy: ``secateurs.apply(self.model, plan, mode="mask")``. Once the ramp is
+        over the forward already uses these masks, so the plan is the network last trained.
         """
         if self.steps == 0:
             raise ValidationError("finalize", "PDP was never stepped: call step() after each optimiser step first")
+        if self.hard:
+            raise ValidationError("finalize", "PDP was already finalized")
         if not self._allocated:
             self._allocate()
         self.hard = True
