@@ -404,7 +404,7 @@ def plot_curves(setup: Setup, runs: list[Run], path: Path) -> None:
     ax.axhline(100 * setup.dense_accuracy - 1, color="gray", linestyle=":", label="dense − 1 point")
     ax.set_xlabel("FLOPs of the pruned model (% of dense, counted)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{setup.name}: accuracy vs FLOPs")
+    ax.set_title(f"{setup.name}: accuracy vs FLOPs (seed {runs[0].seed})")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
