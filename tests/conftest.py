@@ -15,3 +15,9 @@ settings.register_profile(
 )
 settings.register_profile("thorough", max_examples=300, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+# CI runs two xdist workers on two cores: one torch thread each avoids oversubscription, which
+# slowed some tests 15x on the shared machine. SECATEURS_TEST_THREADS overrides it.
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("SECATEURS_TEST_THREADS", "1")))
