@@ -1,15 +1,32 @@
-"""secateurs.testing."""
+"""secateurs.testing: hypothesis strategies for every problem kind and solver conformance kits.
 
-from secateurs.testing.allocation import (  # noqa: E402,F401
-    allocations,
-    brute_force_allocation,
-    check_allocation_solver,
-)
-from secateurs.testing.reconstruction import (  # noqa: E402,F401
+Run your own solver through ``check_solver`` (reconstruction), ``check_allocation_solver`` or
+``check_projection_solver`` on problems drawn from ``reconstruction_problems()``,
+``allocations()`` or ``projections()``.
+"""
+
+from secateurs.testing.allocation import allocations, brute_force_allocation, check_allocation_solver
+from secateurs.testing.projection import check_projection_solver, projections
+from secateurs.testing.reconstruction import (
     canonical_problems,
     check_solver,
     diagonal_reconstruction,
     random_reconstruction,
     reconstruction_problems,
 )
-from secateurs.testing.reconstruction import check_solver as check_reconstruction_solver  # noqa: E402,F401
+
+check_reconstruction_solver = check_solver
+
+__all__ = [
+    "allocations",
+    "brute_force_allocation",
+    "canonical_problems",
+    "check_allocation_solver",
+    "check_projection_solver",
+    "check_reconstruction_solver",
+    "check_solver",
+    "diagonal_reconstruction",
+    "projections",
+    "random_reconstruction",
+    "reconstruction_problems",
+]
