@@ -10,12 +10,27 @@ and features, ``groups`` of depthwise convs, ``num_features``, ``normalized_shap
 ``num_channels``, ``embedding_dim``, attention heads), so the result trains and prints truthfully.
 Any other grouped conv keeps its ``groups``: a plan must take the same within-group channels from
 every group.
+
+A plan may keep *zero* units of the groups it lists in ``allow_empty`` (a removed residual branch).
+Torch's own layers do not all run at zero width (a conv with 0 output channels raises, one with 0
+input channels silently returns 0 channels instead of its bias, BatchNorm with 0 features raises),
+so convs and batch norms left with a zero width become the subclasses below, which compute the
+output shape and return the bias (or nothing) without a convolution: the sliced model then counts
+exactly the params and FLOPs of the graph's polynomial at keep 0. Linear, LayerNorm, GroupNorm,
+PReLU and Embedding work at zero width as they are; any other module left with a zero width is
+an ``InvalidPlanError``. Parameter-free ops on the emptied channels must cope with empty tensors
+(activations, adds, adaptive pooling do; max/avg pooling does not, which ``apply`` with
+``graph=`` reports when it runs the result).
+
+``narrow`` is the same slicing done in place, keeping every ``nn.Parameter`` object (only its
+``.data`` and ``.grad`` change), for training that compacts a model whose optimiser holds its
+parameters; ``widen`` undoes a sequence of narrowings (zeros where units were cut).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,13 +39,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from secateurs.errors import InvalidPlanError, ValidationError
-from secateurs.graph.groups import Group, validate_units
+from secateurs.graph.groups import Group, Member, validate_units
 from secateurs.plan import PrunePlan
 
 if TYPE_CHECKING:
     from secateurs.graph.build import DependencyGraph
 
-__all__ = ["HEAD_ATTRIBUTES", "PrunedMultiheadAttention", "apply"]
+__all__ = [
+    "HEAD_ATTRIBUTES", "Narrowing", "PrunedMultiheadAttention", "ZeroWidthBatchNorm1d", "ZeroWidthBatchNorm2d",
+    "ZeroWidthBatchNorm3d", "ZeroWidthConv1d", "ZeroWidthConv2d", "ZeroWidthConv3d", "apply", "conv_output_size",
+    "cut_tensor", "narrow", "runs_at_zero_width", "widen",
+]
 
 Mode = Literal["slice", "mask"]
 
@@ -126,6 +145,123 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         return bias
 
 
+# -- zero-width layers ----------------------------------------------------------------------------
+
+
+def conv_output_size(mod: nn.modules.conv._ConvNd, sizes: Sequence[int]) -> list[int]:
+    """Spatial output size of a (non-transposed) conv for input spatial ``sizes`` (torch's formula)."""
+    out = []
+    for i, n in enumerate(sizes):
+        k, s, d = mod.kernel_size[i], mod.stride[i], mod.dilation[i]
+        if isinstance(mod.padding, str):
+            if mod.padding == "same":
+                out.append(int(n))
+                continue
+            pad = 0
+        else:
+            pad = mod.padding[i]
+        out.append((int(n) + 2 * pad - d * (k - 1) - 1) // s + 1)
+    return out
+
+
+def _zero_width_conv(mod: nn.modules.conv._ConvNd, x: Tensor) -> Tensor | None:
+    """The output of a conv with no input or no output channels, or None when it has both.
+
+    No input channels: every position sees only the bias (zeros without one). No output channels:
+    an empty tensor of the right shape. Neither runs a convolution, so nothing is counted.
+    """
+    if mod.in_channels and mod.out_channels:
+        return None
+    nd = len(mod.kernel_size)
+    lead, spatial = tuple(x.shape[: x.dim() - nd - 1]), conv_output_size(mod, x.shape[x.dim() - nd:])
+    if not mod.out_channels:
+        return x.new_empty((*lead, 0, *spatial))
+    out = x.new_zeros((*lead, mod.out_channels, *spatial))
+    if mod.bias is not None:
+        out = out + mod.bias.reshape(mod.out_channels, *([1] * nd))
+    return out
+
+
+class ZeroWidthConv1d(nn.Conv1d):
+    """``nn.Conv1d`` that may have zero input or output channels (a removed branch; see the module doc)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = _zero_width_conv(self, input)
+        return super().forward(input) if out is None else out
+
+
+class ZeroWidthConv2d(nn.Conv2d):
+    """``nn.Conv2d`` that may have zero input or output channels (a removed branch; see the module doc)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = _zero_width_conv(self, input)
+        return super().forward(input) if out is None else out
+
+
+class ZeroWidthConv3d(nn.Conv3d):
+    """``nn.Conv3d`` that may have zero input or output channels (a removed branch; see the module doc)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = _zero_width_conv(self, input)
+        return super().forward(input) if out is None else out
+
+
+class ZeroWidthBatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` that passes an empty input through when it has no features left."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input if self.num_features == 0 else super().forward(input)
+
+
+class ZeroWidthBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` that passes an empty input through when it has no features left."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input if self.num_features == 0 else super().forward(input)
+
+
+class ZeroWidthBatchNorm3d(nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` that passes an empty input through when it has no features left."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input if self.num_features == 0 else super().forward(input)
+
+
+#: Exact module class -> its zero-width stand-in (and back); other classes listed run at zero width as they are.
+_ZERO_WIDTH: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Conv1d: ZeroWidthConv1d, nn.Conv2d: ZeroWidthConv2d, nn.Conv3d: ZeroWidthConv3d,
+    nn.BatchNorm1d: ZeroWidthBatchNorm1d, nn.BatchNorm2d: ZeroWidthBatchNorm2d, nn.BatchNorm3d: ZeroWidthBatchNorm3d,
+}
+_BASE_OF = {v: k for k, v in _ZERO_WIDTH.items()}
+_ZERO_WIDTH_NATIVE = (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.PReLU, nn.Embedding)
+
+
+def runs_at_zero_width(mod: nn.Module) -> bool:
+    """Whether ``apply`` can leave ``mod`` with a zero width (natively or through a stand-in)."""
+    cls = type(mod)
+    if cls in _ZERO_WIDTH or cls in _BASE_OF:
+        return True
+    if isinstance(mod, nn.GroupNorm):  # one group per channel would leave zero groups
+        return cls is nn.GroupNorm and mod.num_groups != mod.num_channels
+    return cls in _ZERO_WIDTH_NATIVE and not isinstance(mod, nn.LazyLinear)
+
+
+def _sync_zero_width(model: nn.Module) -> None:
+    """Swap convs and batch norms with a zero width to their stand-ins, and back once widened."""
+    for mod in model.modules():
+        cls = type(mod)
+        if isinstance(mod, nn.modules.conv._ConvNd):
+            empty = not (mod.in_channels and mod.out_channels)
+        elif isinstance(mod, nn.modules.batchnorm._NormBase):
+            empty = mod.num_features == 0
+        else:
+            continue
+        if empty and cls in _ZERO_WIDTH:
+            mod.__class__ = _ZERO_WIDTH[cls]
+        elif not empty and cls in _BASE_OF:
+            mod.__class__ = _BASE_OF[cls]
+
+
 # -- resolving and checking the plan ------------------------------------------------------------
 
 
@@ -200,9 +336,11 @@ def _plan_targets(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group]
     """Check every group, member and refit tensor against the model; return what each tensor loses."""
     aliases = _aliases(model)
     targets: dict[int, _Target] = {}
+    emptied = {name for name in plan.keep if plan.empties(name) and groups[name].prunable}
     for name, kept in plan.keep.items():
         g = groups[name]
-        validate_units(g, kept)
+        if name not in emptied:
+            validate_units(g, kept)
         keep_set = set(kept)
         removed = [u for u in range(g.size) if u not in keep_set]
         for m in g.members:
@@ -231,9 +369,11 @@ def _plan_targets(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group]
                 tgt.groups.setdefault(m.dim, set()).add(name)
     for tgt in targets.values():
         for d, gone in tgt.removed.items():
-            if len(gone) >= tgt.shape[d]:
+            if len(gone) >= tgt.shape[d] and not tgt.groups[d] <= emptied:
                 raise InvalidPlanError(f"group(s) {_names(tgt.groups[d])}: together they remove every index of "
                                        f"{tgt.key!r} dim {d}")
+    if emptied:
+        _check_zero_width(model, targets)
     _check_modules(model, targets)
     _check_refit(model, plan, targets, aliases)
     return {i: t for i, t in targets.items() if t.removed}
@@ -241,6 +381,21 @@ def _plan_targets(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group]
 
 def _names(names: set[str]) -> str:
     return ", ".join(repr(n) for n in sorted(names))
+
+
+def _check_zero_width(model: nn.Module, targets: Mapping[int, _Target]) -> None:
+    """Every module a plan leaves with a zero-width tensor must run at zero width (see the module doc)."""
+    empty = {i: tgt for i, tgt in targets.items() if any(len(g) >= tgt.shape[d] for d, g in tgt.removed.items())}
+    if not empty:
+        return
+    for path, mod in model.named_modules():
+        hit = [empty[id(t)] for t in (*mod._parameters.values(), *mod._buffers.values())
+               if t is not None and id(t) in empty]
+        if hit and not runs_at_zero_width(mod):
+            names = _names({n for tgt in hit for d, ns in tgt.groups.items() if len(tgt.removed[d]) >= tgt.shape[d]
+                            for n in ns})
+            raise InvalidPlanError(f"group(s) {names}: {type(mod).__name__} {path or type(model).__name__!r} cannot "
+                                   "run at zero width, so these groups cannot be emptied (keep at least one unit)")
 
 
 def _check_modules(model: nn.Module, targets: Mapping[int, _Target]) -> None:
@@ -343,17 +498,54 @@ def _install(model: nn.Module, tgt: _Target, value: Tensor) -> None:
             mod._buffers[name] = value
 
 
-def _slice_tensors(model: nn.Module, targets: Mapping[int, _Target]) -> None:
+def cut_tensor(value: Tensor, kept: Mapping[int, Sequence[int]]) -> Tensor:
+    """``value`` keeping only the ``kept`` indices along each dim named (a fresh contiguous tensor)."""
+    new = value.detach()
+    for d in sorted(kept):
+        new = new.index_select(d, torch.as_tensor(kept[d], dtype=torch.long, device=value.device))
+    return new.clone(memory_format=torch.contiguous_format)
+
+
+def _slice_tensors(model: nn.Module, targets: Mapping[int, _Target], *, reuse: bool = False) -> None:
+    """Slice every target; ``reuse`` keeps the tensor objects (new ``.data``, ``.grad`` cut alike)."""
     for tgt in targets.values():
         path, name = tgt.locations[0]
         old = _tensor_at(model, path, name)
         assert old is not None
-        new = old.detach()
-        for d in sorted(tgt.removed):
-            new = new.index_select(d, torch.tensor(tgt.kept(d), dtype=torch.long, device=old.device))
-        new = new.clone(memory_format=torch.contiguous_format)
+        kept = {d: tgt.kept(d) for d in tgt.removed}
+        new = cut_tensor(old, kept)
+        if reuse:
+            grad = old.grad
+            _set_data(old, new)
+            if grad is not None:
+                old.grad = cut_tensor(grad, kept)
+            continue
         value = nn.Parameter(new, requires_grad=old.requires_grad) if tgt.is_param else new
         _install(model, tgt, value)
+
+
+def _set_data(tensor: Tensor, value: Tensor) -> None:
+    """``tensor.data = value`` for a new shape, dropping autograd's cached gradient accumulator.
+
+    ``set_data`` keeps a live accumulator unless the dtype or device changes, and one kept alive
+    by a graph the caller still holds (last step's ``loss``) expects the old shape, so the next
+    backward would fail; passing through another dtype first makes torch drop it.
+    """
+    if tensor.requires_grad:
+        tensor.grad = None
+        tensor.data = value.new_empty(0, dtype=torch.float64 if value.dtype != torch.float64 else torch.float32)
+    tensor.data = value
+
+
+def _scatter(value: Tensor, shape: Sequence[int], kept: Mapping[int, Sequence[int]]) -> Tensor:
+    """Inverse of ``cut_tensor``: a zero tensor of ``shape`` holding ``value`` at the ``kept`` indices."""
+    new = value.detach()
+    for d in sorted(kept):
+        full_shape = list(new.shape)
+        full_shape[d] = shape[d]
+        full = torch.zeros(full_shape, dtype=new.dtype, device=new.device)
+        new = full.index_copy_(d, torch.as_tensor(kept[d], dtype=torch.long, device=new.device), new)
+    return new
 
 
 def _mask_tensors(model: nn.Module, targets: Mapping[int, _Target]) -> None:
@@ -374,11 +566,7 @@ def _refit(model: nn.Module, plan: PrunePlan, cuts: Mapping[int, _Target], mode:
         tgt = cuts[id(old)]
         new = value.detach().to(dtype=old.dtype, device=old.device).clone()
         if mode == "mask":
-            for d in sorted(tgt.removed):
-                shape = list(new.shape)
-                shape[d] = tgt.shape[d]
-                full = torch.zeros(shape, dtype=new.dtype, device=new.device)
-                new = full.index_copy_(d, torch.tensor(tgt.kept(d), dtype=torch.long, device=new.device), new)
+            new = _scatter(new, tgt.shape, {d: tgt.kept(d) for d in tgt.removed})
         installed = nn.Parameter(new, requires_grad=old.requires_grad) if tgt.is_param else new
         _install(model, tgt, installed)
 
@@ -390,6 +578,8 @@ def _sync_attributes(model: nn.Module) -> None:
             _sync_mha(mod)
         elif isinstance(mod, nn.modules.conv._ConvNd):
             w = mod.weight  # dim 0 spans all channels, dim 1 one group's: the group count stays
+            if mod.groups == 0:  # a depthwise conv sliced to zero width, widened again
+                mod.groups = w.shape[0]
             if mod.groups > 1 and mod.groups == mod.in_channels == mod.out_channels:  # depthwise: in = out = groups
                 mod.in_channels = mod.out_channels = mod.groups = w.shape[0]
             elif mod.transposed:
@@ -530,7 +720,8 @@ def apply(model: nn.Module, plan: PrunePlan, *, graph: DependencyGraph | None = 
     Raises
     ------
     InvalidPlanError
-        Unknown group, unit out of range, unsorted or duplicate units, every unit removed, a frozen
+        Unknown group, unit out of range, unsorted or duplicate units, every unit removed (unless the
+        group is in ``plan.allow_empty`` and its modules run at zero width), a frozen
         group pruned, a member's module or parameter missing, a GroupNorm left with a channel count
         its ``num_groups`` does not divide, a grouped conv whose groups would lose different channels
         (or whose bias and weight would disagree), a refit tensor of the wrong shape, or a result that
@@ -554,6 +745,7 @@ def apply(model: nn.Module, plan: PrunePlan, *, graph: DependencyGraph | None = 
     if mode == "slice":
         _sync_attributes(work)
         _sync_heads(work, plan, groups)
+        _sync_zero_width(work)
     if graph is not None:
         _verify(work, graph, mode)
     if inplace:
@@ -583,3 +775,119 @@ def _refit_targets(model: nn.Module, work: nn.Module, plan: PrunePlan,
         assert now is not None
         out[id(now)] = tgt
     return out
+
+
+# -- in place: narrowing a model under training, and widening it back ------------------------------
+
+
+@dataclass
+class Narrowing:
+    """What :func:`narrow` did: each cut tensor (the same object, now narrower) with its former shape
+    and the kept indices of every cut dim, the plan's groups renumbered for the narrower model
+    (groups the plan emptied are left out), and every module's class and size attributes before
+    (``widen`` restores them: shapes alone cannot tell a GroupNorm(2, 4) narrowed to 2 channels
+    from a per-channel one)."""
+
+    cuts: list[tuple[Tensor, tuple[int, ...], dict[int, list[int]]]]
+    groups: dict[str, Group]
+    modules: dict[str, tuple[type, dict[str, Any]]] = field(default_factory=dict)
+
+
+def _fit_member(m: Member, per_unit: list[list[int]]) -> Member | None:
+    """The Member whose units occupy exactly ``per_unit`` (sorted indices per unit), or None."""
+    first = per_unit[0]
+    inner = first[1] - first[0] if len(first) > 1 else m.inner_stride
+    stride = per_unit[1][0] - first[0] if len(per_unit) > 1 else (m.unit_stride or m.block)
+    candidate = Member(m.module, m.param, m.dim, m.role, first[0], m.block, None if stride == m.block else stride,
+                       inner)
+    if all(candidate.indices([u]) == idx for u, idx in enumerate(per_unit)):
+        return candidate
+    return None
+
+
+def _renumber(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group],
+              targets: Mapping[int, _Target]) -> dict[str, Group]:
+    """The kept units of each group as units 0..k-1 of the sliced tensors (ranks among kept indices)."""
+    out: dict[str, Group] = {}
+    for name, kept in plan.keep.items():
+        g = groups[name]
+        if not kept:
+            continue
+        members = []
+        for m in g.members:
+            t = _tensor_at(model, m.module, m.param)
+            tgt = targets.get(id(t))
+            per_unit = [m.indices([u]) for u in kept]
+            if tgt is not None and m.dim in tgt.removed:
+                rank = {old: new for new, old in enumerate(tgt.kept(m.dim))}
+                per_unit = [[rank[i] for i in idx] for idx in per_unit]
+            fitted = _fit_member(m, per_unit)
+            if fitted is None:
+                raise InvalidPlanError(f"group {name!r}: its units in {_key(m.module, m.param)!r} dim {m.dim} have no "
+                                       "regular layout after slicing")
+            members.append(fitted)
+        out[name] = Group(name, len(kept), members, g.unit_width, g.prunable, g.reason, list(g.nodes))
+    return out
+
+
+def narrow(model: nn.Module, plan: PrunePlan) -> Narrowing:
+    """Slice ``model`` in place by ``plan`` (embedded groups), keeping every tensor object.
+
+    The same checks and slicing as ``apply(mode="slice")``, but each ``nn.Parameter`` keeps its
+    identity (its ``.data`` and ``.grad`` are replaced), so an optimiser built on the model's
+    parameters still holds them; its per-parameter state is the caller's to cut alike (the
+    returned ``cuts`` say how). Nothing is touched when the plan is invalid.
+
+    Raises
+    ------
+    InvalidPlanError
+        As :func:`apply`, or a group whose units would have no regular layout after slicing.
+    ValidationError
+        The plan carries refit tensors (narrowing keeps the trained values).
+    """
+    if not isinstance(plan, PrunePlan):
+        raise ValidationError("plan", f"expected a PrunePlan, got {type(plan).__name__}")
+    if plan.refit:
+        raise ValidationError("plan", "narrow keeps the model's own values; a plan with refit tensors needs apply")
+    groups = _resolve_groups(plan, None)
+    targets = _plan_targets(model, plan, groups)
+    renumbered = _renumber(model, plan, groups, targets)
+    cuts = []
+    for tgt in targets.values():
+        t = _tensor_at(model, *tgt.locations[0])
+        assert t is not None
+        cuts.append((t, tgt.shape, {d: tgt.kept(d) for d in sorted(tgt.removed)}))
+    modules = {path: (type(mod), _size_attributes(mod)) for path, mod in model.named_modules()}
+    _slice_tensors(model, targets, reuse=True)
+    _sync_attributes(model)
+    _sync_heads(model, plan, groups)
+    _sync_zero_width(model)
+    return Narrowing(cuts, renumbered, modules)
+
+
+def _size_attributes(mod: nn.Module) -> dict[str, Any]:
+    """The plain int / int-tuple attributes of ``mod`` (channel, feature and head counts among them)."""
+    def plain(v: Any) -> bool:
+        return (isinstance(v, int) and not isinstance(v, bool)) or (
+            isinstance(v, tuple) and all(isinstance(i, int) and not isinstance(i, bool) for i in v))
+    return {k: v for k, v in vars(mod).items() if not k.startswith("_") and plain(v)}
+
+
+def widen(model: nn.Module, tensors: Sequence[tuple[Tensor, Sequence[int], Mapping[int, Sequence[int]]]],
+          modules: Mapping[str, tuple[type, Mapping[str, Any]]] | None = None) -> None:
+    """Give each tensor back its ``shape``, its values at the ``kept`` indices and zeros elsewhere
+    (in place, same objects; ``.grad`` dropped); restore the module classes and attributes of
+    ``modules`` (a ``Narrowing.modules`` from before the first narrowing), else re-derive them."""
+    for tensor, shape, kept in tensors:
+        _set_data(tensor, _scatter(tensor, shape, kept))
+        tensor.grad = None
+    if modules is None:
+        _sync_attributes(model)
+        _sync_zero_width(model)
+        return
+    for path, mod in model.named_modules():
+        if path in modules:
+            cls, attributes = modules[path]
+            mod.__class__ = cls
+            for k, v in attributes.items():
+                setattr(mod, k, v)

@@ -28,7 +28,7 @@ __all__ = ["SCHEMA", "VERSION", "PrunePlan"]
 SCHEMA = "secateurs.plan"
 VERSION = 1
 
-_TOP_FIELDS = {"schema", "version", "keep", "groups", "meta"}
+_TOP_FIELDS = {"schema", "version", "keep", "groups", "meta", "allow_empty"}
 _GROUP_FIELDS = {"size", "unit_width", "prunable", "reason", "members"}
 _MEMBER_FIELDS = {"module", "param", "dim", "role", "offset", "block", "unit_stride", "inner_stride"}
 _ROLES = ("producer", "consumer", "passthrough")
@@ -64,12 +64,18 @@ class PrunePlan:
         sliced shape (e.g. OSSCAR's closed-form refit). Not part of the JSON.
     meta:
         JSON-serialisable facts about how the plan was made (solver, budget, objective...).
+    allow_empty:
+        Names of groups this plan may keep *zero* units of (a removed layer: complexity-aware
+        training's dead residual branch). Opt-in per group, so an empty list caused by a bug is
+        still refused by ``apply``; sorted and unique. Written to the JSON only when non-empty,
+        so plans without it stay byte-identical to older ones.
     """
 
     keep: dict[str, list[int]]
     groups: dict[str, Group] | None = None
     refit: dict[str, torch.Tensor] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    allow_empty: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.keep, Mapping):
@@ -90,12 +96,20 @@ class PrunePlan:
         if not isinstance(self.meta, Mapping):
             raise ValidationError("meta", f"expected a dict, got {type(self.meta).__name__}")
         self.meta = dict(self.meta)
+        if isinstance(self.allow_empty, (str, bytes)) or not isinstance(self.allow_empty, Iterable):
+            raise ValidationError("allow_empty", f"expected a list of group names, got {type(self.allow_empty).__name__}")
+        names = list(self.allow_empty)
+        bad = next((n for n in names if not isinstance(n, str)), None)
+        if bad is not None:
+            raise ValidationError("allow_empty", f"group name {bad!r} is not a string")
+        self.allow_empty = sorted(set(names))
 
     # -- construction --------------------------------------------------------------------------
 
     @classmethod
     def from_graph(cls, graph: DependencyGraph, keep: Mapping[str, Iterable[int]], *,
-                   refit: Mapping[str, torch.Tensor] | None = None, meta: Mapping[str, Any] | None = None) -> PrunePlan:
+                   refit: Mapping[str, torch.Tensor] | None = None, meta: Mapping[str, Any] | None = None,
+                   allow_empty: Iterable[str] = ()) -> PrunePlan:
         """A plan that embeds the definitions of the groups it names, so ``apply`` needs no graph.
 
         Parameters
@@ -104,13 +118,18 @@ class PrunePlan:
             The :class:`~secateurs.graph.DependencyGraph` the indices refer to.
         keep:
             ``{group name: kept unit indices}``; unknown names raise ``ValidationError`` naming them.
-        refit, meta:
+        refit, meta, allow_empty:
             As in the constructor.
         """
         groups = {name: graph.group(name) for name in keep}
-        return cls(dict(keep), groups=groups, refit=dict(refit) if refit else None, meta=dict(meta or {}))
+        return cls(dict(keep), groups=groups, refit=dict(refit) if refit else None, meta=dict(meta or {}),
+                   allow_empty=list(allow_empty))
 
     # -- views ---------------------------------------------------------------------------------
+
+    def empties(self, name: str) -> bool:
+        """Whether the plan removes every unit of ``name`` on purpose (listed in ``allow_empty``)."""
+        return name in self.allow_empty and name in self.keep and not self.keep[name]
 
     def kept_counts(self) -> dict[str, int]:
         """``{group name: number of units kept}``: the argument of ``graph.cost``."""
@@ -145,8 +164,11 @@ class PrunePlan:
                 }
                 for name, g in self.groups.items()
             }
-        return {"schema": SCHEMA, "version": VERSION, "keep": {k: list(v) for k, v in self.keep.items()},
-                "groups": groups, "meta": self.meta}
+        doc: dict[str, Any] = {"schema": SCHEMA, "version": VERSION, "keep": {k: list(v) for k, v in self.keep.items()},
+                               "groups": groups, "meta": self.meta}
+        if self.allow_empty:
+            doc["allow_empty"] = list(self.allow_empty)
+        return doc
 
     def to_json(self, path: str | os.PathLike[str] | None = None, *, indent: int | None = 1) -> str:
         """Serialise to the versioned JSON schema; also write it to ``path`` when given.
@@ -210,7 +232,10 @@ class PrunePlan:
             meta = {}
         if not isinstance(meta, dict):
             raise PlanFormatError(f"meta: expected an object, got {type(meta).__name__}")
-        return cls(keep, groups=groups, meta=meta)
+        allow_empty = doc.get("allow_empty", [])
+        if not isinstance(allow_empty, list) or not all(isinstance(n, str) for n in allow_empty):
+            raise PlanFormatError(f"allow_empty: expected a list of group names, got {allow_empty!r}")
+        return cls(keep, groups=groups, meta=meta, allow_empty=allow_empty)
 
 
 def _is_int(v: Any) -> bool:

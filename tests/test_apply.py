@@ -6,18 +6,31 @@ tied-weight cases use the graph builder to find their groups.
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
 from typing import Any
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from secateurs.apply import PrunedMultiheadAttention, apply
+from secateurs.apply import (
+    PrunedMultiheadAttention,
+    ZeroWidthBatchNorm2d,
+    ZeroWidthConv1d,
+    ZeroWidthConv2d,
+    apply,
+    conv_output_size,
+    narrow,
+    widen,
+)
 from secateurs.errors import InvalidPlanError, ValidationError
-from secateurs.graph import build
+from secateurs.graph import build, dense_counts
 from secateurs.graph.groups import Group, Member
+from secateurs.models.reference import REFERENCE_MODELS
 from secateurs.plan import PrunePlan
 
 
@@ -648,3 +661,172 @@ def test_save_load_errors(tmp_path: Any) -> None:
     (tmp_path / "b" / STATE_FILE).write_bytes((tmp_path / "c" / STATE_FILE).read_bytes())
     with pytest.raises(InvalidPlanError, match=r"model\.safetensors': saved weights do not fit the pruned model"):
         load(tmp_path / "b", Tiny)
+
+
+# -- zero width: emptied groups (removed layers) ---------------------------------------------------
+
+@pytest.mark.parametrize(("kernel", "stride", "padding", "dilation"),
+                         [(3, 1, 1, 1), (3, 2, 1, 1), (5, 3, 0, 1), (3, 1, 2, 2), (4, 2, "valid", 1), (3, 1, "same", 2)])
+def test_zero_width_conv_output_size_matches_torch(kernel: int, stride: int, padding: Any, dilation: int) -> None:
+    for side in (7, 8, 11):
+        real = nn.Conv2d(1, 1, kernel, stride, padding, dilation)
+        expected = real(torch.zeros(1, 1, side, side + 1)).shape[2:]
+        assert conv_output_size(real, (side, side + 1)) == list(expected)
+
+
+def test_zero_width_conv_and_batchnorm_return_the_bias_path_uncounted() -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch warns that initialising a zero-element tensor does nothing
+        conv = nn.Conv1d(0, 3, 3, stride=2, padding=1)  # torch itself returns 0 channels here, not the bias
+        producer = nn.Conv2d(4, 0, 3, padding=1)
+    conv.__class__ = ZeroWidthConv1d
+    x = torch.randn(2, 0, 9, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        out = conv(x)
+    assert counter.get_total_flops() == 0
+    assert torch.equal(out, conv.bias.reshape(1, 3, 1).expand(2, 3, 5))
+    out.sum().backward()
+    assert torch.equal(conv.bias.grad, torch.full((3,), 10.0))
+    producer.__class__ = ZeroWidthConv2d
+    bn = ZeroWidthBatchNorm2d(0)
+    assert bn(producer(torch.randn(2, 4, 5, 6))).shape == (2, 0, 5, 6)
+
+
+def test_emptied_group_needs_its_permission_and_a_prunable_group() -> None:
+    m = tiny()
+    with pytest.raises(InvalidPlanError, match=r"group 'conv:out': every unit removed"):
+        apply(m, PrunePlan({"conv:out": []}, groups=groups(), allow_empty=["other"]))
+    with pytest.raises(InvalidPlanError, match=r"group 'fc:out' is frozen"):
+        apply(m, PrunePlan({"fc:out": []}, groups=groups(), allow_empty=["fc:out"]))
+
+
+def test_emptied_group_through_batchnorm_depthwise_groupnorm_leaves_the_bias() -> None:
+    m = tiny()
+    x = torch.randn(3, 2, 5, 5)
+    plan = PrunePlan({"conv:out": []}, groups=groups(), allow_empty=["conv:out"])
+    small = apply(m, plan)
+    assert small.conv.weight.shape == (0, 2, 3, 3) and small.dw.weight.shape == (0, 1, 3, 3)
+    assert small.fc.in_features == 0 and type(small.conv) is ZeroWidthConv2d
+    torch.testing.assert_close(small(x), m.fc.bias.expand(3, 3))  # fc reads nothing: only its bias is left
+    torch.testing.assert_close(small(x), apply(m, plan, mode="mask")(x))
+
+
+def test_emptying_a_module_that_cannot_run_at_zero_width_is_refused() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(2, 4)
+            self.scale = nn.Module()
+            self.scale.weight = nn.Parameter(torch.ones(4))
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(self.fc(x) * self.scale.weight)
+
+    g = Group("fc:out", 4, [Member("fc", "weight", 0, "producer"), Member("fc", "bias", 0),
+                            Member("scale", "weight", 0), Member("out", "weight", 1, "consumer")])
+    m = Scaled()
+    with pytest.raises(InvalidPlanError, match=r"group\(s\) 'fc:out': Module 'scale' cannot run at zero width"):
+        apply(m, PrunePlan({"fc:out": []}, groups={"fc:out": g}, allow_empty=["fc:out"]))
+    assert m.fc.out_features == 4
+    mha = nn.MultiheadAttention(4, 2)
+    heads = Group("h", 2, [Member("", "in_proj_weight", 0, "producer", offset=o, block=2) for o in (0, 4, 8)])
+    with pytest.raises(InvalidPlanError, match=r"MultiheadAttention 'MultiheadAttention' cannot run at zero width"):
+        apply(mha, PrunePlan({"h": []}, groups={"h": heads}, allow_empty=["h"]))
+
+
+@pytest.mark.parametrize("name", ["resnet_basic", "resnet_bottleneck", "mobilenet_v2", "gpt"])
+def test_removed_residual_branch_costs_what_the_graph_says(name: str) -> None:
+    """Each residual branch emptied: counted params and FLOPs equal graph.cost at keep 0, the
+    sliced model equals the masked one, and it trains (backward)."""
+    from secateurs.training.layers import residual_branches
+
+    ref = REFERENCE_MODELS[name]
+    model, x = ref.build(), ref.example_inputs()
+    graph = build(model, x)
+    branches = residual_branches(graph)
+    assert branches
+    for inside in branches.values():
+        plan = PrunePlan.from_graph(graph, {g: [] for g in inside}, allow_empty=inside)
+        small = apply(model, plan, graph=graph)
+        assert dense_counts(small, x) == graph.cost({g: 0 for g in inside})
+        args = x if isinstance(x, tuple) else (x,)
+        first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+        torch.testing.assert_close(first(small(*args)), first(apply(model, plan, mode="mask")(*args)))
+        small.train()
+        first(small(*args)).sum().backward()
+
+
+def test_removed_basic_block_branch_is_its_constant_plus_the_shortcut() -> None:
+    """By hand: with layer1's branch gone, layer1(x) = relu(bn2(0) + x), bn2(0) its eval constant."""
+    ref = REFERENCE_MODELS["resnet_basic"]
+    model, x = ref.build(), ref.example_inputs()
+    with torch.no_grad():
+        for bn in (model.layer1.bn2,):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.uniform_(0.5, 2)
+            bn.bias.uniform_(-1, 1)
+    plan = PrunePlan.from_graph(build(model, x), {"layer1.conv1:out": []}, allow_empty=["layer1.conv1:out"])
+    small = apply(model, plan)
+    bn = model.layer1.bn2
+    constant = (bn.bias - bn.running_mean * bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(1, -1, 1, 1)
+    with torch.no_grad():
+        stream = F.relu(constant + model.stem(x))
+        expected = model.fc(torch.flatten(model.pool(model.layer2(stream)), 1))
+        torch.testing.assert_close(small(x), expected)
+
+
+@pytest.mark.parametrize("name", ["densenet", "resnet_basic", "inception", "cnn1d"])
+def test_narrow_twice_equals_apply_once_and_keeps_the_parameter_objects(name: str) -> None:
+    """Renumbered groups (cat offsets, flattened blocks) let a second narrowing cut the right units."""
+    ref = REFERENCE_MODELS[name]
+    model, x = ref.build(), ref.example_inputs()
+    graph = build(model, x)
+    prunable = graph.prunable_groups()
+    first = {g.name: [u for u in range(g.size) if u % 3 != 1] for g in prunable}
+    second = {g: [u for u in range(len(k)) if u % 2 == 0] for g, k in first.items()}
+    once = apply(model, PrunePlan.from_graph(graph, {g: [first[g][u] for u in second[g]] for g in first}))
+    work = copy.deepcopy(model)
+    ids = [id(p) for p in work.parameters()]
+    args = x if isinstance(x, tuple) else (x,)
+    work(*args).sum().backward()  # gradients held across the narrowing are cut alike
+    narrowing = narrow(work, PrunePlan.from_graph(graph, first))
+    assert all(p.grad is None or p.grad.shape == p.shape for p in work.parameters())
+    narrow(work, PrunePlan(second, groups=narrowing.groups))
+    assert [id(p) for p in work.parameters()] == ids
+    assert {k: v.shape for k, v in work.state_dict().items()} == {k: v.shape for k, v in once.state_dict().items()}
+    for k, v in once.state_dict().items():
+        assert torch.equal(work.state_dict()[k], v), k
+    torch.testing.assert_close(work(*args), once(*args))
+
+
+def test_widen_undoes_narrow_with_zeros_in_the_cut_slices() -> None:
+    m = tiny()
+    before = copy.deepcopy(m)
+    narrowing = narrow(m, PrunePlan({"conv:out": [1, 3]}, groups=groups()))
+    assert m.conv.out_channels == 2 and m.gn.num_groups == m.gn.num_channels == 2
+    widen(m, narrowing.cuts, narrowing.modules)
+    assert m.conv.out_channels == 4 and m.fc.in_features == 4 and (m.gn.num_groups, m.gn.num_channels) == (2, 4)
+    torch.testing.assert_close(m(X), apply(before, PrunePlan({"conv:out": [1, 3]}, groups=groups()), mode="mask")(X))
+    for k, v in before.state_dict().items():
+        now = m.state_dict()[k]
+        if k == "fc.weight":
+            assert torch.equal(now[:, [1, 3]], v[:, [1, 3]]) and not now[:, [0, 2]].any()
+        elif now.dim() and now.shape[0] == 4 and k != "fc.bias":
+            assert torch.equal(now[[1, 3]], v[[1, 3]]) and not now[[0, 2]].any(), k
+    emptied = narrow(m, PrunePlan({"conv:out": []}, groups=groups(), allow_empty=["conv:out"]))
+    assert type(m.conv) is ZeroWidthConv2d and m.dw.groups == 0
+    widen(m, emptied.cuts)  # no record of the modules: attributes re-derived from the shapes
+    assert type(m.conv) is nn.Conv2d and m.dw.groups == m.dw.in_channels == 4 and type(m.bn) is nn.BatchNorm2d
+
+
+def test_narrow_refuses_refit_and_invalid_plans_untouched() -> None:
+    m = tiny()
+    with pytest.raises(ValidationError, match=r"plan: narrow keeps the model's own values"):
+        narrow(m, PrunePlan({"conv:out": [0]}, groups=groups(), refit={"fc.weight": torch.zeros(3, 1)}))
+    snap = snapshot(m)
+    with pytest.raises(InvalidPlanError, match=r"group 'conv:out': every unit removed"):
+        narrow(m, PrunePlan({"conv:out": []}, groups=groups()))
+    assert same_state(m, snap)

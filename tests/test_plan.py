@@ -182,3 +182,36 @@ def test_from_graph_embeds_group_definitions() -> None:
     assert [m.indices([1, 4]) for m in g.members] == [m.indices([1, 4]) for m in graph.group("0:out").members]
     with pytest.raises(ValidationError, match=r"unknown group 'nope'"):
         PrunePlan.from_graph(graph, {"nope": [0]})
+
+
+def test_allow_empty_round_trips_and_is_left_out_when_unused() -> None:
+    plan = PrunePlan({"conv:out": [], "fc:out": [0, 1, 2]}, groups={"conv:out": _group()},
+                     allow_empty=["conv:out", "conv:out"])
+    assert plan.allow_empty == ["conv:out"] and plan.empties("conv:out") and not plan.empties("fc:out")
+    doc = json.loads(plan.to_json())
+    assert doc["allow_empty"] == ["conv:out"] and doc["version"] == 1
+    back = PrunePlan.from_json(plan.to_json())
+    assert back.allow_empty == ["conv:out"] and back.keep["conv:out"] == [] and back.empties("conv:out")
+    assert "allow_empty" not in _doc()  # plans that empty nothing are byte-identical to older ones
+    assert not PrunePlan({"a": []}).empties("a")  # an empty list alone is not a permission
+
+
+@pytest.mark.parametrize(
+    ("mutate", "pattern"),
+    [
+        (lambda d: d.update(allow_empty="conv:out"), r"^allow_empty: expected a list of group names, got 'conv:out'"),
+        (lambda d: d.update(allow_empty=[1]), r"^allow_empty: expected a list of group names, got \[1\]"),
+    ],
+)
+def test_malformed_allow_empty_names_the_field(mutate: Any, pattern: str) -> None:
+    doc = _doc()
+    mutate(doc)
+    with pytest.raises(PlanFormatError, match=pattern):
+        PrunePlan.from_dict(doc)
+
+
+def test_allow_empty_in_the_constructor_is_checked() -> None:
+    with pytest.raises(ValidationError, match=r"allow_empty: expected a list of group names, got str"):
+        PrunePlan({"a": []}, allow_empty="a")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"allow_empty: group name 3 is not a string"):
+        PrunePlan({"a": []}, allow_empty=[3])  # type: ignore[list-item]
