@@ -27,6 +27,19 @@ Ours, where the paper's body was not available:
   in the step's normalised units) adds a pull to the nearest vertex so that a short training run
   ends with decided gates.
 - A gate that reaches 0 is fixed there for good: never sampled again, left out of projections.
+  A layer gate at 0 kills every unit of its groups.
+- Dead units are sliced out of ``self.model`` while it trains (``compact``), so training gets
+  cheaper as gates die. The slicing is ``apply``'s own (``secateurs.apply.narrow``), done in
+  place on the same ``nn.Parameter`` objects, so the user's optimiser keeps working unchanged:
+  a global ``torch.optim`` step pre-hook cuts every per-parameter state tensor of a compacted
+  parameter (Adam's moments, SGD's momentum) the same way before that optimiser's next step, and
+  a gradient still held is cut at once. We chose this over an explicit ``compact(optimizer)``
+  call because the issue asks that training loops need no change. A dead layer's groups are
+  emptied (``apply``'s zero-width layers), its residual branch then computing only its constant
+  bias path. θ stays indexed by the original units (so plans, projections and ``dead`` keep their
+  meaning); the gates read by the model and the expected cost are taken on the surviving units,
+  emptied groups counting 0. ``close``/``finalize`` widen the model back to its original shapes
+  (zeros in the cut slices, which every plan removes), so ``apply(self.model, plan)`` still works.
 - ``finalize`` in hard-budget mode keeps the units of largest probability that fit the budget
   *exactly* (an Allocation over per-group keep counts with the graph's exact polynomials).
 """
@@ -35,12 +48,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.utils.hooks import RemovableHandle
 
+from secateurs.apply import cut_tensor, narrow, widen
 from secateurs.cost import CostModel
 from secateurs.errors import ValidationError
 from secateurs.graph.groups import Group
@@ -49,9 +65,13 @@ from secateurs.problems.projection import Projection
 from secateurs.solvers import solve
 from secateurs.training.expected_cost import expected_cost
 from secateurs.training.gating import UnitScales
+from secateurs.training.layers import residual_branches
 from secateurs.training.pdp import DensitySchedule
 from secateurs.training.plans import allocate_units, check_budget, plan_from_keep
 from secateurs.training.steps import ScaledStep
+
+if TYPE_CHECKING:
+    from secateurs.graph.build import DependencyGraph
 
 _DEAD = 1e-6
 
@@ -72,6 +92,8 @@ class ComplexityAware:
         A hard budget: θ is projected onto it after every step instead of penalised (γ is then
         not used), and ``finalize`` meets it exactly.
     layers : mapping layer name → group names inside that removable block, optional
+        (``from_graph`` finds the residual branches when none are named). A layer whose gate
+        dies, or is at most ½ at ``finalize``, is removed: the plan keeps none of its units.
     lr : float
         Step size of the projected (globally normalised) gradient step on θ, in probability units.
     flatten : float
@@ -81,6 +103,9 @@ class ComplexityAware:
         Initial probability of every gate.
     schedule : DensitySchedule, optional
         Hard-budget mode: how the budget ramps from the dense cost to the target (default: at once).
+    compact : int
+        Every this many steps, slice units whose gates died out of ``.model`` (0: never; dead
+        units then stay in the model, gated at 0).
     inplace : bool
         Gate ``model`` itself; by default a deep copy, exposed as ``.model``.
     """
@@ -100,6 +125,7 @@ class ComplexityAware:
         flatten: float = 0.0,
         init: float = 0.9,
         schedule: DensitySchedule | None = None,
+        compact: int = 1,
         inplace: bool = False,
     ) -> None:
         for name, value in (("flops_priority", flops_priority), ("layer_balance", layer_balance), ("init", init)):
@@ -110,6 +136,8 @@ class ComplexityAware:
                 raise ValidationError(name, f"must be non-negative, got {value!r}")
         if not lr > 0:
             raise ValidationError("lr", f"must be positive, got {lr!r}")
+        if isinstance(compact, bool) or not isinstance(compact, int) or compact < 0:
+            raise ValidationError("compact", f"must be a non-negative number of steps, got {compact!r}")
         self.groups = {g.name: g for g in groups}
         if not self.groups:
             raise ValidationError("groups", "no groups to gate")
@@ -138,14 +166,32 @@ class ComplexityAware:
         self.layer_theta = {name: torch.tensor(init, dtype=torch.float64, requires_grad=True)
                             for name in dict.fromkeys(self.layer_of.values())}
         self.dead = {g: torch.zeros(grp.size, dtype=torch.bool) for g, grp in self.groups.items()}
+        self.layer_dead = dict.fromkeys(self.layer_theta, False)
         self.fixed_counts = {g: size for g, size in cost_model.sizes.items() if g not in self.groups}
         dense = cost_model()
         self.dense = {"flops": float(dense.flops), "params": float(dense.params)}
         self._optimizer = ScaledStep([*self.theta.values(), *self.layer_theta.values()], lr=self.lr)
+        # what the model holds now: original indices of the units still in it, and the groups
+        # renumbered for its (narrower) tensors; emptied groups leave `current`
+        self.compact_every = compact
+        self.present = {g: torch.arange(grp.size) for g, grp in self.groups.items()}
+        self.current: dict[str, Group] = dict(self.groups)
+        self._origin: dict[int, tuple[torch.Tensor, tuple[int, ...], dict[int, list[int]]]] = {}
+        self._state_cuts: dict[int, tuple[torch.Tensor, list[tuple[tuple[int, ...], dict[int, list[int]]]]]] = {}
+        self._optimizer_hook: RemovableHandle | None = None
+        self._modules: dict[str, tuple[type, dict[str, Any]]] | None = None  # as before the first narrowing
         self.scales = UnitScales(self.model, self.groups.values())
         self._hook = self.model.register_forward_pre_hook(self._sample)
         self.steps = 0
         self._closed = False
+
+    @classmethod
+    def from_graph(cls, model: nn.Module, graph: DependencyGraph, *,
+                   layers: Mapping[str, Iterable[str]] | None = None, **options: Any) -> ComplexityAware:
+        """Gate every prunable group of ``graph``; with no ``layers`` named, its residual branches
+        (``secateurs.training.layers.residual_branches``) become the layer gates."""
+        found = residual_branches(graph) if layers is None else layers
+        return cls(model, graph.prunable_groups(), graph.cost_model, layers=found, **options)
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -157,10 +203,11 @@ class ComplexityAware:
         return p
 
     def _sample(self, module: nn.Module, args: Any) -> None:
-        """Draw gates for this forward (training) or use the rounded gates (eval)."""
+        """Draw gates for this forward (training) or use the rounded gates (eval), for the units
+        the model still holds."""
         values = {}
-        for g in self.theta:
-            p32 = self.probabilities(g).to(torch.float32)
+        for g in self.current:
+            p32 = self.probabilities(g)[self.present[g]].to(torch.float32)
             sample = torch.bernoulli(p32.detach()) if module.training else (p32.detach() > 0.5).to(torch.float32)
             values[g] = sample + p32 - p32.detach()  # straight-through: value ξ, gradient wrt θ
         self.scales.set(values)
@@ -168,11 +215,13 @@ class ComplexityAware:
     # -- regulariser -----------------------------------------------------------------------
 
     def expected(self, what: str, *, units: bool = True, layers: bool = True) -> torch.Tensor:
-        """E[FLOPs] or E[params] at the current probabilities (gradients to the chosen gates)."""
+        """E[FLOPs] or E[params] at the current probabilities (gradients to the chosen gates),
+        over the units the model still holds; an emptied group counts 0."""
         polynomial = getattr(self.cost_model, what)
-        unit = {g: t if units else t.detach() for g, t in self.theta.items()}
+        unit = {g: (t if units else t.detach())[self.present[g]] for g, t in self.theta.items() if g in self.current}
+        fixed = {**self.fixed_counts, **{g: 0 for g in self.theta if g not in self.current}}
         layer = {n: t if layers else t.detach() for n, t in self.layer_theta.items()}
-        return expected_cost(polynomial, unit, fixed=self.fixed_counts, layer_of=self.layer_of, layer_probs=layer)
+        return expected_cost(polynomial, unit, fixed=fixed, layer_of=self.layer_of, layer_probs=layer)
 
     def _relative(self, *, units: bool, layers: bool) -> torch.Tensor:
         flops = self.expected("flops", units=units, layers=layers) / max(self.dense["flops"], 1.0)
@@ -200,22 +249,114 @@ class ComplexityAware:
         """Projected gradient step on θ (call after the optimiser step, before zero_grad)."""
         if self._closed:
             raise ValidationError("step", "this ComplexityAware was finalized or closed; wrap the model again")
-        self._optimizer.step(flatten=self.flatten * self.schedule.progress(self.steps))
+        live = [~self.dead[g] for g in self.theta] + [torch.tensor(not d) for d in self.layer_dead.values()]
+        self._optimizer.step(flatten=self.flatten * self.schedule.progress(self.steps), live=live)
         with torch.no_grad():
             for g, theta in self.theta.items():
                 theta.clamp_(0.0, 1.0)
                 theta[self.dead[g]] = 0.0
-            for theta in self.layer_theta.values():
-                theta.clamp_(0.0, 1.0)
+            for name, theta in self.layer_theta.items():
+                theta.clamp_(0.0, 0.0 if self.layer_dead[name] else 1.0)
         if self.budget:
             for _ in range(self.relinearise):  # each pass re-linearises at the projected point
                 self._project_onto_budget()
         with torch.no_grad():
+            for name, theta in self.layer_theta.items():
+                if float(theta) <= _DEAD:  # a layer at 0 is removed for good, with all its units
+                    self.layer_dead[name] = True
+                    theta.zero_()
             for g, theta in self.theta.items():
                 self.dead[g] |= theta <= _DEAD  # a gate at 0 is removed for good
+                if g in self.layer_of and self.layer_dead[self.layer_of[g]]:
+                    self.dead[g][:] = True
                 theta[self.dead[g]] = 0.0
         self._optimizer.zero_grad()
         self.steps += 1
+        if self.compact_every and self.steps % self.compact_every == 0:
+            self.compact()
+
+    # -- compaction ------------------------------------------------------------------------
+
+    def _removed_layer(self, group: str, threshold: float = _DEAD) -> bool:
+        layer = self.layer_of.get(group)
+        return layer is not None and (self.layer_dead[layer] or float(self.layer_theta[layer].detach()) <= threshold)
+
+    def compact(self) -> bool:
+        """Slice the units whose gates died out of ``self.model``; returns whether anything was cut.
+
+        Called by ``step`` every ``compact`` steps. Parameters stay the same objects (new
+        ``.data``; gradients cut at once, optimiser state before its next step). A group whose
+        units all died keeps the one ``keep`` would fall back to, unless its layer died: then it
+        is emptied.
+        """
+        if self._closed:
+            raise ValidationError("compact", "this ComplexityAware was finalized or closed")
+        keep: dict[str, list[int]] = {}
+        emptied: list[str] = []
+        changed = False
+        for g in self.current:
+            present = self.present[g]
+            if self._removed_layer(g):
+                keep[g], changed = [], True
+                emptied.append(g)
+                continue
+            alive = torch.nonzero(~self.dead[g][present]).reshape(-1)
+            if alive.numel() == 0:
+                alive = torch.zeros(1, dtype=torch.long)
+            keep[g] = alive.tolist()
+            changed |= alive.numel() < present.numel()
+        if not changed:
+            return False
+        plan = PrunePlan(keep, groups=self.current, allow_empty=emptied)
+        self.scales.remove()
+        try:
+            narrowing = narrow(self.model, plan)
+        except Exception:  # an invalid plan leaves the model untouched: gate it as before
+            self.scales = UnitScales(self.model, self.current.values())
+            raise
+        for g, units in keep.items():
+            self.present[g] = self.present[g][torch.tensor(units, dtype=torch.long)]
+        self.current = narrowing.groups
+        if self._modules is None:
+            self._modules = narrowing.modules
+        self.scales = UnitScales(self.model, self.current.values())
+        for tensor, shape, kept in narrowing.cuts:
+            origin = self._origin.get(id(tensor))
+            if origin is None or origin[0] is not tensor:
+                self._origin[id(tensor)] = (tensor, shape, {d: list(k) for d, k in kept.items()})
+            else:
+                for d, k in kept.items():
+                    origin[2][d] = [origin[2][d][i] for i in k] if d in origin[2] else list(k)
+            entry = self._state_cuts.setdefault(id(tensor), (tensor, []))
+            entry[1].append((shape, kept))
+        if self._optimizer_hook is None:
+            self._optimizer_hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
+        return True
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.sync_optimizer(optimizer)
+
+    def sync_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Cut ``optimizer``'s per-parameter state tensors as their parameters were cut.
+
+        Runs by itself before every ``torch.optim`` optimiser step; call it yourself only before
+        reading or saving the state of an optimiser that has not stepped since a compaction.
+        A state tensor is cut when it still has a parameter's former shape (Adam's moments,
+        SGD's momentum, Adagrad's sums); other entries (step counts) are left alone.
+        """
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                entry = self._state_cuts.get(id(param))
+                if entry is None or entry[0] is not param or not optimizer.state.get(param):
+                    continue
+                state = optimizer.state[param]
+                for key, value in list(state.items()):
+                    if not isinstance(value, torch.Tensor) or value.shape == param.shape:
+                        continue
+                    for shape, kept in entry[1]:
+                        if tuple(value.shape) == tuple(shape):
+                            value = cut_tensor(value, kept)
+                    state[key] = value
 
     def _flat(self) -> tuple[list[tuple[str, str]], torch.Tensor]:
         keys = [("unit", g) for g in self.theta] + [("layer", n) for n in self.layer_theta]
@@ -246,7 +387,7 @@ class ComplexityAware:
             for g, layer in self.layer_of.items():
                 start = offsets[("unit", g)]
                 parent[start:start + self.theta[g].numel()] = offsets[("layer", layer)]
-        fixed = {}
+        fixed = {offsets[("layer", name)]: 0.0 for name, dead in self.layer_dead.items() if dead}
         for g in self.theta:
             for i in torch.nonzero(self.dead[g]).reshape(-1).tolist():
                 fixed[offsets[("unit", g)] + i] = 0.0
@@ -271,16 +412,26 @@ class ComplexityAware:
     # -- results ---------------------------------------------------------------------------
 
     def undecided(self, tol: float = 0.01) -> float:
-        """Fraction of unit gates not yet within ``tol`` of 0 or 1 (0 once training has converged)."""
+        """Fraction of unit gates not yet within ``tol`` of 0 or 1 (0 once training has converged;
+        units sliced out are decided)."""
         p = torch.cat([self.probabilities(g).detach() for g in self.theta])
         return float(((p > tol) & (p < 1 - tol)).double().mean())
 
     def keep(self) -> dict[str, list[int]]:
-        """Units whose gate (times its layer's) is above ½; at least one per group."""
+        """Units whose gate (times its layer's) is above ½, in the original indices; at least one
+        per group (the most probable unit still in the model), unless the group's layer gate is at
+        most ½: the layer is then removed and the group keeps none."""
         out = {}
         for g in self.theta:
-            p = self.probabilities(g).detach()
-            out[g] = torch.nonzero(p > 0.5).reshape(-1).tolist() or [int(torch.argmax(p))]
+            if self._removed_layer(g, 0.5):
+                out[g] = []
+                continue
+            present = self.present[g]
+            p = self.probabilities(g).detach()[present]
+            chosen = torch.nonzero(p > 0.5).reshape(-1)
+            if chosen.numel() == 0:
+                chosen = torch.argmax(p).reshape(1)
+            out[g] = sorted(present[chosen].tolist())
         return out
 
     def finalize(self) -> PrunePlan:
@@ -295,17 +446,24 @@ class ComplexityAware:
             raise ValidationError("finalize", "ComplexityAware was never stepped: call step() after each optimiser step")
         if self._closed:
             raise ValidationError("finalize", "ComplexityAware was already finalized or closed")
-        if self.budget:
-            scores = {g: self.probabilities(g).detach() for g in self.theta}
-            keep = allocate_units(scores, cost_model=self.cost_model, budget=self.budget)
+        if self.budget:  # removed layers count 0; the others' units present in the model compete
+            removed = {g: 0 for g in self.theta if self._removed_layer(g, 0.5)}
+            scores = {g: self.probabilities(g).detach()[self.present[g]] for g in self.theta if g not in removed}
+            chosen = allocate_units(scores, cost_model=self.cost_model, budget=self.budget, fixed=removed)
+            keep = {g: [] if g in removed else sorted(self.present[g][chosen[g]].tolist()) for g in self.theta}
         else:
             keep = self.keep()
         self.close()
         return plan_from_keep(self.groups, keep, {"method": "complexity_aware", "budget": self.budget, "steps": self.steps})
 
     def close(self) -> None:
-        """Remove the gates' hook and parametrisations from the model (the weights stay trained)."""
+        """Remove the gates' hook and parametrisations from the model (the weights stay trained)
+        and widen it back to its original shapes (zeros where units were sliced out)."""
         if not self._closed:
             self._hook.remove()
             self.scales.remove()
+            if self._origin:
+                widen(self.model, list(self._origin.values()), self._modules)
+            if self._optimizer_hook is not None:
+                self._optimizer_hook.remove()
             self._closed = True

@@ -28,9 +28,11 @@ MEASURES = ("flops", "params")
 
 
 def plan_from_keep(groups: Mapping[str, Group], keep: Mapping[str, list[int]], meta: Mapping[str, object]) -> PrunePlan:
-    """A plan naming only the groups that lose units, with their definitions embedded."""
+    """A plan naming only the groups that lose units, with their definitions embedded; a group
+    kept with no unit at all (a removed layer) is listed in ``allow_empty``."""
     pruned = {name: sorted(units) for name, units in keep.items() if len(units) < groups[name].size}
-    return PrunePlan(pruned, groups={name: groups[name] for name in pruned}, meta=dict(meta))
+    empty = [name for name, units in pruned.items() if not units]
+    return PrunePlan(pruned, groups={name: groups[name] for name in pruned}, meta=dict(meta), allow_empty=empty)
 
 
 def check_budget(budget: Mapping[str, float] | None, field: str = "budget") -> dict[str, float]:
@@ -54,11 +56,14 @@ class UnitBudget:
     limit: int
 
 
-def gated_polynomial(cost_model: CostModel, what: str, gated: Sequence[str]) -> Polynomial:
-    """``cost_model``'s params or FLOPs with every group not in ``gated`` fixed at its full size."""
+def gated_polynomial(cost_model: CostModel, what: str, gated: Sequence[str],
+                     fixed: Mapping[str, int] | None = None) -> Polynomial:
+    """``cost_model``'s params or FLOPs with every group not in ``gated`` fixed at ``fixed[g]``
+    (default: its full size)."""
     polynomial: Polynomial = getattr(cost_model, what)
     chosen = set(gated)
-    return polynomial.fix({g: float(s) for g, s in cost_model.sizes.items() if g not in chosen})
+    counts = {**cost_model.sizes, **(fixed or {})}
+    return polynomial.fix({g: float(s) for g, s in counts.items() if g not in chosen})
 
 
 def allocate_units(
@@ -68,6 +73,7 @@ def allocate_units(
     budget: Mapping[str, float] | None = None,
     unit_budgets: Sequence[UnitBudget] = (),
     min_keep: Mapping[str, int] | None = None,
+    fixed: Mapping[str, int] | None = None,
     time_limit: float | None = None,
 ) -> dict[str, list[int]]:
     """The units to keep per group: the most score retained within every budget, exactly.
@@ -79,6 +85,8 @@ def allocate_units(
     budget : {"flops" | "params": fraction of the dense model's cost}
     unit_budgets : per-component caps on the number of kept units
     min_keep : per-group least number of units (default 1: a plan never empties a group)
+    fixed : keep counts of groups outside ``scores`` (default their full size; 0 for a removed
+        layer's groups); budgets stay fractions of the dense model
 
     Raises
     ------
@@ -104,7 +112,7 @@ def allocate_units(
         assert cost_model is not None
         dense = cost_model()
         for what, fraction in budget.items():
-            polynomial = gated_polynomial(cost_model, what, names)
+            polynomial = gated_polynomial(cost_model, what, names, fixed)
             rows.append(AllocationBudget(what, polynomial, fraction * float(getattr(dense, what))))
     for ub in unit_budgets:
         rows.append(AllocationBudget(f"units[{ub.name}]", Polynomial(0.0, dict.fromkeys(ub.groups, 1.0)), float(ub.limit)))

@@ -10,6 +10,10 @@ all entries, so ``lr`` is a step in probability units (ours).
 
 The pull to 0/1 (κ·Σθ(1−θ), our stand-in for the flattening hyperprior) is applied in the same
 units, after the normalisation, so its weight means the same whatever the loss's scale.
+
+Entries fixed for good (dead gates) can be left out of the running RMS (``live``): their
+gradients are no signal, and a unit sliced out of the model has none at all, so leaving them
+out makes a compacted run take the same steps as one that only gates its dead units.
 """
 
 from __future__ import annotations
@@ -32,14 +36,18 @@ class ScaledStep:
         self.count = 0
 
     @torch.no_grad()
-    def step(self, flatten: float = 0.0) -> None:
+    def step(self, flatten: float = 0.0, live: Sequence[torch.Tensor | None] | None = None) -> None:
+        """One step; ``live[i]`` (a bool mask like ``tensors[i]``, or None for all) says which
+        entries count in the running RMS."""
         grads = [t.grad if t.grad is not None else None for t in self.tensors]
-        present = [g for g in grads if g is not None]
+        masks = list(live) if live is not None else [None] * len(self.tensors)
+        present = [(g, m) for g, m in zip(grads, masks, strict=True) if g is not None]
         b1, b2 = self.betas
         if present:
             self.count += 1
-            mean_square = float(sum(float((g.double() ** 2).sum()) for g in present) /
-                                max(1, sum(g.numel() for g in present)))
+            chosen = [g if m is None else g[m] for g, m in present]
+            mean_square = float(sum(float((g.double() ** 2).sum()) for g in chosen) /
+                                max(1, sum(g.numel() for g in chosen)))
             self.square = b2 * self.square + (1 - b2) * mean_square
             for m, g in zip(self.momentum, grads, strict=True):
                 if g is not None:
