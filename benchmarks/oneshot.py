@@ -360,7 +360,7 @@ def latency_pair(dense: nn.Module, pruned: nn.Module, inputs: Any, threads: int,
 
 
 def latency_rows(name: str, dense: nn.Module, pruned: dict[float, tuple[nn.Module, float]],
-                 batches: dict[str, Any], repeats: int) -> list[dict[str, Any]]:
+                 batches: dict[str, Any], repeats: int, rounds: int = 3) -> list[dict[str, Any]]:
     """Latency of every pruned model at every batch: wall clock at 1 and 2 threads, and single-thread CPU time.
 
     The single-thread CPU time (``time.thread_time``) is the forward's own compute; on a shared,
@@ -372,7 +372,7 @@ def latency_rows(name: str, dense: nn.Module, pruned: dict[float, tuple[nn.Modul
         for label, inputs in batches.items():
             for threads, clock_name, clock in ((1, "wall", time.perf_counter), (2, "wall", time.perf_counter),
                                                (1, "cpu", time.thread_time)):
-                d, p, speedup = latency_pair(dense, model, inputs, threads, repeats, clock=clock)
+                d, p, speedup = latency_pair(dense, model, inputs, threads, repeats, clock=clock, rounds=rounds)
                 rows.append({"model": name, "budget": budget, "batch": label, "threads": threads,
                              "clock": clock_name, "dense_ms": 1e3 * d, "pruned_ms": 1e3 * p, "speedup": speedup,
                              "flops_ratio": flops_ratio, "load": os.getloadavg()[0]})
@@ -534,7 +534,9 @@ def run_cnn(name: str, args: Args) -> dict[str, Any]:
     if args.latency and pruned_models:
         big = split.x_test
         batches = {"1": split.x_test[:1], str(big.shape[0]): big}
-        result["latency"] = latency_rows(name, model, pruned_models, batches, 10 if args.quick else 30)
+        # millisecond forwards: many short interleaved rounds, as the shared machine's speed drifts 2-3x
+        result["latency"] = latency_rows(name, model, pruned_models, batches, 10 if args.quick else 30,
+                                         rounds=3 if args.quick else 9)
         print(f"\n## {name}: CPU latency of secateurs' pruned models (median, interleaved rounds; {load_text()})")
         print_latency(result["latency"])
     print(f"\n## {name}: secateurs stage wall times (seconds; {load_text()})")
