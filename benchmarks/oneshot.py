@@ -802,12 +802,13 @@ def plot_all(out: Path) -> list[Path]:
             ax.set_title(f"{name}: {title}")
         axes[0].legend(fontsize=7)
         ax = axes[-1]
-        for method in sorted({r["method"] for r in res["unstructured"]}):
+        for i, method in enumerate(sorted({r["method"] for r in res["unstructured"]})):
             rows = sorted((r for r in res["unstructured"] if r["method"] == method), key=lambda r: r["sparsity"])
-            ax.plot([r["sparsity"] for r in rows], [r["accuracy"] for r in rows], marker="o", label=f"{method}")
-            for k in ft_keys(rows[0]):
-                ax.plot([r["sparsity"] for r in rows], [r.get(k, math.nan) for r in rows], marker="x",
-                        ls="--", label=f"{method} + 1 epoch FT lr {k[14:]}")
+            ax.plot([r["sparsity"] for r in rows], [r["accuracy"] for r in rows], marker="o", color=f"C{i}",
+                    label=f"{method}")
+            for k, ls in zip(ft_keys(rows[0]), ("--", ":", "-."), strict=False):
+                ax.plot([r["sparsity"] for r in rows], [r.get(k, math.nan) for r in rows], marker="x", color=f"C{i}",
+                        ls=ls, label=f"{method} + 1 epoch FT lr {k[14:]}")
         ax.axhline(res["dense"]["accuracy"], color="k", lw=0.8, ls=":", label="dense")
         ax.set_xlabel("sparsity (fraction of Conv/Linear weights zero)")
         ax.set_ylabel("test accuracy")
@@ -842,11 +843,15 @@ def plot_all(out: Path) -> list[Path]:
         top = max(max(r["flops_ratio"] for r in lat), max(r["speedup"] for r in lat)) * 1.1
         ax.plot([1, top], [1, top], "k-", lw=0.8, label="speedup = FLOPs ratio")
         ax.plot([1, top], [0.8, 0.8 * top], "k:", lw=0.8, label="0.8 x FLOPs ratio (target)")
-        for key in sorted({(r["model"], r["batch"], r["threads"]) for r in lat}):
-            rows = sorted((r for r in lat if (r["model"], r["batch"], r["threads"]) == key),
+        series = sorted({(r["model"], r["batch"]) for r in lat})
+        colours = {key: f"C{i % 10}" for i, key in enumerate(series)}
+        styles = {(1, "wall"): "--", (2, "wall"): "-", (1, "cpu"): ":"}
+        for key in sorted({(r["model"], r["batch"], r["threads"], r.get("clock", "wall")) for r in lat}):
+            rows = sorted((r for r in lat if (r["model"], r["batch"], r["threads"], r.get("clock", "wall")) == key),
                           key=lambda r: r["flops_ratio"])
-            ax.plot([r["flops_ratio"] for r in rows], [r["speedup"] for r in rows], marker="o",
-                    ls="-" if key[2] == 2 else "--", label=f"{key[0]} batch {key[1]}, {key[2]} thread(s)")
+            ax.plot([r["flops_ratio"] for r in rows], [r["speedup"] for r in rows], marker="o", ms=4,
+                    color=colours[key[:2]], ls=styles.get(key[2:], "-."),
+                    label=f"{key[0]} batch {key[1]}, {key[2]} thread{'s' if key[2] > 1 else ''} {key[3]}")
         ax.set_xlabel("FLOPs ratio (dense / pruned)")
         ax.set_ylabel("measured speedup (dense / pruned latency)")
         ax.set_title("CPU latency vs FLOPs")
