@@ -294,3 +294,31 @@ def test_hard_budget_with_a_dead_layer_meets_the_budget_with_the_others() -> Non
     small = apply(ca.model, plan, graph=graph)
     assert dense_counts(small, x).flops <= 0.5 * graph.cost().flops
     assert dense_counts(small, x) == graph.cost(plan.kept_counts())
+
+
+def test_compacted_training_takes_the_same_steps_as_gated_training() -> None:
+    """Slicing is only an optimisation: same gate draws, same θ, same weights on the live units."""
+    runs = []
+    for compact in (1, 0):
+        model, groups, cost = _setup()
+        ca = ComplexityAware(model, groups, cost, budget={"flops": 0.3}, lr=0.1, flatten=0.2, compact=compact)
+        torch.manual_seed(1)
+        x = torch.randn(256, 6)
+        y = x[:, :3].argmax(1)
+        opt = torch.optim.Adam(ca.model.parameters(), 1e-2)
+        for _ in range(30):
+            loss = nn.functional.cross_entropy(ca.model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            ca.step()
+        runs.append(ca)
+    sliced, gated = runs
+    assert sliced.model[0].bias.shape[0] < 16 and gated.model[0].bias.shape[0] == 16
+    for g in sliced.theta:
+        assert torch.equal(sliced.dead[g], gated.dead[g])
+        torch.testing.assert_close(sliced.theta[g], gated.theta[g])
+    a, b = sliced.present["h1"], sliced.present["h2"]
+    torch.testing.assert_close(sliced.model[0].weight, gated.model[0].weight[a])
+    torch.testing.assert_close(_weights(sliced.model[2]), _weights(gated.model[2])[b][:, a])
+    assert sliced.finalize().keep == gated.finalize().keep

@@ -204,12 +204,15 @@ class ComplexityAware:
 
     def _sample(self, module: nn.Module, args: Any) -> None:
         """Draw gates for this forward (training) or use the rounded gates (eval), for the units
-        the model still holds."""
+        the model still holds. Every original unit is drawn, sliced out or not, so a compacted run
+        consumes the random stream as an uncompacted one does and draws the same gates."""
         values = {}
-        for g in self.current:
-            p32 = self.probabilities(g)[self.present[g]].to(torch.float32)
+        for g in self.theta:
+            p32 = self.probabilities(g).to(torch.float32)
             sample = torch.bernoulli(p32.detach()) if module.training else (p32.detach() > 0.5).to(torch.float32)
-            values[g] = sample + p32 - p32.detach()  # straight-through: value ξ, gradient wrt θ
+            if g in self.current:
+                index = self.present[g]
+                values[g] = sample[index] + p32[index] - p32[index].detach()  # straight-through: ξ, ∂/∂θ
         self.scales.set(values)
 
     # -- regulariser -----------------------------------------------------------------------
@@ -434,23 +437,32 @@ class ComplexityAware:
             out[g] = sorted(present[chosen].tolist())
         return out
 
+    def _live(self, group: str) -> torch.Tensor:
+        """Original indices of the units of ``group`` still in the model and not dead; when none
+        is left, the one unit compaction keeps (the first still in the model)."""
+        present = self.present[group]
+        live = present[~self.dead[group][present]]
+        return live if live.numel() else present[:1]
+
     def finalize(self) -> PrunePlan:
         """The plan of kept units, within the hard budget exactly when one was given; gates removed.
 
         Penalty mode keeps the units whose probability is above ½. Hard-budget mode keeps, among
         all choices that meet the budget under the graph's exact polynomials, the one retaining
-        the most probability mass (``allocate_units``). ``secateurs.apply(self.model, plan)``
+        the most probability mass (``allocate_units``) among the units not dead (a gate at 0 never
+        comes back, whether or not it was sliced out). ``secateurs.apply(self.model, plan)``
         then gives the physically smaller model.
         """
         if self.steps == 0:
             raise ValidationError("finalize", "ComplexityAware was never stepped: call step() after each optimiser step")
         if self._closed:
             raise ValidationError("finalize", "ComplexityAware was already finalized or closed")
-        if self.budget:  # removed layers count 0; the others' units present in the model compete
+        if self.budget:  # removed layers count 0; the others' live units compete (a dead one never returns)
             removed = {g: 0 for g in self.theta if self._removed_layer(g, 0.5)}
-            scores = {g: self.probabilities(g).detach()[self.present[g]] for g in self.theta if g not in removed}
+            candidates = {g: self._live(g) for g in self.theta if g not in removed}
+            scores = {g: self.probabilities(g).detach()[units] for g, units in candidates.items()}
             chosen = allocate_units(scores, cost_model=self.cost_model, budget=self.budget, fixed=removed)
-            keep = {g: [] if g in removed else sorted(self.present[g][chosen[g]].tolist()) for g in self.theta}
+            keep = {g: [] if g in removed else sorted(candidates[g][chosen[g]].tolist()) for g in self.theta}
         else:
             keep = self.keep()
         self.close()
