@@ -20,11 +20,22 @@
     component's unit budget, then fine-tuned for the rest) vs uniform per-component pruning
     (every group keeps the fraction, largest producer norms, then ``E`` epochs of fine-tuning),
     before and after fine-tuning: ``benchmarks/out/training_autoencoder.png``.
+(d) Training gets cheaper as gates die: complexity-aware training of the MNIST-1D CNN to 30% of
+    its FLOPs (budget ramped over the first third of the epochs, flatten 0.3 so gates decide
+    within the run), once slicing dead units out of the model as it trains (``compact=1``, the
+    default) and once only gating them (``compact=0``), same seed and data order, epochs
+    alternating. Per epoch: the FLOPs the model computes (FlopCounterMode on the model as it is at
+    the epoch's end), wall and CPU seconds, split into the model's forward + backward + Adam step
+    and the method's own ``step``. Then a few alternating timed epochs of a fresh wrapper (before
+    any unit died) and of both trained ones (after): min / median CPU seconds per epoch, the
+    figure that says whether training got cheaper (CPU time, since the machine is shared). Test
+    accuracy of both runs after ``finalize`` (no fine-tuning). At batch 64 and 256.
 
 Targets (issue 6): every method meets its budget exactly; complexity-aware training within 1
 point of the dense accuracy at 50% FLOPs on MNIST-1D; PDP at 2:4 within 1 point of dense.
 
-Run: ``python benchmarks/training.py [--quick] [--threads N] [--seed S] [--seeds K] [--epochs E]``.
+Run: ``python benchmarks/training.py [--quick] [--threads N] [--seed S] [--seeds K] [--epochs E]
+[--only-compaction]``.
 """
 
 from __future__ import annotations
@@ -65,16 +76,16 @@ def table(rows: list[list[Any]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def batches(x: Tensor, y: Tensor, epoch: int, seed: int) -> Iterator[tuple[Tensor, Tensor]]:
+def batches(x: Tensor, y: Tensor, epoch: int, seed: int, batch: int = BATCH) -> Iterator[tuple[Tensor, Tensor]]:
     """One epoch of shuffled mini-batches; the order depends only on (seed, epoch)."""
     order = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1000 * seed + epoch))
-    for i in range(0, x.shape[0], BATCH):
-        idx = order[i : i + BATCH]
+    for i in range(0, x.shape[0], batch):
+        idx = order[i : i + batch]
         yield x[idx], y[idx]
 
 
-def steps_per_epoch(n: int) -> int:
-    return math.ceil(n / BATCH)
+def steps_per_epoch(n: int, batch: int = BATCH) -> int:
+    return math.ceil(n / batch)
 
 
 class _Plain:
@@ -196,8 +207,8 @@ def frozen(epochs: int) -> int:
     return max(1, epochs // 3)
 
 
-def schedule(epochs: int, n: int, warmup: float, ramp: float) -> DensitySchedule:
-    spe = steps_per_epoch(n)
+def schedule(epochs: int, n: int, warmup: float, ramp: float, batch: int = BATCH) -> DensitySchedule:
+    spe = steps_per_epoch(n, batch)
     return DensitySchedule(warmup=int(warmup * epochs * spe), ramp=max(1, int(ramp * epochs * spe)))
 
 
@@ -387,6 +398,114 @@ def autoencoder_runs(fractions: list[float], epochs: int, seed: int, pretrain: i
     return dense, rows
 
 
+# ------------------------------------------------------------------------------ (d) compaction
+
+
+class CompactionRun:
+    """Complexity-aware training with or without slicing dead units out, one timed epoch at a time
+    (runs alternate epochs, so load from elsewhere on the shared machine hits them alike)."""
+
+    def __init__(self, setup: Setup, compact: int, epochs: int, seed: int, batch: int, fraction: float = 0.3) -> None:
+        self.setup, self.compact, self.seed, self.batch = setup, compact, seed, batch
+        torch.manual_seed(seed)
+        n = setup.data.x_train.shape[0]
+        self.wrapper = ComplexityAware(setup.model, setup.graph.prunable_groups(), setup.graph.cost_model,
+                                       budget={"flops": fraction}, lr=0.05, flatten=0.3, compact=compact,
+                                       schedule=schedule(epochs, n, 0.0, 1 / 3, batch))
+        self.opt = torch.optim.Adam(self.wrapper.model.parameters(), lr=LR)
+        self.rng = torch.get_rng_state()
+        self.rows: list[dict[str, float]] = []
+
+    def epoch(self, epoch: int, quiet: bool = False) -> dict[str, float]:
+        """One epoch of the training loop; CPU seconds split into the model's forward + backward +
+        Adam step and the method's ``step`` (projection onto the budget, compaction)."""
+        x, y = self.setup.data.x_train, self.setup.data.y_train
+        model, wrapper = self.wrapper.model, self.wrapper
+        torch.set_rng_state(self.rng)  # each run draws its gates from its own stream
+        model.train()
+        wall, model_cpu, method_cpu = time.perf_counter(), 0.0, 0.0
+        for xb, yb in batches(x, y, epoch, self.seed, self.batch):
+            c0 = time.process_time()
+            loss = cross_entropy(model(xb), yb) + wrapper.penalty().to(torch.float32)
+            self.opt.zero_grad()
+            loss.backward()
+            self.opt.step()
+            c1 = time.process_time()
+            wrapper.step()
+            model_cpu += c1 - c0
+            method_cpu += time.process_time() - c1
+        self.rng = torch.get_rng_state()
+        row = {"epoch": epoch, "flops": dense_counts(model, self.setup.info.example_inputs).flops / self.setup.dense_flops,
+               "alive": sum(int((~d).sum()) for d in wrapper.dead.values()), "wall": time.perf_counter() - wall,
+               "cpu": model_cpu + method_cpu, "cpu model": model_cpu, "cpu method": method_cpu}
+        if not quiet:
+            self.rows.append(row)
+            print(f"  batch {self.batch} compact={self.compact} epoch {epoch}: model FLOPs {row['flops']:.1%}, "
+                  f"{row['alive']} units alive, {row['wall']:.2f} s wall, {row['cpu']:.2f} s CPU "
+                  f"({model_cpu:.2f} model)", flush=True)
+        return row
+
+    def finish(self) -> tuple[float, float]:
+        """Test accuracy and FLOPs fraction of the finalized plan applied to the trained copy."""
+        plan = self.wrapper.finalize()
+        pruned = secateurs.apply(self.wrapper.model, plan)
+        return zoo.accuracy(pruned, self.setup.data.x_test, self.setup.data.y_test), flops_fraction(self.setup, pruned)
+
+
+def compaction_table(setup: Setup, epochs: int, seed: int, batch: int, rounds: int = 5) -> str:
+    """(d) at one batch size: per-epoch cost and time while training, sliced vs gated; then
+    ``rounds`` alternating timed epochs of a fresh wrapper (before any unit died) and of both trained
+    ones (after), min and median CPU seconds per epoch."""
+    runs = {1: CompactionRun(setup, 1, epochs, seed, batch), 0: CompactionRun(setup, 0, epochs, seed, batch)}
+    for epoch in range(epochs):
+        for run in runs.values():
+            run.epoch(epoch)
+    sliced, gated = runs[1].rows, runs[0].rows
+    rows = [[int(a["epoch"]), f"{a['alive']:.0f} / {b['alive']:.0f}", f"{a['flops']:.1%}", f"{b['flops']:.1%}",
+             f"{a['wall']:.2f}", f"{b['wall']:.2f}", f"{a['cpu']:.2f}", f"{b['cpu']:.2f}", f"{a['cpu model']:.2f}",
+             f"{b['cpu model']:.2f}"] for a, b in zip(sliced, gated, strict=True)]
+    timings: dict[str, list[dict[str, float]]] = {"before (fresh, dense)": [], "after, sliced": [], "after, gated only": []}
+    for k in range(rounds):
+        fresh = CompactionRun(setup, 1, epochs, seed, batch)
+        timings["before (fresh, dense)"].append(fresh.epoch(0, quiet=True))
+        timings["after, sliced"].append(runs[1].epoch(epochs + k, quiet=True))
+        timings["after, gated only"].append(runs[0].epoch(epochs + k, quiet=True))
+    (acc_sliced, flops_sliced), (acc_gated, flops_gated) = runs[1].finish(), runs[0].finish()
+
+    def stat(rs: list[dict[str, float]], key: str) -> str:
+        values = sorted(r[key] for r in rs)
+        return f"{values[0]:.3f} / {values[len(values) // 2]:.3f}"
+
+    steady = [[name, f"{rs[-1]['flops']:.1%}", stat(rs, "cpu"), stat(rs, "cpu model"), stat(rs, "cpu method"),
+               stat(rs, "wall")] for name, rs in timings.items()]
+    base = min(r["cpu"] for r in timings["before (fresh, dense)"])
+    after = min(r["cpu"] for r in timings["after, sliced"])
+    gated_after = min(r["cpu"] for r in timings["after, gated only"])
+    return "\n".join([
+        f"\n(d) complexity-aware training of {setup.name} to 30% FLOPs, batch {batch}, {epochs} epochs (budget ramped "
+        f"over the first third), seed {seed}: dead units sliced out (compact=1) vs only gated (compact=0)",
+        table(rows, ["epoch", "units alive (sliced / gated)", "model FLOPs sliced", "model FLOPs gated",
+                     "wall s sliced", "wall s gated", "CPU s sliced", "CPU s gated", "model CPU s sliced",
+                     "model CPU s gated"]),
+        f"one epoch, {rounds} alternating rounds (min / median seconds; model = forward + backward + Adam, "
+        "method = its step: projection, compaction)",
+        table(steady, ["epoch of", "model FLOPs", "CPU s", "model CPU s", "method CPU s", "wall s"]),
+        f"CPU per epoch: {base:.3f} s before units die -> {after:.3f} s after with slicing "
+        f"({base / max(after, 1e-9):.2f}x cheaper; {gated_after:.3f} s when dead units are only gated)",
+        f"test accuracy after finalize (no fine-tuning): sliced {100 * acc_sliced:.1f}% at {flops_sliced:.1%} FLOPs, "
+        f"gated {100 * acc_gated:.1f}% at {flops_gated:.1%} FLOPs (dense {100 * setup.dense_accuracy:.1f}%); both runs "
+        "draw the same gates and agree to float rounding at first, which the projected steps amplify over the run, "
+        "so the two are two samples of the same method, not the same numbers",
+    ])
+
+
+def compaction_tables(epochs: int, seed: int) -> str:
+    """(d) at the benchmark's batch size and at a larger one (the CNN is tiny: at batch 64 much of
+    a step is per-op overhead that narrower layers do not remove)."""
+    setup = load("mnist1d_cnn")
+    return "\n".join(compaction_table(setup, epochs, seed, batch) for batch in (BATCH, 4 * BATCH))
+
+
 # ------------------------------------------------------------------------------ plots
 
 
@@ -459,6 +578,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="first seed")
     parser.add_argument("--seeds", type=int, default=None, help="seeds for the 50%% / sparse table (default 3, quick 1)")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs per method (default 20, quick 2)")
+    parser.add_argument("--only-compaction", action="store_true",
+                        help="run only (d): epoch times with dead units sliced out vs gated (default 9 epochs, quick 3)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -468,6 +589,11 @@ def main() -> None:
     models = ["mnist1d_cnn"] if args.quick else ["mnist1d_cnn", "digits_cnn"]
     curve = [0.5] if args.quick else [0.3, 0.5, 0.7]
     began = time.perf_counter()
+    compaction_epochs = args.epochs or (3 if args.quick else 9)
+    if args.only_compaction:
+        print(compaction_tables(compaction_epochs, seeds[0]))
+        print(f"\ntotal wall time {time.perf_counter() - began:.0f} s")
+        return
 
     main_rows, dense_rows, targets = [], [], []
     for name in models:
@@ -543,6 +669,8 @@ def main() -> None:
         path = OUT / "training_autoencoder.png"
         plot_autoencoder(dense_mse, ae_rows, path)
         print(f"wrote {path}")
+
+    print(compaction_tables(compaction_epochs, seeds[0]))
 
     print("\nTargets")
     print(table(targets, ["model", "target", "value (points)", "status (mean)", "per seed"]))
