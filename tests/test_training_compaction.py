@@ -322,3 +322,51 @@ def test_compacted_training_takes_the_same_steps_as_gated_training() -> None:
     torch.testing.assert_close(sliced.model[0].weight, gated.model[0].weight[a])
     torch.testing.assert_close(_weights(sliced.model[2]), _weights(gated.model[2])[b][:, a])
     assert sliced.finalize().keep == gated.finalize().keep
+
+
+def _normed() -> tuple[nn.Module, list[Group], CostModel]:
+    """The MLP with a LayerNorm on h1: gating h1's units is not slicing them (they weigh in its statistics)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+    groups = [Group("h1", 16, [Member("0", "weight", 0, "producer"), Member("0", "bias", 0), Member("1", "weight", 0),
+                               Member("1", "bias", 0), Member("3", "weight", 1, "consumer")]),
+              Group("h2", 16, [Member("3", "weight", 0, "producer"), Member("3", "bias", 0),
+                               Member("5", "weight", 1, "consumer")])]
+    # params: 6h1 + h1 + 2h1 + h1h2 + h2 + 3h2 + 3; FLOPs 2(6h1 + h1h2 + 3h2)
+    cost = CostModel(Polynomial(3, {"h1": 9, "h2": 4}, {("h1", "h2"): 1}),
+                     Polynomial(0, {"h1": 12, "h2": 6}, {("h1", "h2"): 2}), {"h1": 16, "h2": 16})
+    return model, groups, cost
+
+
+def test_groups_through_a_layernorm_are_emptied_but_never_narrowed() -> None:
+    model, groups, cost = _normed()
+    ca = ComplexityAware(model, groups, cost, strength=0.0, lr=1e-9, layers={"block": ["h1"]})
+    _decided(ca, DEAD)
+    with torch.no_grad():
+        ca.layer_theta["block"].fill_(1.0)
+    x = torch.randn(8, 6)
+    ca.model.eval()
+    before = ca.model(x)
+    ca.step()
+    assert ca.present["h1"].numel() == 16 and ca.present["h2"].numel() == 14  # h2 narrowed, h1 only gated
+    torch.testing.assert_close(ca.model(x), before)
+    with torch.no_grad():
+        ca.layer_theta["block"].zero_()
+        before = ca.model(x)
+    ca.step()  # the layer died: emptying h1 is exact (its consumer reads nothing either way)
+    assert ca.model[0].out_features == 0 and ca.model[1].normalized_shape == (0,)
+    torch.testing.assert_close(ca.model(x), before)
+    plan = ca.finalize()
+    assert plan.keep["h1"] == [] and ca.model[1].normalized_shape == (16,)
+    torch.testing.assert_close(apply(ca.model, plan).eval()(x), before)
+
+
+def test_layers_must_be_able_to_run_at_zero_width() -> None:
+    model = nn.Sequential(nn.Linear(6, 4), nn.PReLU(4), nn.Linear(4, 3))
+    model[1] = nn.ConvTranspose1d(4, 4, 1)  # a stand-in module that apply cannot leave at zero width
+    group = Group("h", 4, [Member("0", "weight", 0, "producer"), Member("1", "weight", 0),
+                           Member("2", "weight", 1, "consumer")])
+    cost = CostModel(Polynomial(0, {"h": 1.0}), Polynomial(0, {"h": 1.0}), {"h": 4})
+    with pytest.raises(ValidationError, match=r"layers: layer 'b': group 'h' reaches ConvTranspose1d '1', which cannot "
+                                              r"run at zero width"):
+        ComplexityAware(model, [group], cost, layers={"b": ["h"]})

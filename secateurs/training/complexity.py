@@ -47,6 +47,7 @@ Ours, where the paper's body was not available:
 from __future__ import annotations
 
 import copy
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -56,9 +57,9 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.hooks import RemovableHandle
 
-from secateurs.apply import cut_tensor, narrow, widen
+from secateurs.apply import cut_tensor, narrow, runs_at_zero_width, widen
 from secateurs.cost import CostModel
-from secateurs.errors import ValidationError
+from secateurs.errors import InvalidPlanError, ValidationError
 from secateurs.graph.groups import Group
 from secateurs.plan import PrunePlan
 from secateurs.problems.projection import Projection
@@ -74,6 +75,18 @@ if TYPE_CHECKING:
     from secateurs.graph.build import DependencyGraph
 
 _DEAD = 1e-6
+
+
+def _mixes_channels(model: nn.Module, path: str) -> bool:
+    """Whether the module normalises across channels, so a gated unit still affects the others."""
+    try:
+        mod = model.get_submodule(path)
+    except AttributeError:
+        return False
+    if isinstance(mod, nn.GroupNorm):
+        return mod.num_groups != mod.num_channels
+    rms = getattr(nn, "RMSNorm", None)
+    return isinstance(mod, nn.LayerNorm) or (rms is not None and isinstance(mod, rms))
 
 
 class ComplexityAware:
@@ -93,7 +106,11 @@ class ComplexityAware:
         not used), and ``finalize`` meets it exactly.
     layers : mapping layer name → group names inside that removable block, optional
         (``from_graph`` finds the residual branches when none are named). A layer whose gate
-        dies, or is at most ½ at ``finalize``, is removed: the plan keeps none of its units.
+        dies, or is at most ½ at ``finalize``, is removed: the plan keeps none of its units, so
+        every module its groups reach must run at zero width (checked), and so must the
+        parameter-free ops between them (not checkable here: ``from_graph`` checks them on the
+        graph; a max pool inside a branch you name yourself fails at the first forward after the
+        layer died).
     lr : float
         Step size of the projected (globally normalised) gradient step on θ, in probability units.
     flatten : float
@@ -160,6 +177,15 @@ class ComplexityAware:
                 if g in self.layer_of:
                     raise ValidationError("layers", f"group {g!r} is in two layers ({self.layer_of[g]!r}, {layer!r})")
                 self.layer_of[g] = layer
+        for g, layer in self.layer_of.items():  # a dead layer empties its groups: apply must be able to
+            for m in self.groups[g].members:
+                try:
+                    mod = model.get_submodule(m.module)
+                except AttributeError:
+                    continue  # UnitScales names a missing module
+                if not runs_at_zero_width(mod):
+                    raise ValidationError("layers", f"layer {layer!r}: group {g!r} reaches {type(mod).__name__} "
+                                                    f"{m.module!r}, which cannot run at zero width")
         self.model = model if inplace else copy.deepcopy(model)
         self.theta = {g: torch.full((grp.size,), init, dtype=torch.float64, requires_grad=True)
                       for g, grp in self.groups.items()}
@@ -180,6 +206,8 @@ class ComplexityAware:
         self._state_cuts: dict[int, tuple[torch.Tensor, list[tuple[tuple[int, ...], dict[int, list[int]]]]]] = {}
         self._optimizer_hook: RemovableHandle | None = None
         self._modules: dict[str, tuple[type, dict[str, Any]]] | None = None  # as before the first narrowing
+        self._stuck: dict[str, int] = {}  # group -> dead count at which the model could not lose them
+        self._mixed = {g for g, grp in self.groups.items() if any(_mixes_channels(self.model, m.module) for m in grp.members)}
         self.scales = UnitScales(self.model, self.groups.values())
         self._hook = self.model.register_forward_pre_hook(self._sample)
         self.steps = 0
@@ -290,34 +318,57 @@ class ComplexityAware:
         Called by ``step`` every ``compact`` steps. Parameters stay the same objects (new
         ``.data``; gradients cut at once, optimiser state before its next step). A group whose
         units all died keeps the one ``keep`` would fall back to, unless its layer died: then it
-        is emptied.
+        is emptied. A group normalised across its channels (LayerNorm, GroupNorm) is only emptied,
+        never narrowed: its dead units still weigh in the norm's statistics, so slicing some out
+        would change the forward. A group the model cannot lose these units of yet (a GroupNorm that would be
+        left with a channel count its groups do not divide) stays gated as it is, and is tried
+        again once more of its units have died.
         """
         if self._closed:
             raise ValidationError("compact", "this ComplexityAware was finalized or closed")
         keep: dict[str, list[int]] = {}
         emptied: list[str] = []
-        changed = False
         for g in self.current:
             present = self.present[g]
+            if self._stuck.get(g) == int(self.dead[g].sum()):
+                continue
             if self._removed_layer(g):
-                keep[g], changed = [], True
+                keep[g] = []
                 emptied.append(g)
+                continue
+            if g in self._mixed:
                 continue
             alive = torch.nonzero(~self.dead[g][present]).reshape(-1)
             if alive.numel() == 0:
                 alive = torch.zeros(1, dtype=torch.long)
-            keep[g] = alive.tolist()
-            changed |= alive.numel() < present.numel()
-        if not changed:
+            if alive.numel() < present.numel():
+                keep[g] = alive.tolist()
+        if not keep:
             return False
-        plan = PrunePlan(keep, groups=self.current, allow_empty=emptied)
+        try:
+            self._narrow(keep, emptied)
+        except InvalidPlanError:  # one group holds the others back: narrow those that can go alone
+            cut = False
+            for g, units in keep.items():
+                try:
+                    self._narrow({g: units}, [g] if g in emptied else [])
+                    cut = True
+                except InvalidPlanError:
+                    self._stuck[g] = int(self.dead[g].sum())
+            return cut
+        return True
+
+    def _narrow(self, keep: Mapping[str, list[int]], emptied: list[str]) -> None:
+        """Narrow the model to ``keep`` (positions among the units it holds; other groups whole)."""
+        full = {g: keep.get(g, list(range(self.present[g].numel()))) for g in self.current}
+        plan = PrunePlan(full, groups=self.current, allow_empty=emptied)
         self.scales.remove()
         try:
             narrowing = narrow(self.model, plan)
         except Exception:  # an invalid plan leaves the model untouched: gate it as before
             self.scales = UnitScales(self.model, self.current.values())
             raise
-        for g, units in keep.items():
+        for g, units in full.items():
             self.present[g] = self.present[g][torch.tensor(units, dtype=torch.long)]
         self.current = narrowing.groups
         if self._modules is None:
@@ -332,9 +383,15 @@ class ComplexityAware:
                     origin[2][d] = [origin[2][d][i] for i in k] if d in origin[2] else list(k)
             entry = self._state_cuts.setdefault(id(tensor), (tensor, []))
             entry[1].append((shape, kept))
-        if self._optimizer_hook is None:
-            self._optimizer_hook = register_optimizer_step_pre_hook(self._before_optimizer_step)
-        return True
+        if self._optimizer_hook is None:  # a weak reference: an abandoned wrapper does not stay alive
+            method = weakref.WeakMethod(self._before_optimizer_step)
+
+            def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+                bound = method()
+                if bound is not None:
+                    bound(optimizer, args, kwargs)
+
+            self._optimizer_hook = register_optimizer_step_pre_hook(hook)
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self.sync_optimizer(optimizer)
