@@ -32,6 +32,7 @@ import copy
 import itertools
 import logging
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,6 @@ class _GroupWork:
     consumers: list[ConsumerColumns]
     path: dict[int, tuple[list[int], float]]
     note: str = ""
-    fresh: bool = False  # problem rebuilt from the partly pruned model's inputs (sequential)
 
 
 def prune(
@@ -426,7 +426,7 @@ class _GroupSolver:
         elif work.problem is None:
             (support, error), solver_name = work.path[k], "magnitude"
         else:
-            support = _greedy_support(work.problem, k) if work.fresh else work.path[k][0]
+            support = work.path[k][0]  # greedy on the dense statistics: a start as good as greedy afresh
             if self.deadline.expired():
                 self.fell_back = True
             else:
@@ -441,11 +441,6 @@ class _GroupSolver:
         return None if k >= size else sorted(support)
 
 
-def _greedy_support(problem: Reconstruction, k: int) -> list[int]:
-    """Greedy backward elimination down to ``k`` units (a start for the final solver)."""
-    return list(greedy_path(problem.with_keep(k), step=1, stop=k)[-1][1])
-
-
 def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_GroupWork], keep_counts: dict[str, int],
                      stats: dict[str, GramStatistics], calibration: list[Any], solver: _GroupSolver,
                      report: PruneReport, progress: bool) -> dict[str, list[int]]:
@@ -456,9 +451,11 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
     are re-accumulated from the inputs they are about to receive (every earlier group already
     pruned, masked and refit in ``work_model``), the group is solved, its removed slices are
     zeroed and its consumers refit; then the pass goes on. The refit target is the dense
-    weight on the pruned inputs (min ‖X_p·B − X_p·Ŵ‖). A consumer whose input is not computed
-    yet at that point (it reads the group further downstream, e.g. along a residual stream) keeps
-    its dense statistics.
+    layer's output on the dense model's inputs, min ‖X_p·B − X_d·Ŵ‖² + λ‖B − Ŵ‖² (the dense
+    model runs alongside), so each refit also absorbs the error of the groups before it. A
+    consumer whose input is not computed yet at that point (it reads the group further
+    downstream, e.g. along a residual stream) keeps its dense statistics. The report's stages
+    split the pass into its statistics, its solves and the forward passes.
     """
     lock, reference = Lockstep(work_model, calibration), Lockstep(model, calibration)
     last = len(lock.nodes)
@@ -474,8 +471,11 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
     keep: dict[str, list[int]] = {}
     bar = tqdm(total=len(pending), desc="solves (layer-wise)", leave=False, disable=not progress)
 
+    clock = {"statistics": 0.0, "solves": 0.0}
+
     def handle(work: _GroupWork) -> None:
         k = keep_counts[work.group.name]
+        started = time.perf_counter()
         if k < work.group.size and work.problem is not None:
             fresh = dict(stats)
             refreshed = 0
@@ -489,11 +489,14 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
                     refreshed += sum(c.module == name for c in work.consumers)
             problem, consumers, note = _group_problem(model, work.group, fresh)
             if problem is not None and refreshed:
-                work.problem, work.consumers, work.fresh = problem, consumers, True
+                work.problem, work.consumers = problem, consumers
                 if refreshed < len(consumers):
                     work.note = "; ".join(n for n in (work.note, f"{len(consumers) - refreshed} consumer(s) "
                                                       "on dense statistics (input not yet computed)") if n)
+        solving = time.perf_counter()
+        clock["statistics"] += solving - started
         support = solver(work, k, report)
+        clock["solves"] += time.perf_counter() - solving
         if support is not None:
             keep[work.group.name] = support
             group_plan = PrunePlan({work.group.name: support})
@@ -506,12 +509,16 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
         while pending and at[id(pending[0])] <= i:
             handle(pending.pop(0))
 
+    started = time.perf_counter()
     try:
         run_together([lock, reference], before)
         while pending:
             handle(pending.pop(0))
     finally:
         bar.close()
+    report.stages["solves: layer-wise statistics"] = clock["statistics"]
+    report.stages["solves: solvers"] = clock["solves"]
+    report.stages["solves: forward passes"] = time.perf_counter() - started - clock["statistics"] - clock["solves"]
     return keep
 
 
