@@ -784,9 +784,9 @@ def _refit_targets(model: nn.Module, work: nn.Module, plan: PrunePlan,
 class Narrowing:
     """What :func:`narrow` did: each cut tensor (the same object, now narrower) with its former shape
     and the kept indices of every cut dim, the plan's groups renumbered for the narrower model
-    (groups the plan emptied are left out), and every module's class and size attributes before
-    (``widen`` restores them: shapes alone cannot tell a GroupNorm(2, 4) narrowed to 2 channels
-    from a per-channel one)."""
+    (groups the plan emptied are left out), and the class and size attributes of each module it
+    changed, as they were before (``widen`` restores them: shapes alone cannot tell a
+    GroupNorm(2, 4) narrowed to 2 channels from a per-channel one)."""
 
     cuts: list[tuple[Tensor, tuple[int, ...], dict[int, list[int]]]]
     groups: dict[str, Group]
@@ -857,11 +857,17 @@ def narrow(model: nn.Module, plan: PrunePlan) -> Narrowing:
         t = _tensor_at(model, *tgt.locations[0])
         assert t is not None
         cuts.append((t, tgt.shape, {d: tgt.kept(d) for d in sorted(tgt.removed)}))
-    modules = {path: (type(mod), _size_attributes(mod)) for path, mod in model.named_modules()}
+    before = {path: (type(mod), _size_attributes(mod)) for path, mod in model.named_modules()}
     _slice_tensors(model, targets, reuse=True)
     _sync_attributes(model)
     _sync_heads(model, plan, groups)
     _sync_zero_width(model)
+    modules: dict[str, tuple[type, dict[str, Any]]] = {}
+    for path, mod in model.named_modules():  # only what this narrowing changed
+        cls, attributes = before[path]
+        changed = {k: v for k, v in attributes.items() if getattr(mod, k, None) != v}
+        if changed or type(mod) is not cls:
+            modules[path] = (cls, changed)
     return Narrowing(cuts, renumbered, modules)
 
 
@@ -877,7 +883,8 @@ def widen(model: nn.Module, tensors: Sequence[tuple[Tensor, Sequence[int], Mappi
           modules: Mapping[str, tuple[type, Mapping[str, Any]]] | None = None) -> None:
     """Give each tensor back its ``shape``, its values at the ``kept`` indices and zeros elsewhere
     (in place, same objects; ``.grad`` dropped); restore the module classes and attributes of
-    ``modules`` (a ``Narrowing.modules`` from before the first narrowing), else re-derive them."""
+    ``modules`` (``Narrowing.modules``, merged over narrowings keeping the earliest values), else
+    re-derive them from the shapes."""
     for tensor, shape, kept in tensors:
         _set_data(tensor, _scatter(tensor, shape, kept))
         tensor.grad = None

@@ -370,3 +370,39 @@ def test_layers_must_be_able_to_run_at_zero_width() -> None:
     with pytest.raises(ValidationError, match=r"layers: layer 'b': group 'h' reaches ConvTranspose1d '1', which cannot "
                                               r"run at zero width"):
         ComplexityAware(model, [group], cost, layers={"b": ["h"]})
+
+
+def _attributes(module: nn.Module) -> dict[str, object]:
+    return {k: v for k, v in vars(module).items() if isinstance(v, (int, tuple)) and not k.startswith("_")}
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_MODELS))
+def test_two_compactions_keep_the_forward_and_close_restores_every_module(name: str) -> None:
+    """On every reference model (cat offsets, flattened blocks, heads, grouped convs, norms): two
+    rounds of deaths, each compaction keeps the eval forward; closing gives back the original shapes,
+    classes and size attributes."""
+    ref = REFERENCE_MODELS[name]
+    model, x = ref.build(), ref.example_inputs()
+    args = x if isinstance(x, tuple) else (x,)
+    ca = ComplexityAware.from_graph(model, build(model, x), strength=0.0, lr=1e-9)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    torch.manual_seed(0)
+    for _ in range(2):
+        with torch.no_grad():
+            for theta in ca.theta.values():
+                alive = torch.nonzero(theta > 0).reshape(-1)
+                theta[alive] = 1.0
+                theta[alive[torch.randperm(alive.numel())[: alive.numel() // 3]]] = 0.0
+            for theta in ca.layer_theta.values():
+                theta.fill_(1.0)
+        ca.model.eval()
+        with torch.no_grad():
+            before = first(ca.model(*args))
+        ca.step()
+        with torch.no_grad():
+            torch.testing.assert_close(first(ca.model(*args)), before, rtol=1e-4, atol=1e-5)
+    assert any(ca.present[g].numel() < grp.size for g, grp in ca.groups.items())
+    ca.close()
+    assert {k: v.shape for k, v in ca.model.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    for mine, theirs in zip(ca.model.modules(), model.modules(), strict=True):
+        assert type(mine) is type(theirs) and _attributes(mine) == _attributes(theirs)

@@ -205,7 +205,7 @@ class ComplexityAware:
         self._origin: dict[int, tuple[torch.Tensor, tuple[int, ...], dict[int, list[int]]]] = {}
         self._state_cuts: dict[int, tuple[torch.Tensor, list[tuple[tuple[int, ...], dict[int, list[int]]]]]] = {}
         self._optimizer_hook: RemovableHandle | None = None
-        self._modules: dict[str, tuple[type, dict[str, Any]]] | None = None  # as before the first narrowing
+        self._modules: dict[str, tuple[type, dict[str, Any]]] = {}  # classes, size attributes before narrowing
         self._stuck: dict[str, int] = {}  # group -> dead count at which the model could not lose them
         self._mixed = {g for g, grp in self.groups.items() if any(_mixes_channels(self.model, m.module) for m in grp.members)}
         self.scales = UnitScales(self.model, self.groups.values())
@@ -320,9 +320,8 @@ class ComplexityAware:
         units all died keeps the one ``keep`` would fall back to, unless its layer died: then it
         is emptied. A group normalised across its channels (LayerNorm, GroupNorm) is only emptied,
         never narrowed: its dead units still weigh in the norm's statistics, so slicing some out
-        would change the forward. A group the model cannot lose these units of yet (a GroupNorm that would be
-        left with a channel count its groups do not divide) stays gated as it is, and is tried
-        again once more of its units have died.
+        would change the forward. A group whose narrowing ``narrow`` refuses stays gated as it is
+        and is tried again once more of its units have died.
         """
         if self._closed:
             raise ValidationError("compact", "this ComplexityAware was finalized or closed")
@@ -371,8 +370,10 @@ class ComplexityAware:
         for g, units in full.items():
             self.present[g] = self.present[g][torch.tensor(units, dtype=torch.long)]
         self.current = narrowing.groups
-        if self._modules is None:
-            self._modules = narrowing.modules
+        for path, (cls, attributes) in narrowing.modules.items():  # the earliest value of each: the original
+            _, first = self._modules.setdefault(path, (cls, {}))
+            for k, v in attributes.items():
+                first.setdefault(k, v)
         self.scales = UnitScales(self.model, self.current.values())
         for tensor, shape, kept in narrowing.cuts:
             origin = self._origin.get(id(tensor))
