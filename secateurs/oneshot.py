@@ -42,7 +42,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.apply import _mask_tensors, _plan_targets, apply
+from secateurs.apply import apply, mask_in_place
 from secateurs.budget import Budget
 from secateurs.calibration import GramStatistics, collect, layer_rows
 from secateurs.consumers import ConsumerColumns, consumer_columns, supports_reconstruction
@@ -499,8 +499,7 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
         clock["solves"] += time.perf_counter() - solving
         if support is not None:
             keep[work.group.name] = support
-            group_plan = PrunePlan({work.group.name: support})
-            _mask_tensors(work_model, _plan_targets(work_model, group_plan, {work.group.name: work.group}))
+            mask_in_place(work_model, PrunePlan({work.group.name: support}), {work.group.name: work.group})
             if work.problem is not None:
                 _write_refit(work_model, work, support)
         bar.update(1)
