@@ -14,12 +14,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import secateurs.latency as latency_module
+from secateurs.apply import apply
 from secateurs.budget import Budget
 from secateurs.calibration import forward_batch
 from secateurs.errors import InfeasibleBudgetError, ValidationError
 from secateurs.graph import build
 from secateurs.models import zoo
 from secateurs.oneshot import prune
+from secateurs.plan import PrunePlan
 
 OVERHEAD = 1e-6  # seconds of a whole forward that no layer accounts for
 
@@ -33,6 +35,29 @@ def _flops(fn, *args) -> int:  # noqa: ANN001 - test double
 def fake_seconds(fn, *args, min_run_time: float = 0.0) -> float:  # noqa: ANN001 - test double
     """Deterministic 'time': FLOPs × 1e-12, plus OVERHEAD for a whole-model forward."""
     return _flops(fn, *args) * 1e-12 + (OVERHEAD if fn is forward_batch else 0.0)
+
+
+ELEMENTWISE = (torch.nn.BatchNorm1d, torch.nn.ReLU, torch.nn.MaxPool1d)
+ELEMENT_SECONDS = 1e-11  # per output element of a norm, activation or pooling: work FLOPs do not count
+
+
+def _elements(fn, *args) -> int:  # noqa: ANN001 - test double
+    """Output elements of the elementwise modules a whole-model forward runs (0 for a lone layer)."""
+    if fn is not forward_batch:
+        return 0
+    model, count, handles = args[0], [0], []
+    for m in model.modules():
+        if isinstance(m, ELEMENTWISE):
+            handles.append(m.register_forward_hook(lambda _m, _a, out: count.__setitem__(0, count[0] + out.numel())))
+    with torch.no_grad():
+        fn(*args)
+    for h in handles:
+        h.remove()
+    return count[0]
+
+
+def fake_seconds_with_elementwise(fn, *args, min_run_time: float = 0.0) -> float:  # noqa: ANN001 - test double
+    return fake_seconds(fn, *args) + ELEMENT_SECONDS * _elements(fn, *args)
 
 
 @pytest.fixture
@@ -57,6 +82,21 @@ def test_tables_price_every_plan_like_the_flops_count(deterministic_timer: None,
     for keep in ({}, {g.name: levels[g.name][1] for g in groups}, mixed):
         full = {**{g.name: g.size for g in groups}, **keep}
         assert cost.evaluate(full) == pytest.approx(OVERHEAD + graph.cost(keep).flops * 1e-12, rel=1e-9)
+
+
+def test_work_outside_the_layers_is_priced_per_group(monkeypatch: pytest.MonkeyPatch, cnn) -> None:
+    """Norms, activations and pooling on a group's channels are fitted per unit from whole-model timings."""
+    monkeypatch.setattr(latency_module, "seconds", fake_seconds_with_elementwise)
+    model, batches = cnn
+    graph = build(model, batches[0])
+    groups = graph.prunable_groups()
+    levels = {g.name: sorted({1, g.size // 4, g.size // 2, g.size}) for g in groups}
+    cost, dense = latency_module.measure(model, groups, batches[0], levels, points=4)
+    assert dense == pytest.approx(fake_seconds_with_elementwise(forward_batch, model, batches[0]), rel=1e-12)
+    for keep in ({g.name: levels[g.name][1] for g in groups}, {groups[0].name: 1, groups[-1].name: levels[groups[-1].name][2]}):
+        plan = PrunePlan({g: list(range(k)) for g, k in keep.items()}, groups={g.name: g for g in groups})
+        truth = fake_seconds_with_elementwise(forward_batch, apply(model, plan), batches[0])  # the sliced model
+        assert cost.evaluate({**{g.name: g.size for g in groups}, **keep}) == pytest.approx(truth, rel=1e-9)
 
 
 def test_prune_meets_a_latency_budget_in_the_model(deterministic_timer: None, cnn) -> None:
