@@ -50,10 +50,12 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
+from _tables import table as aligned_table
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.utils import prune as torch_prune
@@ -64,6 +66,7 @@ from secateurs.graph import dense_counts
 from secateurs.models import data, zoo
 
 OUT = Path(__file__).resolve().parent / "out"
+table = partial(aligned_table, right=True)  # this script's numeric columns read best right-aligned
 CNNS = ("mnist1d_cnn", "digits_cnn")
 CRITERIA = ("magnitude", "taylor", "hessian", "lamp")
 MODES = ("uniform", "global")
@@ -80,16 +83,6 @@ def ft_keys(row: dict[str, Any]) -> list[str]:
 
 
 # -- small helpers -------------------------------------------------------------------------------
-
-
-def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
-    """A fixed-width text table (first column left-aligned, others right-aligned)."""
-    cells = [[str(h) for h in header]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
-             for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def load_text() -> str:

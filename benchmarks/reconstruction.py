@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _tables import table
 
 import secateurs
 from secateurs.problems import Reconstruction, ReconstructionStatistics
@@ -35,15 +36,6 @@ from secateurs.solvers import SolveResult, format_table
 from secateurs.testing import random_reconstruction
 
 OUT = Path(__file__).resolve().parent / "out"
-
-
-def table(rows: list[list[Any]], header: list[str]) -> str:
-    """Plain aligned text table."""
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def timed(fn: Callable[[], SolveResult], repeats: int = 1) -> tuple[SolveResult, float]:

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _tables import table
 from torch import Tensor, nn
 
 import secateurs
@@ -65,15 +66,6 @@ LR = 1e-3
 
 
 # ------------------------------------------------------------------------------ helpers
-
-
-def table(rows: list[list[Any]], header: list[str]) -> str:
-    """Plain aligned text table."""
-    cells = [header] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def batches(x: Tensor, y: Tensor, epoch: int, seed: int, batch: int = BATCH) -> Iterator[tuple[Tensor, Tensor]]:
