@@ -7,11 +7,12 @@ on hand-sliced tensors and state, the polynomial's params, FlopCounterMode on th
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
 from torch import nn
+from training_fixtures import two_layer_mlp
 
 from secateurs.apply import ZeroWidthConv2d, apply
 from secateurs.cost import CostModel, Polynomial
@@ -23,26 +24,6 @@ from secateurs.training.complexity import ComplexityAware
 
 DEAD = {"h1": [1, 4, 5, 9], "h2": [0, 15]}
 ALIVE = {g: [i for i in range(16) if i not in d] for g, d in DEAD.items()}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _setup() -> tuple[nn.Module, list[Group], CostModel]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
-    groups = [Group("h1", 16, [Member("0", "weight", 0, "producer"), Member("0", "bias", 0),
-                               Member("2", "weight", 1, "consumer")]),
-              Group("h2", 16, [Member("2", "weight", 0, "producer"), Member("2", "bias", 0),
-                               Member("4", "weight", 1, "consumer")])]
-    cost = CostModel(Polynomial(3, {"h1": 7, "h2": 4}, {("h1", "h2"): 1}),
-                     Polynomial(0, {"h1": 12, "h2": 6}, {("h1", "h2"): 2}), {"h1": 16, "h2": 16})
-    return model, groups, cost
 
 
 def _decided(ca: ComplexityAware, dead: dict[str, list[int]]) -> None:
@@ -68,7 +49,7 @@ def _narrow_by_hand(model: nn.Module) -> nn.Sequential:
 
 
 def test_compaction_keeps_the_forward_and_shrinks_parameters_as_counted() -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     ca = ComplexityAware(model, groups, cost, strength=0.0, lr=1e-9)
     ids = [id(p) for p in ca.model.parameters()]
     _decided(ca, DEAD)
@@ -101,7 +82,7 @@ def _opt_sgd(params: list[nn.Parameter]) -> torch.optim.Optimizer:
 @pytest.mark.parametrize("make", [_opt_adam, _opt_sgd])
 def test_optimizer_step_after_compaction_matches_one_on_hand_sliced_state(
         make: Callable[[list[nn.Parameter]], torch.optim.Optimizer]) -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     ca = ComplexityAware(model, groups, cost, strength=0.0, lr=1e-9)
     _decided(ca, {})
     opt = make(list(ca.model.parameters()))
@@ -167,7 +148,7 @@ def _named(module: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def test_compaction_off_and_errors() -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     ca = ComplexityAware(model, groups, cost, strength=0.0, lr=1e-9, compact=0)
     _decided(ca, DEAD)
     ca.step()
@@ -180,7 +161,7 @@ def test_compaction_off_and_errors() -> None:
 
 
 def test_final_plan_in_original_indices_reproduces_the_trained_model() -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     ca = ComplexityAware(model, groups, cost, strength=0.2, flatten=0.3, lr=0.1, init=0.6)
     torch.manual_seed(1)
     x = torch.randn(256, 6)
@@ -300,7 +281,7 @@ def test_compacted_training_takes_the_same_steps_as_gated_training() -> None:
     """Slicing is only an optimisation: same gate draws, same θ, same weights on the live units."""
     runs = []
     for compact in (1, 0):
-        model, groups, cost = _setup()
+        model, groups, cost = two_layer_mlp()
         ca = ComplexityAware(model, groups, cost, budget={"flops": 0.3}, lr=0.1, flatten=0.2, compact=compact)
         torch.manual_seed(1)
         x = torch.randn(256, 6)

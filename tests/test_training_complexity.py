@@ -3,40 +3,17 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
 from torch import nn
+from training_fixtures import two_layer_mlp
 
 from secateurs.apply import apply
-from secateurs.cost import CostModel, Polynomial
 from secateurs.errors import ValidationError
 from secateurs.graph.groups import Group, Member
 from secateurs.training.complexity import ComplexityAware
 from secateurs.training.pdp import DensitySchedule
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: more threads only add contention on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def _setup() -> tuple[nn.Module, list[Group], CostModel]:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
-    groups = [Group("h1", 16, [Member("0", "weight", 0, "producer"), Member("0", "bias", 0),
-                               Member("2", "weight", 1, "consumer")]),
-              Group("h2", 16, [Member("2", "weight", 0, "producer"), Member("2", "bias", 0),
-                               Member("4", "weight", 1, "consumer")])]
-    # Counted by hand for a batch of one: params 6h1 + h1 + h1h2 + h2 + 3h2 + 3; FLOPs 2(6h1 + h1h2 + 3h2).
-    cost = CostModel(Polynomial(3, {"h1": 7, "h2": 4}, {("h1", "h2"): 1}),
-                     Polynomial(0, {"h1": 12, "h2": 6}, {("h1", "h2"): 2}), {"h1": 16, "h2": 16})
-    return model, groups, cost
 
 
 def _train(ca: ComplexityAware, steps: int) -> None:
@@ -53,7 +30,7 @@ def _train(ca: ComplexityAware, steps: int) -> None:
 
 
 def test_hard_budget_is_met_and_the_input_model_is_untouched() -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ca = ComplexityAware(model, groups, cost, budget={"flops": 0.3}, lr=0.1, flatten=0.0)
     _train(ca, 60)
@@ -76,7 +53,7 @@ def test_hard_budget_is_met_and_the_input_model_is_untouched() -> None:
 
 
 def test_gates_converge_to_zero_or_one() -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     ca = ComplexityAware(model, groups, cost, strength=1.0, flatten=0.3, lr=0.1, init=0.6)
     _train(ca, 80)
     theta = torch.cat([t.detach() for t in ca.theta.values()])
@@ -85,7 +62,7 @@ def test_gates_converge_to_zero_or_one() -> None:
 
 
 def test_hard_budget_gates_converge_and_the_budget_ramps() -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     ca = ComplexityAware(model, groups, cost, budget={"flops": 0.4}, lr=0.1, flatten=0.5, init=1.0,
                          schedule=DensitySchedule(warmup=0, ramp=20))
     assert ca.budget_now()["flops"] == pytest.approx(1 - 0.6 / 20)  # step 0 is the first of the ramp
@@ -106,7 +83,7 @@ def test_hard_budget_gates_converge_and_the_budget_ramps() -> None:
 
 
 def test_penalty_is_the_weighted_expected_cost() -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     ca = ComplexityAware(model, groups, cost, strength=2.0, flops_priority=0.25, init=0.5)
     # No layer gates: the penalty is γ·(α·E[FLOPs]/FLOPs₀ + (1−α)·E[params]/P₀), computed by hand
     # from the polynomials with E[k] = 8 and E[k_h1·k_h2] = 64 (independent gates at ½).
@@ -119,7 +96,7 @@ def test_penalty_is_the_weighted_expected_cost() -> None:
 
 
 def test_layer_balance_splits_the_gradient_between_layer_and_unit_gates() -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     ca = ComplexityAware(model, groups, cost, strength=2.0, flops_priority=0.25, layer_balance=0.3, init=0.5,
                          layers={"block": ["h2"]})
     ca.penalty().backward()
@@ -134,7 +111,7 @@ def test_layer_balance_splits_the_gradient_between_layer_and_unit_gates() -> Non
 
 
 def test_dead_gates_stay_dead_and_eval_uses_rounded_gates() -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     ca = ComplexityAware(model, groups, cost, strength=0.0, flatten=0.0)
     with torch.no_grad():
         ca.theta["h1"][:4] = 0.0
@@ -154,7 +131,7 @@ def test_dead_gates_stay_dead_and_eval_uses_rounded_gates() -> None:
 
 
 def test_errors_name_the_problem() -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     with pytest.raises(ValidationError, match=r"budget: unknown budget 'latency'"):
         ComplexityAware(model, groups, cost, budget={"latency": 0.5})
     with pytest.raises(ValidationError, match=r"flops_priority: must be in \[0, 1\]"):
@@ -176,7 +153,7 @@ def test_errors_name_the_problem() -> None:
 
 
 def test_layer_gates_project_with_the_hierarchy() -> None:
-    model, groups, cost = _setup()
+    model, groups, cost = two_layer_mlp()
     ca = ComplexityAware(model, groups, cost, budget={"flops": 0.4}, layers={"block": ["h2"]}, lr=0.1, flatten=0.0)
     _train(ca, 10)
     layer = float(ca.layer_theta["block"].detach())

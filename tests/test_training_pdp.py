@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import given
@@ -13,14 +11,6 @@ from torch import nn
 from secateurs.apply import apply
 from secateurs.errors import ValidationError
 from secateurs.training.pdp import PDP, DensitySchedule
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _mlp(seed: int = 0) -> nn.Module:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,14 +14,6 @@ from secateurs.errors import ValidationError
 from secateurs.graph.groups import Group, Member
 from secateurs.training.pdp import DensitySchedule
 from secateurs.training.pdp_channels import ChannelPDP
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _setup() -> tuple[nn.Module, list[Group]]:

@@ -6,7 +6,6 @@ taken from the method; the input model is never touched; no parametrisation is l
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,14 +16,6 @@ from secateurs.apply import apply
 from secateurs.graph import build, dense_counts
 from secateurs.models.reference import REFERENCE_MODELS
 from secateurs.training import PDP, ChannelPDP, ComplexityAware, DensitySchedule, SoftCoefficients
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _loss(out: Any) -> torch.Tensor:

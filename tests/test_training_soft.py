@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -15,14 +14,6 @@ from secateurs.graph import build, dense_counts
 from secateurs.graph.groups import Group, Member
 from secateurs.training.pdp import DensitySchedule
 from secateurs.training.soft import SoftCoefficients, assign_components
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class _AE(nn.Module):
