@@ -112,8 +112,9 @@ def prune(
     model : nn.Module
         Never modified.
     calibration : iterable of batches
-        Tensors, tuples of tensors (positional inputs) or dicts (keyword inputs). Read once,
-        streaming: statistics do not grow with the number of batches.
+        Tensors, tuples of tensors (positional inputs) or dicts (keyword inputs). With
+        ``sequential=False`` it is read once, streaming: statistics do not grow with the number
+        of batches; the sequential pass holds the batches (and their live activations).
     budget : Budget
         ``Budget(flops=0.5)``, ``Budget(params=0.6)``, ``Budget(latency=0.6)`` (measured on
         ``example_inputs``) for channels; ``Budget(sparsity=0.7)`` for
@@ -466,8 +467,8 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
         found = [c for c in calls if c is not None]
         return min(found) if found else last
 
-    pending = sorted(works, key=position)
     at = {id(w): position(w) for w in works}
+    pending = sorted(works, key=lambda w: at[id(w)])
     keep: dict[str, list[int]] = {}
     bar = tqdm(total=len(pending), desc="solves (layer-wise)", leave=False, disable=not progress)
 
@@ -487,7 +488,7 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
                     for x, y in zip(inputs, dense_inputs, strict=True):
                         fresh[name].update(layer_rows(module, x), layer_rows(module, y))
                     refreshed += sum(c.module == name for c in work.consumers)
-            problem, consumers, note = _group_problem(model, work.group, fresh)
+            problem, consumers, _ = _group_problem(model, work.group, fresh)
             if problem is not None and refreshed:
                 work.problem, work.consumers = problem, consumers
                 if refreshed < len(consumers):
