@@ -86,13 +86,13 @@ def resnet_basic(widths: tuple[int, int] = (8, 12), num_classes: int = 5) -> nn.
 
 
 class Bottleneck(nn.Module):
-    """ResNet bottleneck: 1x1 reduce, 3x3, 1x1 expand, residual add."""
+    """ResNet bottleneck: 1x1 reduce, 3x3 (grouped for ResNeXt), 1x1 expand, residual add."""
 
-    def __init__(self, cin: int, mid: int, cout: int, stride: int = 1) -> None:
+    def __init__(self, cin: int, mid: int, cout: int, stride: int = 1, groups: int = 1) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, mid, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(mid)
-        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=groups, bias=False)
         self.bn2 = nn.BatchNorm2d(mid)
         self.conv3 = nn.Conv2d(mid, cout, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(cout)
@@ -129,34 +129,12 @@ def resnet_bottleneck(width: int = 8, mid: int = 4, out: int = 16, num_classes: 
 # -- ResNeXt ---------------------------------------------------------------------------------
 
 
-class ResNeXtBlock(nn.Module):
-    """ResNeXt bottleneck: 1x1 reduce, 3x3 grouped conv (``groups`` = cardinality), 1x1 expand, residual."""
-
-    def __init__(self, cin: int, width: int, cout: int, groups: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, groups=groups, bias=False)
-        self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        return F.relu(y + (x if self.downsample is None else self.downsample(x)))
-
-
 class ResNeXt(nn.Module):
     def __init__(self, stem: int = 8, width: int = 8, out: int = 12, groups: int = 2, num_classes: int = 5) -> None:
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, stem, 3, 1, 1, bias=False), nn.BatchNorm2d(stem), nn.ReLU())
-        self.block1 = ResNeXtBlock(stem, width, out, groups, stride=2)
-        self.block2 = ResNeXtBlock(out, 2 * width, out, 2 * groups)
+        self.block1 = Bottleneck(stem, width, out, stride=2, groups=groups)  # cardinality: grouped 3x3
+        self.block2 = Bottleneck(out, 2 * width, out, groups=2 * groups)
         self.fc = nn.Linear(out, num_classes)
 
     def forward(self, x: Tensor) -> Tensor:
