@@ -15,6 +15,7 @@ from secateurs.errors import SolverRefusedError
 from secateurs.problems.allocation import Allocation, Budget, Latency, LatencyTerm, restrict
 from secateurs.solvers.registry import SolverSpec, get, solve
 from secateurs.solvers.result import SolveResult, Status
+from secateurs.testing._conformance import check_reported
 
 STRUCTURES = ("separable", "chain", "tree", "cycle")
 BUDGET_KINDS = ("params", "flops", "nonzeros", "latency")
@@ -179,15 +180,8 @@ def check_allocation_solver(
     name = result.solver
     exact = isinstance(solver, str) and get(solver, problem).exact
     tol = 1e-6
-    if result.ok:
-        violations = problem.check(result.solution)
-        assert not violations, f"{name}: reported solution violates {violations}"
-        value = problem.evaluate(result.solution)
-        assert math.isclose(result.objective, value, rel_tol=1e-9, abs_tol=1e-9), \
-            f"{name}: objective {result.objective} but evaluate gives {value}"
-        assert result.bound <= result.objective + tol * max(1.0, abs(result.objective)), \
-            f"{name}: bound {result.bound} above objective {result.objective}"
-    elif result.status == Status.INFEASIBLE:
+    check_reported(problem, result, tol=tol, abs_tol=1e-9)
+    if result.status == Status.INFEASIBLE:
         assert result.solution is None, f"{name}: status infeasible but a solution is attached"
     if result.status == Status.OPTIMAL:
         assert result.gap <= 1e-6, f"{name}: optimal with gap {result.gap}"

@@ -13,6 +13,7 @@ from secateurs.errors import SolverRefusedError
 from secateurs.problems.projection import Projection
 from secateurs.solvers import SolveResult, Status, solve
 from secateurs.solvers.registry import SolverSpec
+from secateurs.testing._conformance import check_reported
 
 
 @st.composite
@@ -93,14 +94,7 @@ def check_projection_solver(
         return None
     assert isinstance(result, SolveResult), f"solver returned {type(result).__name__}, not a SolveResult"
     name = result.solver
-    if result.ok:
-        violations = problem.check(result.solution)
-        assert not violations, f"{name}: reported solution violates {violations}"
-        value = problem.evaluate(result.solution)
-        assert math.isclose(result.objective, value, rel_tol=1e-9, abs_tol=1e-12), \
-            f"{name}: objective {result.objective} but evaluate gives {value}"
-        assert result.bound <= result.objective + tol * max(1.0, abs(result.objective)), \
-            f"{name}: bound {result.bound} above objective {result.objective}"
+    check_reported(problem, result, tol=tol, abs_tol=1e-12)
     if result.status == Status.OPTIMAL:
         assert result.objective - result.bound <= tol * max(1.0, abs(result.objective)), \
             f"{name}: optimal with bound {result.bound} below objective {result.objective}"
