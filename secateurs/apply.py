@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HEAD_ATTRIBUTES", "Narrowing", "PrunedMultiheadAttention", "ZeroWidthBatchNorm1d", "ZeroWidthBatchNorm2d",
     "ZeroWidthBatchNorm3d", "ZeroWidthConv1d", "ZeroWidthConv2d", "ZeroWidthConv3d", "apply", "conv_output_size",
-    "cut_tensor", "mask_in_place", "narrow", "runs_at_zero_width", "widen",
+    "common_parent", "cut_tensor", "mask_in_place", "narrow", "runs_at_zero_width", "widen",
 ]
 
 Mode = Literal["slice", "mask"]
@@ -429,7 +429,8 @@ def _sync_mha(mod: nn.MultiheadAttention) -> None:
         mod.__class__ = PrunedMultiheadAttention
 
 
-def _common_parent(paths: list[str]) -> str:
+def common_parent(paths: list[str]) -> str:
+    """The longest dotted module path every one of ``paths`` lies under ('' for the root)."""
     parts = [p.split(".") if p else [] for p in paths]
     common: list[str] = []
     for level in zip(*parts, strict=False):
@@ -448,7 +449,7 @@ def _sync_heads(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group]) 
             continue
         if any(m.block > 1 and m.inner_stride != 1 for m in g.producers()):
             continue  # strided units (within-group channels of grouped convs, GroupNorm) are not heads
-        path = _common_parent([m.module for m in g.members])
+        path = common_parent([m.module for m in g.members])
         parent = model.get_submodule(path) if path else model
         while path and not any(isinstance(getattr(parent, a, None), int) for a in HEAD_ATTRIBUTES) \
                 and not isinstance(parent, nn.MultiheadAttention):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import networkx as nx
 from torch import nn
 
-from secateurs.apply import runs_at_zero_width
+from secateurs.apply import common_parent, runs_at_zero_width
 from secateurs.graph.groups import Group
 
 if TYPE_CHECKING:
@@ -79,13 +79,7 @@ def _inside(graph: DependencyGraph, group: Group, interior: set[str]) -> bool:
 
 
 def _prefix(graph: DependencyGraph, interior: set[str]) -> str:
-    paths = [graph.nx.nodes[n]["module"].split(".") for n in interior if graph.nx.nodes[n]["module"]]
-    common: list[str] = []
-    for level in zip(*paths, strict=False):
-        if len(set(level)) != 1:
-            break
-        common.append(level[0])
-    return ".".join(common)
+    return common_parent([graph.nx.nodes[n]["module"] for n in interior if graph.nx.nodes[n]["module"]])
 
 
 def residual_branches(graph: DependencyGraph) -> dict[str, list[str]]:
