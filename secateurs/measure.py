@@ -13,6 +13,7 @@ from torch import nn
 from secateurs.calibration import forward_batch
 from secateurs.errors import ValidationError
 from secateurs.graph import dense_counts
+from secateurs.timing import steady_allocator
 
 
 def latency(model: nn.Module, inputs: Any, *, repeats: int = 20, warmup: int = 3,
@@ -21,8 +22,10 @@ def latency(model: nn.Module, inputs: Any, *, repeats: int = 20, warmup: int = 3
 
     ``clock=time.thread_time`` measures the calling thread's CPU time instead: with one torch
     thread that is the forward's compute, unaffected by other processes taking the CPU away
-    (on a shared machine the wall clock mostly measures the other processes).
+    (on a shared machine the wall clock mostly measures the other processes). The allocator is
+    made steady first (:func:`secateurs.timing.steady_allocator`), so page faults are not timed.
     """
+    steady_allocator()
     was_training = model.training
     model.eval()
     times = []
