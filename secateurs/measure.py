@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -39,6 +40,32 @@ def latency(model: nn.Module, inputs: Any, *, repeats: int = 20, warmup: int = 3
     finally:
         model.train(was_training)
     return statistics.median(times)
+
+
+@dataclass(frozen=True)
+class LatencyComparison:
+    """Two models timed in alternating rounds: the fastest round of each, and the typical ratio."""
+
+    dense: float  # seconds, fastest round's median forward
+    pruned: float
+    speedup: float  # median over rounds of dense / pruned, each pair from the same time window
+
+
+def compare_latency(dense: nn.Module, pruned: nn.Module, inputs: Any, *, rounds: int = 15, repeats: int = 5,
+                    clock: Callable[[], float] = time.perf_counter) -> LatencyComparison:
+    """Time ``dense`` and ``pruned`` in alternating short rounds on ``inputs``.
+
+    A shared machine's speed drifts between time windows, so two models timed a minute apart are
+    not comparable; the ratio of two rounds run back to back is. The speedup is the median of those
+    per-round ratios; the times are each model's fastest round.
+    """
+    if rounds < 1 or repeats < 1:
+        raise ValidationError("rounds" if rounds < 1 else "repeats", f"must be at least 1, got {min(rounds, repeats)}")
+    d, p = [], []
+    for _ in range(rounds):
+        d.append(latency(dense, inputs, repeats=repeats, warmup=1, clock=clock))
+        p.append(latency(pruned, inputs, repeats=repeats, warmup=1, clock=clock))
+    return LatencyComparison(min(d), min(p), statistics.median(a / b for a, b in zip(d, p, strict=True)))
 
 
 def summary(model: nn.Module, inputs: Any, *, repeats: int = 20) -> dict[str, float]:

@@ -99,6 +99,7 @@ def prune(
     sequential: bool = True,
     nm: tuple[int, int] = (2, 4),
     levels: int = 32,
+    channel_multiple: int = 1,
     refit: bool = True,
     error_curve: bool = True,
     progress: bool = True,
@@ -134,6 +135,12 @@ def prune(
     levels : int
         Keep levels per group (channels) or densities per layer (unstructured) offered to the
         allocation.
+    channel_multiple : int
+        Channels: every pruned layer keeps a multiple of this many channels (or all of them).
+        CPU and GPU kernels work in blocks of the vector width (oneDNN on AVX-512: 16 floats), and
+        a width off the block runs as slowly as the next multiple up: a 17-channel conv took as
+        long as a 32-channel one here. A unit wider than one channel (an attention head) counts
+        its channels: heads of 32 channels take any head count for a multiple of 8.
     refit : bool
         Least-squares refit of the weights reading pruned inputs (always on for channels, where
         it is OSSCAR's closed form; optional per row for unstructured / N:M).
@@ -153,6 +160,8 @@ def prune(
         raise ValidationError("model", f"expected an nn.Module, got {type(model).__name__}")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValidationError("levels", f"must be an integer >= 2, got {levels!r}")
+    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
+        raise ValidationError("channel_multiple", f"must be an integer >= 1, got {channel_multiple!r}")
     if time_limit is not None and not time_limit > 0:
         raise ValidationError("time_limit", f"must be positive seconds, got {time_limit!r}")
     if structure == "channels" and (budget is None or not (budget.structured() or budget.timed())):
@@ -177,19 +186,32 @@ def prune(
         assert budget is not None
         return _prune_channels(model, calibration, budget, first if example_inputs is None else example_inputs,
                                reconstruction, allocation, levels, error_curve, progress, deadline, seed,
-                               sequential=sequential)
+                               sequential=sequential, channel_multiple=channel_multiple)
     return _prune_weights(model, calibration, budget, structure, nm, allocation, levels, refit, progress, deadline, seed)
 
 
 # -- channels ------------------------------------------------------------------------------------
 
 
-def _check_feasible(graph: DependencyGraph, limits: dict[str, float]) -> None:
-    """Reject a budget below the cost of keeping one unit of every prunable group."""
-    least = graph.cost({g.name: 1 for g in graph.prunable_groups()})
+def unit_multiple(group: Group, channel_multiple: int) -> int:
+    """Units of ``group`` whose channels make a multiple of ``channel_multiple`` (heads count their width)."""
+    return channel_multiple // math.gcd(channel_multiple, group.unit_width)
+
+
+def keep_levels(group: Group, channel_multiple: int) -> list[int]:
+    """The keep counts a plan may give ``group``: multiples of its unit multiple, and the whole group."""
+    step = unit_multiple(group, channel_multiple)
+    return sorted({*range(step, group.size + 1, step), group.size})
+
+
+def _check_feasible(graph: DependencyGraph, limits: dict[str, float], channel_multiple: int) -> None:
+    """Reject a budget below the cost of keeping the least level of every prunable group."""
+    least = graph.cost({g.name: keep_levels(g, channel_multiple)[0] for g in graph.prunable_groups()})
+    what = "one unit kept in every prunable group" if channel_multiple == 1 else (
+        f"every prunable group at its least multiple of {channel_multiple} channels")
     for name, limit in limits.items():
         if getattr(least, name) > limit:
-            raise InfeasibleBudgetError(name, limit, getattr(least, name), "one unit kept in every prunable group")
+            raise InfeasibleBudgetError(name, limit, getattr(least, name), what)
 
 
 def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatistics]) -> tuple[
@@ -237,17 +259,20 @@ def _magnitude_path(model: nn.Module, group: Group) -> dict[int, tuple[list[int]
     return {k: (sorted(order[:k]), 1.0 - float(energy[order[:k]].sum()) / total) for k in range(1, group.size + 1)}
 
 
-def _error_path(work: _GroupWork, levels: int) -> None:
-    """Greedy backward path with about ``levels`` levels: relative error and support per k."""
+def _error_path(work: _GroupWork, levels: int, multiple: int) -> None:
+    """Greedy backward path with about ``levels`` levels, each a multiple of ``multiple`` units
+    (or the whole group): relative error and support per k."""
     assert work.problem is not None
     problem = work.problem
-    step = max(1, math.ceil(problem.num_units / levels))
+    n = problem.num_units
+    if multiple > n:
+        work.path = {n: (list(range(n)), 0.0)}
+        return
+    step = multiple * max(1, math.ceil(n / levels / multiple))
+    first = n % step or step  # later levels fall on multiples of the step
     c = problem.constant if problem.constant > 0 else 1.0
     work.path = {k: (support, (objective + problem.constant) / c)
-                 for k, support, objective in greedy_path(problem, step=step, stop=1)}
-    if 1 not in work.path:  # a coarse step may jump past 1; the allocation needs a least level
-        tail = greedy_path(problem.with_keep(1), step=1, stop=1)[-1]
-        work.path[1] = (tail[1], (tail[2] + problem.constant) / c)
+                 for k, support, objective in greedy_path(problem, step=step, stop=multiple, first_step=first)}
 
 
 def _allocate(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str, float], solver: str,
@@ -311,7 +336,7 @@ def _write_refit(work_model: nn.Module, work: _GroupWork, support: list[int]) ->
 
 def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget, example_inputs: Any,
                     reconstruction: str, allocation: str, levels: int, error_curve: bool, progress: bool,
-                    deadline: Deadline, seed: int, *, sequential: bool) -> PruneResult:
+                    deadline: Deadline, seed: int, *, sequential: bool, channel_multiple: int) -> PruneResult:
     report = PruneReport("channels")
     clock = Deadline(None)
 
@@ -322,7 +347,7 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     graph = build(model, example_inputs)
     dense = graph.cost()
     limits = budget.limits(dense)
-    _check_feasible(graph, limits)
+    _check_feasible(graph, limits, channel_multiple)
     groups = graph.prunable_groups()
     if not groups:
         raise ValidationError("model", "no prunable group: every group is frozen (see secateurs inspect)")
@@ -339,10 +364,11 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     for group in _progress(groups, progress, "error curves"):
         problem, consumers, note = _group_problem(model, group, stats)
         work = _GroupWork(group, problem, consumers, {}, note)
+        allowed = keep_levels(group, channel_multiple)
         if problem is None:
-            work.path = _magnitude_path(model, group)
+            work.path = {k: v for k, v in _magnitude_path(model, group).items() if k in allowed}
         else:
-            _error_path(work, levels)
+            _error_path(work, levels, unit_multiple(group, channel_multiple))
         works.append(work)
     stage("error curves", start)
 
@@ -389,7 +415,7 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     start = clock.elapsed()
     plan = PrunePlan.from_graph(graph, keep, meta={"structure": "channels", "allocation": allocation,
                                                    "reconstruction": reconstruction, "sequential": sequential,
-                                                   "budget": limits})
+                                                   "channel_multiple": channel_multiple, "budget": limits})
     pruned = apply(work_model, plan, graph=graph, mode="slice", inplace=True)
     plan.refit = _consumer_tensors(pruned, works, keep)
     stage("apply", start)

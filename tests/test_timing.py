@@ -10,9 +10,13 @@ from __future__ import annotations
 import platform
 import subprocess
 import sys
+import time
 
 import pytest
+import torch
 
+from secateurs.errors import ValidationError
+from secateurs.measure import compare_latency
 from secateurs.timing import seconds, steady_allocator
 
 PROBE = """
@@ -58,3 +62,22 @@ def test_seconds_times_the_call() -> None:
     calls = []
     elapsed = seconds(lambda: calls.append(1), min_run_time=0.001)
     assert calls and 0 < elapsed < 0.01
+
+
+class _Sleeps(torch.nn.Module):
+    def __init__(self, seconds: float) -> None:
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.seconds)
+        return x
+
+
+def test_compare_latency_times_both_models_in_alternating_rounds() -> None:
+    slow, fast = _Sleeps(0.004), _Sleeps(0.0)
+    timed = compare_latency(slow, fast, torch.zeros(2), rounds=3, repeats=2)
+    assert timed.dense >= 0.004 and timed.pruned < 0.001  # sleep() never returns early
+    assert timed.speedup > 4  # each round's ratio, dense over pruned
+    with pytest.raises(ValidationError, match="rounds: must be at least 1"):
+        compare_latency(slow, fast, torch.zeros(2), rounds=0)

@@ -89,6 +89,7 @@ def greedy_path(
     *,
     step: int = 1,
     stop: int = 1,
+    first_step: int | None = None,
     deadline: Deadline | None = None,
     last_only: bool = False,
 ) -> list[tuple[int, list[int], float]]:
@@ -101,6 +102,9 @@ def greedy_path(
         Units removed per stage (1 is the accurate setting; larger is faster).
     stop : int
         Smallest keep level to reach (``problem.keep`` for the solver; 1 for an error curve).
+    first_step : int, optional
+        Units removed at the first stage (default ``step``): ``num_units % step`` puts every later
+        level on a multiple of ``step``, as channel counts rounded to a vector width need.
     deadline : Deadline, optional
         When it expires the path ends early at the current level.
     last_only : bool
@@ -117,6 +121,9 @@ def greedy_path(
     if not 1 <= stop <= g:
         raise ValueError(f"stop must be in 1..{g}, got {stop}")
     step = max(1, int(step))
+    first = step if first_step is None else int(first_step)
+    if not 1 <= first <= step:
+        raise ValueError(f"first_step must be in 1..{step}, got {first_step}")
     fold = max(256, 2 * step * w)
     blocks = [_Block(H, G, w, fold) for H, G in zip(problem.hessians, problem.targets, strict=True)]
     device = problem.device
@@ -129,7 +136,7 @@ def greedy_path(
     while count > stop:
         if deadline is not None and deadline.expired():
             break
-        r = min(step, count - stop)
+        r = min(first if count == g else step, count - stop)
         scores = blocks[0].scores()
         for b in blocks[1:]:
             scores = scores + b.scores()
