@@ -1,15 +1,25 @@
-"""FLOPs budgets against latency budgets: what each buys in measured CPU time, and at what accuracy.
+"""What each kind of budget buys in measured CPU time, and at what accuracy, on the zoo CNNs.
 
-A FLOPs budget counts convolutions and matrix products only; on the small zoo CNNs norms,
-activations and max pooling are half the forward, so halving FLOPs does not halve latency.
-``Budget(latency=f)`` measures instead (``secateurs.latency``: per-layer tables and a per-group
-rate for everything else, on the example inputs). For each zoo CNN and budget fraction this prints
-the secateurs plan under ``Budget(flops=f)`` and under ``Budget(latency=f)``: test accuracy without
-fine-tuning, FLOPs kept, the modelled latency against the request, and the measured speedup over
-the dense model (single thread, the whole test set as one batch, dense and pruned timed in
-alternating short rounds, fastest round of each: the machine is shared).
+A FLOPs budget counts convolutions and matrix products only. On the small zoo CNNs, norms,
+activations and max pooling are about a third of the forward and shrink only with the channels,
+not with the FLOPs; and oneDNN runs channels in blocks of the vector width (16 floats on
+AVX-512), so a 25-channel conv costs what a 32-channel one does. For each CNN and budget fraction
+``f`` this prints four plans:
 
-Run: ``python benchmarks/latency_budget.py [--models mnist1d_cnn,digits_cnn] [--budgets 0.7,0.5] [--rounds 40]``.
+- ``flops<=f``: the FLOPs-optimal plan at any channel count;
+- ``flops<=f, xM``: the same with every pruned layer at a multiple of M channels
+  (``prune(channel_multiple=M)``);
+- ``flops<=f, latency<=f/0.8, xM``: also at most f/0.8 of the dense latency, which is what
+  "speedup at least 0.8 × the FLOPs ratio" asks of a plan that keeps f of the FLOPs;
+- ``latency<=f, xM``: the latency budget alone (``secateurs.latency``'s measured tables).
+
+Columns: test accuracy without fine-tuning, FLOPs kept, the modelled latency against the request,
+and the measured speedup over the dense model (one thread, the whole test set as one batch; dense
+and pruned timed in alternating rounds by ``secateurs.measure.compare_latency``; the speedup is
+the median of the per-round ratios, the times each model's fastest round).
+
+Run: ``python benchmarks/latency_budget.py [--models mnist1d_cnn,digits_cnn] [--budgets 0.7,0.5]
+[--channel-multiple 16] [--rounds 30]``.
 """
 
 from __future__ import annotations
@@ -22,30 +32,28 @@ import torch
 from _tables import table
 
 import secateurs
+from secateurs.errors import InfeasibleBudgetError
 from secateurs.graph import dense_counts
-from secateurs.measure import latency
+from secateurs.measure import compare_latency
 from secateurs.models import zoo
 
 
-def best_latency(dense: torch.nn.Module, pruned: torch.nn.Module, x: torch.Tensor, rounds: int) -> tuple[float, float]:
-    """Fastest short round of each model over alternating rounds.
-
-    On this shared VM the median of ten forwards of one model swings 5x between rounds (5.6 to
-    33.6 ms for the dense MNIST-1D CNN, idle machine); interference only ever adds time, so the
-    fastest of many short rounds is the least disturbed estimate of each model's own cost.
-    """
-    d, p = [], []
-    for _ in range(rounds):
-        d.append(latency(dense, x, repeats=3, warmup=1))
-        p.append(latency(pruned, x, repeats=3, warmup=1))
-    return min(d), min(p)
+def plans(fraction: float, multiple: int) -> list[tuple[str, dict[str, float], int]]:
+    """(label, Budget keywords, channel multiple) of the four plans compared at one fraction."""
+    limit = min(fraction / 0.8, 1.0)
+    return [(f"flops<={fraction:.0%}", {"flops": fraction}, 1),
+            (f"flops<={fraction:.0%}, x{multiple}", {"flops": fraction}, multiple),
+            (f"flops<={fraction:.0%}, latency<={limit:.1%}, x{multiple}", {"flops": fraction, "latency": limit},
+             multiple),
+            (f"latency<={fraction:.0%}, x{multiple}", {"latency": fraction}, multiple)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mnist1d_cnn,digits_cnn")
     parser.add_argument("--budgets", default="0.7,0.5")
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--channel-multiple", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=30)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -56,24 +64,31 @@ def main() -> None:
         calibration = info.calibration(512, 64)
         dense_flops = dense_counts(model, x).flops
         for fraction in (float(f) for f in args.budgets.split(",")):
-            for kind in ("flops", "latency"):
+            for label, budget, multiple in plans(fraction, args.channel_multiple):
                 start = time.perf_counter()
-                result = secateurs.prune(model, calibration, secateurs.Budget(**{kind: fraction}), example_inputs=x,
-                                         progress=False, error_curve=False)
+                try:
+                    result = secateurs.prune(model, calibration, secateurs.Budget(**budget), example_inputs=x,
+                                             progress=False, error_curve=False, channel_multiple=multiple)
+                except InfeasibleBudgetError as exc:
+                    rows.append((name, label, "infeasible", "-", str(exc)[:40], "-", "-", "-", "-", "-", "-"))
+                    continue
                 seconds = time.perf_counter() - start
-                t_dense, t_pruned = best_latency(model, result.model, x, args.rounds)
-                flops_ratio = dense_flops / dense_counts(result.model, x).flops
+                timed = compare_latency(model, result.model, x, rounds=args.rounds)
+                kept = dense_counts(result.model, x).flops / dense_flops
                 modelled = "-"
-                if kind == "latency":
+                if "latency" in budget:
                     line = result.report.total("latency ms (modelled)")
                     modelled = f"{line.achieved:.3f} / {line.requested:.3f}"
-                rows.append((name, f"{kind} <= {fraction:.0%}", f"{zoo.accuracy(result.model, split.x_test, split.y_test):.4f}",
-                             f"{1 / flops_ratio:.3f}", modelled, f"{1e3 * t_dense:.3f}", f"{1e3 * t_pruned:.3f}",
-                             f"{t_dense / t_pruned:.2f}x", f"{t_dense / t_pruned / flops_ratio:.2f}", f"{seconds:.1f}"))
+                widths = "/".join(str(len(result.plan.keep.get(g.name, range(g.size)))) for g in
+                                  result.graph.prunable_groups()) if result.graph is not None else "-"
+                rows.append((name, label, f"{zoo.accuracy(result.model, split.x_test, split.y_test):.4f}",
+                             f"{kept:.3f}", widths, modelled, f"{1e3 * timed.dense:.3f}", f"{1e3 * timed.pruned:.3f}",
+                             f"{timed.speedup:.2f}x", f"{timed.speedup * kept:.2f}", f"{seconds:.1f}"))
         rows.append((name, "dense", f"{zoo.accuracy(model, split.x_test, split.y_test):.4f}", "1.000", "-", "-", "-",
-                     "1.00x", "-", "-"))
-    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs, 1 torch thread")
-    print(table(rows, ["model", "budget", "accuracy", "FLOPs kept", "latency ms modelled / requested",
+                     "-", "1.00x", "-", "-"))
+    print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs, 1 torch thread, "
+          f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    print(table(rows, ["model", "budget", "accuracy", "FLOPs kept", "widths", "latency ms modelled / requested",
                        "dense ms", "pruned ms", "speedup", "speedup / FLOPs ratio", "prune s"], right=True))
 
 

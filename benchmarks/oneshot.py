@@ -43,7 +43,6 @@ import inspect
 import json
 import math
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -128,13 +127,14 @@ def flops(model: nn.Module, inputs: Any) -> float:
     return dense_counts(model, inputs).flops
 
 
-def prune_kwargs(sequential: str) -> dict[str, Any]:
-    """Extra keywords for ``secateurs.prune``: ``sequential`` only when asked and supported."""
+def prune_kwargs(sequential: str, channel_multiple: int = 1) -> dict[str, Any]:
+    """Extra keywords for ``secateurs.prune``: ``sequential`` and ``channel_multiple`` only when asked."""
+    kwargs: dict[str, Any] = {} if channel_multiple == 1 else {"channel_multiple": channel_multiple}
     if sequential == "default":
-        return {}
+        return kwargs
     if "sequential" not in inspect.signature(secateurs.prune).parameters:
         raise SystemExit("--sequential: this secateurs.prune has no 'sequential' parameter yet")
-    return {"sequential": sequential == "on"}
+    return {**kwargs, "sequential": sequential == "on"}
 
 
 def timed_prune(model: nn.Module, calibration: Any, budget: secateurs.Budget,
@@ -336,20 +336,18 @@ def fix_masks(model: nn.Module) -> nn.Module:
 
 def latency_pair(dense: nn.Module, pruned: nn.Module, inputs: Any, threads: int, repeats: int, *,
                  clock: Callable[[], float] = time.perf_counter, rounds: int = 3) -> tuple[float, float, float]:
-    """Median dense and pruned seconds and the median per-round speedup, measured interleaved.
+    """Fastest-round dense and pruned seconds and the median per-round speedup, measured interleaved.
 
-    Interleaving dense and pruned rounds keeps a change of machine load from favouring either.
+    ``secateurs.measure.compare_latency``: interleaving keeps a change of machine speed from
+    favouring either model, and the allocator is kept from page-faulting every forward.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        d, p = [], []
-        for _ in range(rounds):
-            d.append(measure.latency(dense, inputs, repeats=repeats, clock=clock))
-            p.append(measure.latency(pruned, inputs, repeats=repeats, clock=clock))
+        timed = measure.compare_latency(dense, pruned, inputs, rounds=rounds, repeats=repeats, clock=clock)
     finally:
         torch.set_num_threads(before)
-    return statistics.median(d), statistics.median(p), statistics.median(a / b for a, b in zip(d, p, strict=True))
+    return timed.dense, timed.pruned, timed.speedup
 
 
 def latency_rows(name: str, dense: nn.Module, pruned: dict[float, tuple[nn.Module, float]],
@@ -417,6 +415,7 @@ class Args:
     out: Path
     only_latency: bool = False
     ft_lrs: tuple[float, ...] = FT_LRS
+    channel_multiple: int = 1
 
 
 def calibration_labels(info: zoo.ModelInfo, split: data.DataSplit, calibration: list[Tensor], n: int) -> Tensor:
@@ -471,7 +470,7 @@ def run_cnn(name: str, args: Args) -> dict[str, Any]:
     if args.tp:
         setup, notes = cnn_setup(model, example, calibration, labels, args.criteria)
         result["tp_notes"] = notes
-    kwargs = prune_kwargs(args.sequential)
+    kwargs = prune_kwargs(args.sequential, args.channel_multiple)
     pruned_models: dict[float, tuple[nn.Module, float]] = {}
     for budget in args.budgets:
         res, seconds, cpu = timed_prune(model, calibration, secateurs.Budget(flops=budget), **kwargs)
@@ -530,7 +529,7 @@ def run_cnn(name: str, args: Args) -> dict[str, Any]:
         # millisecond forwards: many short interleaved rounds, as the shared machine's speed drifts 2-3x
         result["latency"] = latency_rows(name, model, pruned_models, batches, 10 if args.quick else 30,
                                          rounds=3 if args.quick else 9)
-        print(f"\n## {name}: CPU latency of secateurs' pruned models (median, interleaved rounds; {load_text()})")
+        print(f"\n## {name}: CPU latency of secateurs' pruned models (fastest rounds, median per-round speedup; {load_text()})")
         print_latency(result["latency"])
     print(f"\n## {name}: secateurs stage wall times (seconds; {load_text()})")
     print_stages(result["stages"])
@@ -677,7 +676,7 @@ def run_minilm(args: Args) -> dict[str, Any]:
                               "structured": [], "latency": [], "stages": []}
     print(f"\n# minilm: {result['dense']['params']:,.0f} params, {dense_flops:,.0f} FLOPs per 128-token sequence; "
           f"{n_cal} calibration sequences of 128 tokens, {n_held} held-out paragraphs ({load_text()})")
-    kwargs = prune_kwargs(args.sequential)
+    kwargs = prune_kwargs(args.sequential, args.channel_multiple)
     pruned_models: dict[float, tuple[nn.Module, float]] = {}
     ours: dict[float, float] = {}
     for budget in args.budgets:
@@ -750,8 +749,9 @@ def run_minilm(args: Args) -> dict[str, Any]:
 
     if args.latency and pruned_models:
         batches = {"1x128": one, "8x128": {k: v[:8] for k, v in calibration[0].items()}}
-        result["latency"] = latency_rows("minilm", model, pruned_models, batches, 5 if args.quick else 10)
-        print(f"\n## minilm: CPU latency of secateurs' pruned models (median, interleaved rounds; {load_text()})")
+        result["latency"] = latency_rows("minilm", model, pruned_models, batches, 5 if args.quick else 10,
+                                         rounds=3 if args.quick else 9)
+        print(f"\n## minilm: CPU latency of secateurs' pruned models (fastest rounds, median per-round speedup; {load_text()})")
         print_latency(result["latency"])
     print(f"\n## minilm: secateurs stage wall times (seconds; loading the model and tokenising the calibration "
           f"text took {setup_seconds:.1f}s more; {load_text()})")
@@ -874,6 +874,8 @@ def parse(argv: Sequence[str] | None = None) -> Args:
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     parser.add_argument("--sequential", choices=["default", "on", "off"], default="default",
                         help="pass sequential= to secateurs.prune (default: the pipeline's own default)")
+    parser.add_argument("--channel-multiple", type=int, default=1,
+                        help="pass channel_multiple= to secateurs.prune (16: oneDNN's block on AVX-512)")
     parser.add_argument("--out", default=str(OUT), help="folder for the JSON results and PNG plots")
     parser.add_argument("--only-latency", action="store_true",
                         help="prune with secateurs and measure latency only; replace just the latency rows of the JSON")
@@ -896,7 +898,7 @@ def parse(argv: Sequence[str] | None = None) -> Args:
         parser.error(f"modes must be among {MODES}")
     return Args(models, floats(ns.budgets), floats(ns.sparsities), criteria, modes, ns.quick, not ns.no_finetune,
                 not ns.no_latency, not ns.no_tp, ns.sequential, Path(ns.out), ns.only_latency,
-                tuple(floats(ns.ft_lr)))
+                tuple(floats(ns.ft_lr)), ns.channel_multiple)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -910,6 +912,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           f"torch-pruning {prov['torch_pruning']}; {load_text()}; 2 threads except latency rows")
     if args.sequential != "default":
         print(f"secateurs.prune(..., sequential={args.sequential == 'on'})")
+    if args.channel_multiple != 1:
+        print(f"secateurs.prune(..., channel_multiple={args.channel_multiple})")
     start = time.perf_counter()
     for name in args.models:
         result = run_minilm(args) if name == "minilm" else run_cnn(name, args)
