@@ -18,24 +18,36 @@ and the measured speedup over the dense model (one thread, the whole test set as
 and pruned timed in alternating rounds by ``secateurs.measure.compare_latency``; the speedup is
 the median of the per-round ratios, the times each model's fastest round).
 
+A second table checks the latency model and bounds what any plan can reach: every plan whose
+widths are multiples of M channels (for MNIST-1D 2 x 2 x 2 x 4 = 32 plans), each sliced from the
+dense model and timed against it, next to the latency ``secateurs.latency`` models for it. Its
+last line is the best measured speedup / FLOPs ratio among the plans within the FLOPs budget.
+
 Run: ``python benchmarks/latency_budget.py [--models mnist1d_cnn,digits_cnn] [--budgets 0.7,0.5]
-[--channel-multiple 16] [--rounds 30]``.
+[--channel-multiple 16] [--rounds 30] [--no-grid]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import time
 
+import numpy as np
 import torch
 from _tables import table
+from scipy.stats import spearmanr
 
 import secateurs
+from secateurs.apply import apply
 from secateurs.errors import InfeasibleBudgetError
-from secateurs.graph import dense_counts
+from secateurs.graph import build, dense_counts
+from secateurs.latency import measure
 from secateurs.measure import compare_latency
 from secateurs.models import zoo
+from secateurs.oneshot import keep_levels
+from secateurs.plan import PrunePlan
 
 
 def plans(fraction: float, multiple: int) -> list[tuple[str, dict[str, float], int]]:
@@ -48,12 +60,48 @@ def plans(fraction: float, multiple: int) -> list[tuple[str, dict[str, float], i
             (f"latency<={fraction:.0%}, x{multiple}", {"latency": fraction}, multiple)]
 
 
+def every_plan(name: str, multiple: int, fraction: float, rounds: int) -> None:
+    """Every plan on multiples of ``multiple`` channels: modelled against measured latency."""
+    model, info = zoo.load(name)
+    x = info.test_split().x_test
+    graph = build(model, x)
+    groups = graph.prunable_groups()
+    levels = {g.name: keep_levels(g, multiple) for g in groups}
+    modelled, dense_seconds = measure(model, groups, x, levels, points=max(len(v) for v in levels.values()))
+    dense_flops = graph.cost().flops
+    rows, ratios, pairs = [], [], []
+    for counts in itertools.product(*levels.values()):
+        keep = dict(zip(levels, counts, strict=True))
+        plan = PrunePlan({g: list(range(k)) for g, k in keep.items() if k < graph.group(g).size},
+                         groups={g.name: g for g in groups})
+        pruned = apply(model, plan)
+        kept = graph.cost(keep).flops / dense_flops
+        timed = compare_latency(model, pruned, x, rounds=rounds)
+        model_speedup = dense_seconds / modelled.evaluate(keep)
+        pairs.append((model_speedup, timed.speedup))
+        if kept <= fraction:
+            ratios.append((timed.speedup * kept, "/".join(map(str, counts))))
+        rows.append(("/".join(map(str, counts)), f"{kept:.3f}", f"{model_speedup:.2f}x", f"{timed.speedup:.2f}x",
+                     f"{timed.speedup * kept:.2f}"))
+    rows.sort(key=lambda r: float(r[1]))
+    m, t = np.array(pairs).T
+    print(f"\n## {name}: every plan on multiples of {multiple} channels ({len(rows)} plans; dense "
+          f"{1e3 * dense_seconds:.3f} ms as the tables measured it)")
+    print(table(rows, ["widths", "FLOPs kept", "modelled speedup", "measured speedup", "speedup / FLOPs ratio"],
+                right=True))
+    best = max(ratios) if ratios else (float("nan"), "-")
+    print(f"modelled vs measured speedup: median |error| {np.median(np.abs(m / t - 1)):.1%}, "
+          f"Spearman {spearmanr(m, t).statistic:.2f}; best speedup / FLOPs ratio within {fraction:.0%} FLOPs: "
+          f"{best[0]:.2f} ({best[1]})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mnist1d_cnn,digits_cnn")
     parser.add_argument("--budgets", default="0.7,0.5")
     parser.add_argument("--channel-multiple", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--no-grid", action="store_true", help="skip the every-plan table")
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
@@ -90,6 +138,9 @@ def main() -> None:
           f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     print(table(rows, ["model", "budget", "accuracy", "FLOPs kept", "widths", "latency ms modelled / requested",
                        "dense ms", "pruned ms", "speedup", "speedup / FLOPs ratio", "prune s"], right=True))
+    if not args.no_grid:
+        for name in args.models.split(","):
+            every_plan(name, args.channel_multiple, min(float(f) for f in args.budgets.split(",")), 9)
 
 
 if __name__ == "__main__":
