@@ -67,7 +67,8 @@ def every_plan(name: str, multiple: int, fraction: float, rounds: int) -> None:
     graph = build(model, x)
     groups = graph.prunable_groups()
     levels = {g.name: keep_levels(g, multiple) for g in groups}
-    modelled, dense_seconds = measure(model, groups, x, levels, points=max(len(v) for v in levels.values()))
+    modelled, window = measure(model, groups, x, levels, points=max(len(v) for v in levels.values()))
+    dense_seconds = window.dense
     dense_flops = graph.cost().flops
     rows, ratios, pairs = [], [], []
     for counts in itertools.product(*levels.values()):

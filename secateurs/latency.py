@@ -1,18 +1,21 @@
 """Measured latency as a cost the allocation can budget: tables per layer and per group.
 
 Latency is not a polynomial in the keep counts (caches, vector widths, thread splits), so it is
-measured, in two parts:
+measured, in three parts:
 
 1. each Linear / Conv1d / Conv2d whose input or output channels belong to a prunable group is
-   rebuilt at a grid of narrower widths and timed alone on an input of the shape it sees in the
-   model (``torch.utils.benchmark.Timer``): a table over (input keep, output keep), so the
-   bilinear cost of a layer between two pruned groups is captured; the grid is made monotone (a
-   wider layer is never faster: timing noise must not reward width) and interpolated onto the
-   allocation's keep levels;
-2. what the layers do not explain (norms, activations, pooling, attention matmuls on a group's
+   rebuilt at the allocation's widths (at most ``points`` per side) and timed alone on an input
+   of the shape it sees in the model (``torch.utils.benchmark``): a table over (input keep,
+   output keep), so the bilinear cost of a layer between two pruned groups is captured; the
+   grid is made monotone (a wider layer is never faster: timing noise must not reward width)
+   and interpolated onto the allocation's keep levels;
+2. each table is scaled so that its full width costs what the layer takes inside the model
+   (forward hooks, :func:`module_seconds`): alone, a layer's input is hot in cache, and the
+   first conv of the MNIST-1D CNN ran 2.6 times faster alone than in the model;
+3. what the layers do not explain (norms, activations, pooling, attention matmuls on a group's
    channels) is fitted per group as a rate per unit, from whole-model timings with only that
-   group narrowed. On small CNNs this is half the time (max pooling alone is a third of the
-   digits CNN's), and without it a latency budget looked unreachable.
+   group narrowed, each timed back to back with the dense model (:class:`Window`). On small
+   CNNs this is a third of the time, and without it a latency budget looked unreachable.
 
 The rest of the forward (frozen layers, per-op overhead) is a constant. The model is first
 order across groups outside the layer tables, and every part is measured: the report shows
@@ -22,6 +25,7 @@ the measured latency of the pruned model next to the modelled one. Timings go th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +50,62 @@ def model_seconds(model: nn.Module, inputs: Any, *, min_run_time: float = 0.2) -
     """Seconds of one forward of ``model`` on ``inputs`` in eval mode (fastest timer block)."""
     with evaluating(model):
         return seconds(forward_batch, model, inputs, min_run_time=min_run_time)
+
+
+class Window:
+    """Timings rescaled to the time window in which the dense model was measured.
+
+    A shared machine's speed drifts by tens of percent over seconds (the dense MNIST-1D CNN took
+    7.4 ms in one call of :func:`measure` and 9.6 ms in the next, steady allocator and all), so a
+    table timed now and a dense latency timed a minute ago do not add up. Every later timing is
+    taken next to a fresh timing of the dense model and multiplied by reference / fresh: a
+    uniform change of speed cancels, and tables, rates and the limit share one unit.
+    """
+
+    def __init__(self, model: nn.Module, inputs: Any, *, min_run_time: float = 0.2) -> None:
+        self.model, self.inputs = model, inputs
+        self.dense = model_seconds(model, inputs, min_run_time=min_run_time)
+
+    def model_seconds(self, other: nn.Module, rounds: int = 5) -> float:
+        """``other``'s forward in reference-window seconds: the median ratio to the dense model
+        over ``rounds`` back-to-back pairs of short timings, times the reference."""
+        ratios = [model_seconds(other, self.inputs, min_run_time=0.05) /
+                  model_seconds(self.model, self.inputs, min_run_time=0.05) for _ in range(rounds)]
+        return float(np.median(ratios)) * self.dense
+
+
+def module_seconds(model: nn.Module, inputs: Any, names: Sequence[str], *,
+                   forwards: int = 20) -> tuple[dict[str, float], float]:
+    """Seconds each named module takes inside a forward of the whole model, and that forward's.
+
+    A layer timed alone runs faster than inside the model (its input hot in cache, no neighbour
+    evicting its weights): on the MNIST-1D CNN the first conv took 0.30 ms alone and 0.78 ms in
+    the model, the last 0.85 and 1.15. Forward hooks time each layer where it runs; each module
+    and the whole forward take their fastest of ``forwards``, so the pair shares a time window.
+    """
+    modules = {name: model.get_submodule(name) for name in names}
+    started: dict[str, float] = {}
+    spent: dict[str, float] = {}
+    handles = []
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(lambda _m, _a, n=name: started.__setitem__(n, time.perf_counter())))
+        handles.append(module.register_forward_hook(
+            lambda _m, _a, _o, n=name: spent.__setitem__(n, spent.get(n, 0.0) + time.perf_counter() - started[n])))
+    best, whole = dict.fromkeys(names, float("inf")), float("inf")
+    try:
+        with evaluating(model), torch.no_grad():
+            forward_batch(model, inputs)  # warm-up
+            for _ in range(forwards):
+                spent.clear()
+                start = time.perf_counter()
+                forward_batch(model, inputs)
+                whole = min(whole, time.perf_counter() - start)
+                for name in names:
+                    best[name] = min(best[name], spent.get(name, 0.0))
+    finally:
+        for h in handles:
+            h.remove()
+    return best, whole
 
 
 @dataclass(frozen=True)
@@ -174,8 +234,9 @@ class _Table:
 
 
 def _layer_table(model: nn.Module, layer: _Layer, levels: Mapping[str, Sequence[float]], points: int,
-                 min_run_time: float) -> _Table:
-    """Time the layer rebuilt at every grid width pair; monotone, so width is never rewarded."""
+                 min_run_time: float, inside: float) -> _Table:
+    """Time the layer rebuilt at every grid width pair, alone, scaled so that full width costs
+    ``inside`` (its time inside the model); monotone, so width is never rewarded."""
     module = model.get_submodule(layer.module)
     sides = [(g, per, _grid(levels[g.name], g.size, points)) if g is not None else None
              for g, per in ((layer.input, layer.in_per_unit), (layer.output, layer.out_per_unit))]
@@ -188,12 +249,13 @@ def _layer_table(model: nn.Module, layer: _Layer, levels: Mapping[str, Sequence[
             narrow = _narrow(module, drop_in, drop_out).eval()
             table[i, j] = layer.calls * seconds(narrow, _input(module, layer.shape, drop_in, drop_out),
                                                 min_run_time=min_run_time)
+    if table[-1, -1] > 0:
+        table *= inside / table[-1, -1]
     table = np.maximum.accumulate(np.maximum.accumulate(table, axis=0), axis=1)
     return _Table(layer, grids, table)
 
 
-def _rest_rate(model: nn.Module, group: Group, example_inputs: Any, dense: float, tables: Sequence[_Table],
-               grid: np.ndarray) -> float:
+def _rest_rate(model: nn.Module, group: Group, window: Window, tables: Sequence[_Table], grid: np.ndarray) -> float:
     """Seconds per unit of ``group`` spent outside its weight layers (norms, activations, pooling...).
 
     The whole model is timed with only ``group`` narrowed; what the layer tables do not explain
@@ -208,7 +270,7 @@ def _rest_rate(model: nn.Module, group: Group, example_inputs: Any, dense: float
             continue  # a width the model cannot take alone (GroupNorm divisibility...): no sample
         explained = sum(t.at(group.name, k) - t.at(group.name, float(group.size)) for t in tables)
         xs.append(k - group.size)
-        ys.append(model_seconds(sliced, example_inputs) - dense - explained)
+        ys.append(window.model_seconds(sliced) - window.dense - explained)
     if not xs:
         return 0.0
     x, y = np.asarray(xs), np.asarray(ys)
@@ -216,24 +278,28 @@ def _rest_rate(model: nn.Module, group: Group, example_inputs: Any, dense: float
 
 
 def measure(model: nn.Module, groups: Sequence[Group], example_inputs: Any, levels: Mapping[str, Sequence[float]],
-            *, points: int = 5, min_run_time: float = 0.02) -> tuple[Latency, float]:
-    """The latency cost over ``levels`` (keep counts per allocated group) and the dense latency.
+            *, points: int = 5, min_run_time: float = 0.02) -> tuple[Latency, Window]:
+    """The latency cost over ``levels`` (keep counts per allocated group) and its time window.
 
     Returns
     -------
-    (Latency, float)
-        The modelled latency (seconds; its value at full width equals the measured dense
-        latency) and that measured dense latency.
+    (Latency, Window)
+        The modelled latency (seconds of the window; its value at full width equals the measured
+        dense latency, ``window.dense``) and the window, to time pruned models in the same unit.
     """
-    dense = model_seconds(model, example_inputs)
+    window = Window(model, example_inputs)
+    dense = window.dense
     allocated = {g.name: g for g in groups if g.name in levels}
-    tables = [_layer_table(model, layer, levels, points, min_run_time)
-              for layer in _layers(model, list(allocated.values()), example_inputs)]
+    layers = _layers(model, list(allocated.values()), example_inputs)
+    inside, whole = module_seconds(model, example_inputs, [layer.module for layer in layers])
+    to_window = dense / whole if whole > 0 else 1.0
+    tables = [_layer_table(model, layer, levels, points, min_run_time, to_window * inside[layer.module])
+              for layer in layers]
     terms = [t.term(levels) for t in tables]
     constant = dense - sum(float(t.table[-1, -1]) for t in tables)
     for g in allocated.values():
         mine = [t for t in tables if g in (t.layer.input, t.layer.output)]
-        rate = _rest_rate(model, g, example_inputs, dense, mine, _grid(levels[g.name], g.size, points))
+        rate = _rest_rate(model, g, window, mine, _grid(levels[g.name], g.size, points))
         if rate > 0:
             lv = np.asarray(sorted(levels[g.name]), dtype=np.float64)
             terms.append(LatencyTerm(rate * lv, output=g.name, output_levels=lv))
@@ -241,7 +307,7 @@ def measure(model: nn.Module, groups: Sequence[Group], example_inputs: Any, leve
     if not terms:
         raise ValidationError("budget.latency", "no Linear/Conv layer reads or writes a prunable group: "
                                                 "there is no latency to trade")
-    return Latency(terms, constant=max(constant, 0.0)), dense
+    return Latency(terms, constant=max(constant, 0.0)), window
 
 
-__all__ = ["measure", "model_seconds", "seconds"]
+__all__ = ["Window", "measure", "model_seconds", "module_seconds", "seconds"]

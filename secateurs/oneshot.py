@@ -50,7 +50,6 @@ from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedEr
 from secateurs.graph import DependencyGraph, build, dense_counts
 from secateurs.graph.groups import Group
 from secateurs.latency import measure as measure_latency
-from secateurs.latency import model_seconds
 from secateurs.layerwise import Lockstep, run_together
 from secateurs.plan import PrunePlan
 from secateurs.problems.allocation import Allocation, Latency
@@ -372,12 +371,12 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
         works.append(work)
     stage("error curves", start)
 
-    latency = None
+    latency, window = None, None
     dense_values = {"flops": dense.flops, "params": dense.params}
     if budget.timed():
         start = clock.elapsed()
-        latency, dense_values["latency"] = measure_latency(model, groups, example_inputs,
-                                                           {w.group.name: sorted(w.path) for w in works})
+        latency, window = measure_latency(model, groups, example_inputs, {w.group.name: sorted(w.path) for w in works})
+        dense_values["latency"] = window.dense
         limits["latency"] = budget.latency_limit(dense_values["latency"])
         stage("latency tables", start)
 
@@ -427,13 +426,13 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
         if not math.isclose(getattr(counted, name), getattr(predicted, name), rel_tol=1e-9):
             report.notes.append(f"{name}: counted {getattr(counted, name):.0f} on the pruned model, "
                                 f"cost model said {getattr(predicted, name):.0f}")
-    if latency is not None:
+    if latency is not None and window is not None:
         modelled = latency.evaluate({**{g.name: g.size for g in groups}, **keep_counts})
         requested = 1e3 * limits["latency"]
         report.totals.append(BudgetLine("latency ms (modelled)", 1e3 * dense_values["latency"], 1e3 * modelled,
                                         requested))
         report.totals.append(BudgetLine("latency ms (measured)", 1e3 * dense_values["latency"],
-                                        1e3 * model_seconds(pruned, example_inputs), requested))
+                                        1e3 * window.model_seconds(pruned), requested))
     return PruneResult(pruned, plan, report, graph)
 
 

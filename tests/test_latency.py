@@ -9,6 +9,7 @@ overhead + graph.cost(plan).flops × 1e-12 exactly: an independent count.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -60,9 +61,31 @@ def fake_seconds_with_elementwise(fn, *args, min_run_time: float = 0.0) -> float
     return fake_seconds(fn, *args) + ELEMENT_SECONDS * _elements(fn, *args)
 
 
+def fake_module_seconds(timer, factor: float = 1.0):  # noqa: ANN001, ANN201 - test double
+    """Stand-in for timing layers inside the model: ``timer`` on each layer's in-model inputs."""
+
+    def module_seconds(model, inputs, names, *, forwards: int = 20):  # noqa: ANN001, ANN202
+        seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        handles = [model.get_submodule(n).register_forward_pre_hook(lambda _m, a, n=n: seen[n].append(a[0]))
+                   for n in names]
+        with torch.no_grad():
+            forward_batch(model, inputs)
+        for h in handles:
+            h.remove()
+        inside = {n: factor * sum(timer(model.get_submodule(n), x) for x in xs) for n, xs in seen.items()}
+        return inside, factor * timer(forward_batch, model, inputs)
+
+    return module_seconds
+
+
+def use_timer(monkeypatch: pytest.MonkeyPatch, timer, factor: float = 1.0) -> None:  # noqa: ANN001
+    monkeypatch.setattr(latency_module, "seconds", timer)
+    monkeypatch.setattr(latency_module, "module_seconds", fake_module_seconds(timer, factor))
+
+
 @pytest.fixture
 def deterministic_timer(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(latency_module, "seconds", fake_seconds)
+    use_timer(monkeypatch, fake_seconds)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +99,8 @@ def test_tables_price_every_plan_like_the_flops_count(deterministic_timer: None,
     graph = build(model, batches[0])
     groups = graph.prunable_groups()
     levels = {g.name: sorted({1, g.size // 3, g.size // 2, g.size}) for g in groups}
-    cost, dense = latency_module.measure(model, groups, batches[0], levels, points=3)
+    cost, window = latency_module.measure(model, groups, batches[0], levels, points=3)
+    dense = window.dense
     assert dense == pytest.approx(graph.cost().flops * 1e-12 + OVERHEAD, rel=1e-12)
     mixed = {groups[0].name: 1, groups[-1].name: levels[groups[-1].name][2]}
     for keep in ({}, {g.name: levels[g.name][1] for g in groups}, mixed):
@@ -86,17 +110,41 @@ def test_tables_price_every_plan_like_the_flops_count(deterministic_timer: None,
 
 def test_work_outside_the_layers_is_priced_per_group(monkeypatch: pytest.MonkeyPatch, cnn) -> None:
     """Norms, activations and pooling on a group's channels are fitted per unit from whole-model timings."""
-    monkeypatch.setattr(latency_module, "seconds", fake_seconds_with_elementwise)
+    use_timer(monkeypatch, fake_seconds_with_elementwise)
     model, batches = cnn
     graph = build(model, batches[0])
     groups = graph.prunable_groups()
     levels = {g.name: sorted({1, g.size // 4, g.size // 2, g.size}) for g in groups}
-    cost, dense = latency_module.measure(model, groups, batches[0], levels, points=4)
+    cost, window = latency_module.measure(model, groups, batches[0], levels, points=4)
+    dense = window.dense
     assert dense == pytest.approx(fake_seconds_with_elementwise(forward_batch, model, batches[0]), rel=1e-12)
     for keep in ({g.name: levels[g.name][1] for g in groups}, {groups[0].name: 1, groups[-1].name: levels[groups[-1].name][2]}):
         plan = PrunePlan({g: list(range(k)) for g, k in keep.items()}, groups={g.name: g for g in groups})
         truth = fake_seconds_with_elementwise(forward_batch, apply(model, plan), batches[0])  # the sliced model
         assert cost.evaluate({**{g.name: g.size for g in groups}, **keep}) == pytest.approx(truth, rel=1e-9)
+
+
+def test_a_machine_that_slows_after_the_dense_timing_gets_the_same_model(monkeypatch: pytest.MonkeyPatch, cnn) -> None:
+    """Every timing after the dense reference runs 2.5x slower: the window rescales them back."""
+    calls = []
+
+    def drifting(fn, *args, min_run_time: float = 0.0) -> float:  # noqa: ANN001 - test double
+        calls.append(fn)
+        return fake_seconds_with_elementwise(fn, *args) * (1.0 if len(calls) == 1 else 2.5)
+
+    use_timer(monkeypatch, drifting)
+    monkeypatch.setattr(latency_module, "module_seconds", fake_module_seconds(fake_seconds_with_elementwise, 2.5))
+    model, batches = cnn
+    graph = build(model, batches[0])
+    groups = graph.prunable_groups()
+    levels = {g.name: sorted({1, g.size // 4, g.size // 2, g.size}) for g in groups}
+    cost, window = latency_module.measure(model, groups, batches[0], levels, points=4)
+    assert window.dense == pytest.approx(fake_seconds_with_elementwise(forward_batch, model, batches[0]), rel=1e-12)
+    keep = {g.name: levels[g.name][1] for g in groups}
+    sliced = apply(model, PrunePlan({g: list(range(k)) for g, k in keep.items()}, groups={g.name: g for g in groups}))
+    truth = fake_seconds_with_elementwise(forward_batch, sliced, batches[0])  # at the reference speed
+    assert cost.evaluate({**{g.name: g.size for g in groups}, **keep}) == pytest.approx(truth, rel=1e-9)
+    assert window.model_seconds(sliced) == pytest.approx(truth, rel=1e-12)
 
 
 def test_prune_meets_a_latency_budget_in_the_model(deterministic_timer: None, cnn) -> None:
@@ -135,7 +183,39 @@ def test_real_timer_gives_monotone_tables(cnn) -> None:
     graph = build(model, batches[0])
     groups = graph.prunable_groups()
     levels = {g.name: [1, g.size // 2, g.size] for g in groups}
-    cost, dense = latency_module.measure(model, groups, batches[0], levels, points=3, min_run_time=0.001)
-    assert dense > 0 and cost.constant >= 0
+    cost, window = latency_module.measure(model, groups, batches[0], levels, points=3, min_run_time=0.001)
+    assert window.dense > 0 and cost.constant >= 0
     for term in cost.terms:
         assert (term.table[1:] >= term.table[:-1]).all() and (term.table[:, 1:] >= term.table[:, :-1]).all()
+
+
+def test_tables_take_the_level_a_layer_runs_at_inside_the_model(monkeypatch: pytest.MonkeyPatch, cnn) -> None:
+    """A conv twice as slow in the model as alone (the whole forward unchanged: the time was the
+    conv's all along, not the rest's): its table doubles, its shape stays, the constant gives way."""
+    model, batches = cnn
+    graph = build(model, batches[0])
+    groups = graph.prunable_groups()
+    levels = {g.name: sorted({1, g.size // 2, g.size}) for g in groups}
+    def timer(fn, *args, min_run_time: float = 0.0) -> float:  # noqa: ANN001 - a forward with 0.1 ms of overhead
+        return fake_seconds(fn, *args) + (1e-4 if fn is forward_batch else 0.0)
+
+    use_timer(monkeypatch, timer)
+    plain, _ = latency_module.measure(model, groups, batches[0], levels, points=3)
+    inside = fake_module_seconds(timer)
+
+    def slow_conv(model, inputs, names, *, forwards: int = 20):  # noqa: ANN001, ANN202
+        times, whole = inside(model, inputs, names)
+        return {**times, "3": 2 * times["3"]}, whole
+
+    monkeypatch.setattr(latency_module, "module_seconds", slow_conv)
+    slowed, window = latency_module.measure(model, groups, batches[0], levels, points=3)
+    assert window.dense == pytest.approx(timer(forward_batch, model, batches[0]), rel=1e-12)
+
+    def conv_table(cost):  # noqa: ANN001, ANN202
+        return next(t.table for t in cost.terms if (t.input, t.output) == ("0:out", "3:out"))
+
+    np.testing.assert_allclose(conv_table(slowed), 2 * conv_table(plain), rtol=1e-12)
+    extra = float(conv_table(plain)[-1, -1])
+    assert slowed.constant == pytest.approx(plain.constant - extra, rel=1e-9)
+    full = {g.name: g.size for g in groups}
+    assert slowed.evaluate(full) == pytest.approx(window.dense, rel=1e-9)
