@@ -44,6 +44,7 @@ from secateurs.problems.allocation import Latency, LatencyTerm
 from secateurs.timing import seconds
 
 _TIMED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_REST_WIDTHS = 2  # narrowed widths a rate is fitted from (each costs whole forwards; one alone was too noisy)
 
 
 def model_seconds(model: nn.Module, inputs: Any, *, min_run_time: float = 0.2) -> float:
@@ -66,7 +67,7 @@ class Window:
         self.model, self.inputs = model, inputs
         self.dense = model_seconds(model, inputs, min_run_time=min_run_time)
 
-    def model_seconds(self, other: nn.Module, rounds: int = 5) -> float:
+    def model_seconds(self, other: nn.Module, rounds: int = 3) -> float:
         """``other``'s forward in reference-window seconds: the median ratio to the dense model
         over ``rounds`` back-to-back pairs of short timings, times the reference."""
         ratios = [model_seconds(other, self.inputs, min_run_time=0.05) /
@@ -299,7 +300,7 @@ def measure(model: nn.Module, groups: Sequence[Group], example_inputs: Any, leve
     constant = dense - sum(float(t.table[-1, -1]) for t in tables)
     for g in allocated.values():
         mine = [t for t in tables if g in (t.layer.input, t.layer.output)]
-        rate = _rest_rate(model, g, window, mine, _grid(levels[g.name], g.size, points))
+        rate = _rest_rate(model, g, window, mine, _grid(levels[g.name], g.size, _REST_WIDTHS + 1))
         if rate > 0:
             lv = np.asarray(sorted(levels[g.name]), dtype=np.float64)
             terms.append(LatencyTerm(rate * lv, output=g.name, output_levels=lv))
