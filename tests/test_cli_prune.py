@@ -16,7 +16,7 @@ def test_prune_zoo_model_prints_table_and_saves(tmp_path: Path, capsys: pytest.C
     assert main(["prune", "--model", "digits_cnn", "--flops", "0.5", "--calibration", "128", "--quiet",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "test accuracy" in out and "FLOPs (one batch)" in out and "CPU latency" in out
+    assert "test accuracy" in out and "FLOPs (batch of 64)" in out and "CPU latency (ms, batch of 450)" in out
     assert (tmp_path / "report.json").is_file() and (tmp_path / "keep_fraction.png").is_file()
     dense, info = zoo.load("digits_cnn")
     loaded = secateurs.load(tmp_path / "model", lambda: zoo.load("digits_cnn")[0])
