@@ -92,6 +92,15 @@ def test_bad_example_inputs() -> None:
         build(Chain(), torch.randn(2, 5, 8))
 
 
+def test_a_failing_node_is_named_with_torchs_reason_and_nothing_printed(capfd: pytest.CaptureFixture[str]) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU())
+    with pytest.raises(TraceError, match=r"failed at node '_0', 0 \(nn\.Conv2d\): .*expected input\[2, 3, 8, 8\] to "
+                                         r"have 1 channels") as info:
+        build(model, torch.randn(2, 3, 8, 8))
+    assert isinstance(info.value.__cause__, RuntimeError)  # torch's own error travels as the cause
+    assert capfd.readouterr().err == ""  # no traceback printed on the way
+
+
 def test_model_is_not_mutated_and_mode_restored() -> None:
     model = Chain().train()
     model.bn.eval()  # mixed modes survive

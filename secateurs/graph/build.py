@@ -22,7 +22,6 @@ from typing import Any
 import networkx as nx
 import torch
 from torch import fx, nn
-from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
 from secateurs.cost import Cost, CostModel, Polynomial
@@ -92,8 +91,18 @@ def _shape_of(value: Any) -> Any:
     return None
 
 
-class _Probe(ShapeProp):
-    """ShapeProp that also records, per node, the FLOPs FlopCounterMode counted there."""
+class _NodeFailed(Exception):
+    """A node raised while the probe ran it: which node, and torch's own error as the cause."""
+
+    def __init__(self, node: fx.Node) -> None:
+        super().__init__(node.name)
+        self.node = node
+
+
+class _Probe(fx.Interpreter):
+    """Runs the traced model once, recording each node's output shapes and the FLOPs that
+    FlopCounterMode counted there. (Not ShapeProp: it prints a traceback of its own on failure,
+    and the error it raises names the node but drops torch's reason.)"""
 
     def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
         super().__init__(gm)
@@ -106,8 +115,11 @@ class _Probe(ShapeProp):
         # nn.MultiheadAttention takes an uncounted fused fast path without autograd; count the
         # regular path (the one training and the sliced model run).
         grad = n.op == "call_module" and isinstance(self.module.get_submodule(n.target), nn.MultiheadAttention)
-        with torch.set_grad_enabled(grad):
-            result = super().run_node(n)
+        try:
+            with torch.set_grad_enabled(grad):
+                result = super().run_node(n)
+        except Exception as e:
+            raise _NodeFailed(n) from e
         self.flops[n.name] = self.counter.get_total_flops() - before
         self.shapes[n.name] = _shape_of(result)
         return result
@@ -119,7 +131,14 @@ def _probe(gm: fx.GraphModule, model: nn.Module, values: list[Any]) -> tuple[dic
     try:
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             probe = _Probe(gm, counter)
-            probe.propagate(*values)
+            probe.run(*values)
+    except _NodeFailed as e:
+        node, cause = e.node, e.__cause__
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        what = f"{node.target} ({op_name(node, gm.get_submodule(node.target))})" if node.op == "call_module" else \
+            op_name(node)
+        raise TraceError(f"running {type(model).__name__} on the example inputs failed at node {node.name!r}, "
+                         f"{what}: {reason}") from cause
     except Exception as e:
         raise TraceError(f"running {type(model).__name__} on the example inputs failed: "
                          f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
