@@ -81,7 +81,7 @@ def module_seconds(model: nn.Module, inputs: Any, names: Sequence[str], *,
 
     A layer timed alone runs faster than inside the model (its input hot in cache, no neighbour
     evicting its weights): on the MNIST-1D CNN the first conv took 0.30 ms alone and 0.78 ms in
-    the model, the last 0.85 and 1.15. Forward hooks time each layer where it runs; each module
+    the model, the third 0.85 and 1.15. Forward hooks time each layer where it runs; each module
     and the whole forward take their fastest of ``forwards``, so the pair shares a time window.
     """
     modules = {name: model.get_submodule(name) for name in names}
