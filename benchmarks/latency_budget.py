@@ -47,10 +47,10 @@ import secateurs
 from secateurs.apply import apply
 from secateurs.errors import InfeasibleBudgetError
 from secateurs.graph import build, dense_counts
+from secateurs.graph.groups import keep_levels
 from secateurs.latency import measure
 from secateurs.measure import compare_latency, embedding_agreement, embeddings
 from secateurs.models import text_batches, zoo
-from secateurs.oneshot import keep_levels
 from secateurs.plan import PrunePlan
 
 

@@ -48,7 +48,7 @@ from secateurs.calibration import GramStatistics, collect, layer_rows
 from secateurs.consumers import ConsumerColumns, consumer_columns, supports_reconstruction
 from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, ValidationError
 from secateurs.graph import DependencyGraph, build, dense_counts
-from secateurs.graph.groups import Group
+from secateurs.graph.groups import Group, check_channel_multiple, keep_levels, unit_multiple
 from secateurs.latency import measure as measure_latency
 from secateurs.layerwise import Lockstep, run_together
 from secateurs.plan import PrunePlan
@@ -159,8 +159,7 @@ def prune(
         raise ValidationError("model", f"expected an nn.Module, got {type(model).__name__}")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValidationError("levels", f"must be an integer >= 2, got {levels!r}")
-    if isinstance(channel_multiple, bool) or not isinstance(channel_multiple, int) or channel_multiple < 1:
-        raise ValidationError("channel_multiple", f"must be an integer >= 1, got {channel_multiple!r}")
+    check_channel_multiple(channel_multiple)
     if time_limit is not None and not time_limit > 0:
         raise ValidationError("time_limit", f"must be positive seconds, got {time_limit!r}")
     if structure == "channels" and (budget is None or not (budget.structured() or budget.timed())):
@@ -190,17 +189,6 @@ def prune(
 
 
 # -- channels ------------------------------------------------------------------------------------
-
-
-def unit_multiple(group: Group, channel_multiple: int) -> int:
-    """Units of ``group`` whose channels make a multiple of ``channel_multiple`` (heads count their width)."""
-    return channel_multiple // math.gcd(channel_multiple, group.unit_width)
-
-
-def keep_levels(group: Group, channel_multiple: int) -> list[int]:
-    """The keep counts a plan may give ``group``: multiples of its unit multiple, and the whole group."""
-    step = unit_multiple(group, channel_multiple)
-    return sorted({*range(step, group.size + 1, step), group.size})
 
 
 def _check_feasible(graph: DependencyGraph, limits: dict[str, float], channel_multiple: int) -> None:

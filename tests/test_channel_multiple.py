@@ -13,9 +13,10 @@ import torch
 from secateurs.budget import Budget
 from secateurs.errors import InfeasibleBudgetError, ValidationError
 from secateurs.graph import build, dense_counts
+from secateurs.graph.groups import keep_levels, unit_multiple
 from secateurs.models import zoo
 from secateurs.models.reference import REFERENCE_MODELS
-from secateurs.oneshot import keep_levels, prune, unit_multiple
+from secateurs.oneshot import prune
 from secateurs.solvers.reconstruction_greedy import greedy_path
 from secateurs.testing import random_reconstruction
 

@@ -7,9 +7,12 @@ or mask without knowing how the coupling was found.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from secateurs.errors import ValidationError
 
 Role = Literal["producer", "consumer", "passthrough"]
 
@@ -76,6 +79,24 @@ class Group:
 
     def producers(self) -> list[Member]:
         return self.members_of("producer")
+
+
+def check_channel_multiple(value: object) -> int:
+    """``channel_multiple`` as given to ``prune`` and the training methods: an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError("channel_multiple", f"must be an integer >= 1, got {value!r}")
+    return value
+
+
+def unit_multiple(group: Group, channel_multiple: int) -> int:
+    """Units of ``group`` whose channels make a multiple of ``channel_multiple`` (heads count their width)."""
+    return channel_multiple // math.gcd(channel_multiple, group.unit_width)
+
+
+def keep_levels(group: Group, channel_multiple: int) -> list[int]:
+    """The keep counts a plan may give ``group``: multiples of its unit multiple, and the whole group."""
+    step = unit_multiple(group, channel_multiple)
+    return sorted({*range(step, group.size + 1, step), group.size})
 
 
 def validate_units(group: Group, units: Sequence[int]) -> None:

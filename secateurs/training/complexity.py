@@ -60,7 +60,7 @@ from torch.utils.hooks import RemovableHandle
 from secateurs.apply import cut_tensor, narrow, runs_at_zero_width, widen
 from secateurs.cost import CostModel
 from secateurs.errors import InvalidPlanError, ValidationError
-from secateurs.graph.groups import Group
+from secateurs.graph.groups import Group, check_channel_multiple, unit_multiple
 from secateurs.plan import PrunePlan
 from secateurs.problems.projection import Projection
 from secateurs.solvers import solve
@@ -123,6 +123,10 @@ class ComplexityAware:
     compact : int
         Every this many steps, slice units whose gates died out of ``.model`` (0: never; dead
         units then stay in the model, gated at 0).
+    channel_multiple : int
+        The final plan keeps a multiple of this many channels per group (heads count their
+        width), or all the units still in it: the vector width kernels run in (see
+        ``secateurs.prune``).
     inplace : bool
         Gate ``model`` itself; by default a deep copy, exposed as ``.model``.
     """
@@ -143,6 +147,7 @@ class ComplexityAware:
         init: float = 0.9,
         schedule: DensitySchedule | None = None,
         compact: int = 1,
+        channel_multiple: int = 1,
         inplace: bool = False,
     ) -> None:
         for name, value in (("flops_priority", flops_priority), ("layer_balance", layer_balance), ("init", init)):
@@ -164,6 +169,8 @@ class ComplexityAware:
             if g.name not in cost_model.sizes:
                 raise ValidationError("groups", f"group {g.name!r} is not in the cost model")
         self.cost_model = cost_model
+        self.multiples = {g: unit_multiple(grp, check_channel_multiple(channel_multiple))
+                          for g, grp in self.groups.items()}
         self.strength, self.alpha, self.beta = float(strength), float(flops_priority), float(layer_balance)
         self.lr, self.flatten = float(lr), float(flatten)
         self.schedule = schedule or DensitySchedule(warmup=0, ramp=0)
@@ -481,7 +488,9 @@ class ComplexityAware:
     def keep(self) -> dict[str, list[int]]:
         """Units whose gate (times its layer's) is above ½, in the original indices; at least one
         per group (the most probable unit still in the model), unless the group's layer gate is at
-        most ½: the layer is then removed and the group keeps none."""
+        most ½: the layer is then removed and the group keeps none. With a channel multiple, the
+        count goes to the nearest multiple that the units still in the model allow (all of them
+        when fewer are left, or when none was sliced out), the most probable units first."""
         out = {}
         for g in self.theta:
             if self._removed_layer(g, 0.5):
@@ -489,9 +498,10 @@ class ComplexityAware:
                 continue
             present = self.present[g]
             p = self.probabilities(g).detach()[present]
-            chosen = torch.nonzero(p > 0.5).reshape(-1)
-            if chosen.numel() == 0:
-                chosen = torch.argmax(p).reshape(1)
+            count, m, left = int((p > 0.5).sum()), self.multiples[g], p.numel()
+            ceiling = left if left == self.groups[g].size or left < m else m * (left // m)
+            count = min(max(m * round(count / m), m, 1), ceiling)
+            chosen = torch.topk(p, count).indices
             out[g] = sorted(present[chosen].tolist())
         return out
 
@@ -519,7 +529,8 @@ class ComplexityAware:
             removed = {g: 0 for g in self.theta if self._removed_layer(g, 0.5)}
             candidates = {g: self._live(g) for g in self.theta if g not in removed}
             scores = {g: self.probabilities(g).detach()[units] for g, units in candidates.items()}
-            chosen = allocate_units(scores, cost_model=self.cost_model, budget=self.budget, fixed=removed)
+            chosen = allocate_units(scores, cost_model=self.cost_model, budget=self.budget, fixed=removed,
+                                    multiples=self.multiples)
             keep = {g: [] if g in removed else sorted(candidates[g][chosen[g]].tolist()) for g in self.theta}
         else:
             keep = self.keep()

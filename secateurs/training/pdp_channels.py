@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from secateurs.cost import CostModel
 from secateurs.errors import ValidationError
-from secateurs.graph.groups import Group
+from secateurs.graph.groups import Group, check_channel_multiple, unit_multiple
 from secateurs.plan import PrunePlan
 from secateurs.training.gating import UnitScales, fold_scales
 from secateurs.training.pdp import DensitySchedule, annealed, keep_threshold
@@ -67,6 +67,10 @@ class ChannelPDP:
         Temperature relative to t² at the start and the end of the ramp (``tau_final=None``
         keeps ``tau`` throughout, as in the paper); after the ramp the mask is hard.
     schedule : DensitySchedule
+    channel_multiple : int
+        The final plan keeps a multiple of this many channels per group (heads count their
+        width), or all the units still in it: the vector width kernels run in (see
+        ``secateurs.prune``).
     inplace : bool
         Mask ``model`` itself; by default a deep copy, exposed as ``.model``.
     """
@@ -74,7 +78,7 @@ class ChannelPDP:
     def __init__(self, model: nn.Module, groups: Iterable[Group], density: float | None = None, *,
                  cost_model: CostModel | None = None, budget: Mapping[str, float] | None = None,
                  tau: float = 0.05, tau_final: float | None = 0.002, schedule: DensitySchedule | None = None,
-                 inplace: bool = False) -> None:
+                 channel_multiple: int = 1, inplace: bool = False) -> None:
         self.budget = check_budget(budget)
         if (density is None) == (not self.budget):
             raise ValidationError("density", "give exactly one of density= or budget=")
@@ -98,6 +102,8 @@ class ChannelPDP:
                 (m.module, m.param, m.dim, torch.tensor([m.indices([u]) for u in range(g.size)], dtype=torch.long))
                 for m in g.producers()
             ]
+        self.multiples = {g: unit_multiple(grp, check_channel_multiple(channel_multiple))
+                          for g, grp in self.groups.items()}
         self.model = model if inplace else copy.deepcopy(model)
         self.density = None if density is None else float(density)
         self.cost_model = cost_model
@@ -106,7 +112,8 @@ class ChannelPDP:
         self.steps = 0
         self.keep_counts: dict[str, int] = {}
         if self.density is not None:
-            self.keep_counts = {g: max(1, round(self.density * grp.size)) for g, grp in self.groups.items()}
+            self.keep_counts = {g: min(max(m * round(self.density * grp.size / m), m, 1), grp.size)
+                                for (g, grp), m in zip(self.groups.items(), self.multiples.values(), strict=True)}
         elif self.schedule.warmup == 0:
             self._allocate()
         self.scales = UnitScales(self.model, self.groups.values())
@@ -120,7 +127,7 @@ class ChannelPDP:
             for g in self.groups:
                 s = self.scores(g).detach().double()
                 shares[g] = s / s.sum() if float(s.sum()) > 0 else torch.full_like(s, 1.0 / s.numel())
-        keep = allocate_units(shares, cost_model=self.cost_model, budget=self.budget)
+        keep = allocate_units(shares, cost_model=self.cost_model, budget=self.budget, multiples=self.multiples)
         self.keep_counts = {g: len(units) for g, units in keep.items()}
 
     def scores(self, name: str) -> torch.Tensor:

@@ -74,6 +74,7 @@ def allocate_units(
     unit_budgets: Sequence[UnitBudget] = (),
     min_keep: Mapping[str, int] | None = None,
     fixed: Mapping[str, int] | None = None,
+    multiples: Mapping[str, int] | None = None,
     time_limit: float | None = None,
 ) -> dict[str, list[int]]:
     """The units to keep per group: the most score retained within every budget, exactly.
@@ -87,6 +88,9 @@ def allocate_units(
     min_keep : per-group least number of units (default 1: a plan never empties a group)
     fixed : keep counts of groups outside ``scores`` (default their full size; 0 for a removed
         layer's groups); budgets stay fractions of the dense model
+    multiples : per-group unit multiple (``channel_multiple`` of the methods, through
+        ``unit_multiple``): a group keeps a multiple of it, or its whole size (from the cost
+        model); all its scored units when fewer than one multiple are scored
 
     Raises
     ------
@@ -104,9 +108,11 @@ def allocate_units(
     for g in names:
         s = np.sort(np.maximum(arrays[g], 0.0))[::-1]
         kept = np.concatenate([[0.0], np.cumsum(s)])
-        lo = min(floor[g], s.size)
-        levels[g] = [float(k) for k in range(lo, s.size + 1)]
-        errors[g] = [float(kept[-1] - kept[k]) for k in range(lo, s.size + 1)]
+        lo, m = min(floor[g], s.size), int((multiples or {}).get(g, 1))
+        full = cost_model.sizes.get(g, s.size) if cost_model is not None else s.size
+        counts = [k for k in range(lo, s.size + 1) if k % m == 0 or k == s.size == full] or [s.size]
+        levels[g] = [float(k) for k in counts]
+        errors[g] = [float(kept[-1] - kept[k]) for k in counts]
     rows: list[AllocationBudget] = []
     if budget:
         assert cost_model is not None

@@ -39,7 +39,7 @@ from torch import nn
 
 from secateurs.cost import CostModel
 from secateurs.errors import ValidationError
-from secateurs.graph.groups import Group
+from secateurs.graph.groups import Group, check_channel_multiple, unit_multiple
 from secateurs.plan import PrunePlan
 from secateurs.problems.projection import Projection
 from secateurs.solvers import solve
@@ -101,6 +101,10 @@ class SoftCoefficients:
         applied in the step's normalised units) so the pruned model is the soft one (ours).
     schedule : DensitySchedule, optional
         How the budgets ramp from the dense model to their targets (default: at once).
+    channel_multiple : int
+        The final plan keeps a multiple of this many channels per group (heads count their
+        width), or all the units still in it: the vector width kernels run in (see
+        ``secateurs.prune``).
     inplace : bool
         Scale ``model`` itself; by default a deep copy, exposed as ``.model``.
     """
@@ -108,13 +112,15 @@ class SoftCoefficients:
     def __init__(self, model: nn.Module, groups: Iterable[Group], components: Mapping[str, Iterable[str]] | None = None,
                  keep: float | Mapping[str, float] | None = None, *, cost_model: CostModel | None = None,
                  budget: Mapping[str, float] | None = None, lr: float = 0.02, flatten: float = 0.0,
-                 schedule: DensitySchedule | None = None, inplace: bool = False) -> None:
+                 schedule: DensitySchedule | None = None, channel_multiple: int = 1, inplace: bool = False) -> None:
         self.groups = {g.name: g for g in groups}
         if not self.groups:
             raise ValidationError("groups", "no groups to scale")
         for g in self.groups.values():
             if not g.prunable:
                 raise ValidationError("groups", f"group {g.name!r} is frozen ({g.reason})")
+        self.multiples = {g: unit_multiple(grp, check_channel_multiple(channel_multiple))
+                          for g, grp in self.groups.items()}
         self.component_of = assign_components(self.groups.values(), components or {WHOLE_MODEL: [""]})
         names = sorted(set(self.component_of.values()))
         self.budget = check_budget(budget)
@@ -267,7 +273,8 @@ class SoftCoefficients:
         """The most coefficient mass within every budget, exactly (the allocation solvers)."""
         unit_budgets = [UnitBudget(c, tuple(self.members(c)), self.units_kept(c)) for c in self.fractions]
         scores = {g: s.detach() for g, s in self.coefficients.items()}
-        return allocate_units(scores, cost_model=self.cost_model, budget=self.budget, unit_budgets=unit_budgets)
+        return allocate_units(scores, cost_model=self.cost_model, budget=self.budget, unit_budgets=unit_budgets,
+                              multiples=self.multiples)
 
     def finalize(self) -> PrunePlan:
         """The plan of kept units; coefficients folded into consumer columns, parametrisations removed."""
