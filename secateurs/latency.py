@@ -44,6 +44,7 @@ from secateurs.problems.allocation import Latency, LatencyTerm
 from secateurs.timing import seconds
 
 _TIMED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+POINTS = 5  # widths measured per side of a layer table; more levels are interpolated
 _REST_WIDTHS = 2  # narrowed widths a rate is fitted from (each costs whole forwards; one alone was too noisy)
 
 
@@ -279,7 +280,7 @@ def _rest_rate(model: nn.Module, group: Group, window: Window, tables: Sequence[
 
 
 def measure(model: nn.Module, groups: Sequence[Group], example_inputs: Any, levels: Mapping[str, Sequence[float]],
-            *, points: int = 5, min_run_time: float = 0.02) -> tuple[Latency, Window]:
+            *, points: int = POINTS, min_run_time: float = 0.02) -> tuple[Latency, Window]:
     """The latency cost over ``levels`` (keep counts per allocated group) and its time window.
 
     Returns

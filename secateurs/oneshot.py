@@ -49,6 +49,7 @@ from secateurs.consumers import ConsumerColumns, consumer_columns, supports_reco
 from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, ValidationError
 from secateurs.graph import DependencyGraph, build, dense_counts
 from secateurs.graph.groups import Group, check_channel_multiple, keep_levels, unit_multiple
+from secateurs.latency import POINTS as LATENCY_POINTS
 from secateurs.latency import measure as measure_latency
 from secateurs.layerwise import Lockstep, run_together
 from secateurs.plan import PrunePlan
@@ -367,6 +368,10 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
         dense_values["latency"] = window.dense
         limits["latency"] = budget.latency_limit(dense_values["latency"])
         stage("latency tables", start)
+        if any(len(w.path) > LATENCY_POINTS for w in works):  # more levels than the tables measure
+            report.notes.append("latency: some keep levels lie between measured widths and are interpolated; kernels "
+                                "run channels in blocks (16 on AVX-512), so channel_multiple=16 keeps plans on "
+                                "widths the tables measure")
 
     start = clock.elapsed()
     result, alloc_problem, alloc_note = _allocate(graph, works, limits, allocation, deadline, seed, latency)

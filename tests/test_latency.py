@@ -157,6 +157,16 @@ def test_prune_meets_a_latency_budget_in_the_model(deterministic_timer: None, cn
     assert modelled.achieved == pytest.approx(1e3 * (OVERHEAD + graph.cost(kept).flops * 1e-12), rel=1e-9)
     measured = result.report.total("latency ms (measured)")  # the stand-in timer on the sliced model
     assert measured.achieved == pytest.approx(1e3 * (OVERHEAD + graph.cost(kept).flops * 1e-12), rel=1e-9)
+    assert any("between measured widths" in n for n in result.report.notes)  # 32 levels, 5 measured
+
+
+def test_a_latency_budget_on_channel_multiples_is_measured_at_every_level(deterministic_timer: None, cnn) -> None:
+    model, batches = cnn
+    result = prune(model, batches, Budget(latency=0.5), progress=False, error_curve=False, sequential=False,
+                   channel_multiple=16)
+    assert result.report.total("latency ms (modelled)").met
+    assert not any("between measured widths" in n for n in result.report.notes)
+    assert all(len(units) % 16 == 0 for units in result.plan.keep.values())
 
 
 def test_an_unreachable_latency_names_the_least_achievable(deterministic_timer: None, cnn) -> None:
