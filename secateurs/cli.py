@@ -128,6 +128,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from secateurs.measure import compare_latency, embedding_agreement
     from secateurs.oneshot import prune
 
+    for flag, value in (("--calibration", args.calibration), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ValidationError(flag, f"must be at least 1, got {value}")
     if args.model in models.names():
         model, info = models.load(args.model)
         calibration = info.calibration(args.calibration, args.batch_size)

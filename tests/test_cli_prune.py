@@ -56,3 +56,9 @@ def test_prune_with_a_channel_multiple_saves_aligned_widths(tmp_path: Path, caps
     pairs = [(a.out_channels, b.out_channels) for a, b in zip(dense.modules(), loaded.modules(), strict=True)
              if isinstance(a, torch.nn.Conv2d)]
     assert any(d != p for d, p in pairs) and all(p % 16 == 0 or p == d for d, p in pairs)
+
+
+@pytest.mark.parametrize("flag", ["--calibration", "--batch-size"])
+def test_a_bad_count_names_its_flag(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["prune", flag, "0", "--quiet"]) == 2
+    assert f"{flag}: must be at least 1, got 0" in capsys.readouterr().err
