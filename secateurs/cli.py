@@ -70,11 +70,18 @@ def _fmt(x: float) -> str:
 
 
 def format_groups(graph: Any) -> str:
-    """The groups as a fixed-width table (per-unit costs are the derivative at full width)."""
+    """The groups as a fixed-width table.
+
+    Per-unit costs are the derivative at full width, shown for the decision variables only: a
+    frozen group's size is folded into its neighbours' terms where a product would need three
+    factors (a GroupNorm's group count times its channels per group times the input channels),
+    so its derivative there would read 0 or a part of the truth.
+    """
     rows = [("group", "units", "width", "members", "params/unit", "FLOPs/unit", "frozen")]
     for g in graph.groups:
         d = graph.marginal(g.name)
-        rows.append((g.name, str(g.size), str(g.unit_width), str(len(g.members)), _fmt(d.params), _fmt(d.flops),
+        params, flops = (_fmt(d.params), _fmt(d.flops)) if g.prunable else ("-", "-")
+        rows.append((g.name, str(g.size), str(g.unit_width), str(len(g.members)), params, flops,
                      "" if g.prunable else g.reason))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     lines = []

@@ -61,6 +61,7 @@ def test_inspect_module_target(capsys: pytest.CaptureFixture[str]) -> None:
         assert col in header
     assert re.search(r"^0:out\s+16\s+1\s+\d+\s+300\s+76,032\s*$", out, re.M)
     assert "reaches model output 'output'" in out
+    assert re.search(r"^12:out\s+10\s+1\s+\d+\s+-\s+-\s+reaches model output", out, re.M)  # frozen: no per-unit cost
     assert "params 15,498, FLOPs 1,811,456" in out
 
 
