@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from scipy.interpolate import RegularGridInterpolator
 from torch import nn
+from tqdm.auto import tqdm
 
 from secateurs.apply import apply
 from secateurs.calibration import evaluating, forward_batch
@@ -280,8 +281,10 @@ def _rest_rate(model: nn.Module, group: Group, window: Window, tables: Sequence[
 
 
 def measure(model: nn.Module, groups: Sequence[Group], example_inputs: Any, levels: Mapping[str, Sequence[float]],
-            *, points: int = POINTS, min_run_time: float = 0.02) -> tuple[Latency, Window]:
+            *, points: int = POINTS, min_run_time: float = 0.02, progress: bool = False) -> tuple[Latency, Window]:
     """The latency cost over ``levels`` (keep counts per allocated group) and its time window.
+
+    ``progress`` shows a bar over the layer tables and one over the groups' rates (tqdm).
 
     Returns
     -------
@@ -296,10 +299,10 @@ def measure(model: nn.Module, groups: Sequence[Group], example_inputs: Any, leve
     inside, whole = module_seconds(model, example_inputs, [layer.module for layer in layers])
     to_window = dense / whole if whole > 0 else 1.0
     tables = [_layer_table(model, layer, levels, points, min_run_time, to_window * inside[layer.module])
-              for layer in layers]
+              for layer in tqdm(layers, desc="latency: layer tables", leave=False, disable=not progress)]
     terms = [t.term(levels) for t in tables]
     constant = dense - sum(float(t.table[-1, -1]) for t in tables)
-    for g in allocated.values():
+    for g in tqdm(allocated.values(), desc="latency: group rates", leave=False, disable=not progress):
         mine = [t for t in tables if g in (t.layer.input, t.layer.output)]
         rate = _rest_rate(model, g, window, mine, _grid(levels[g.name], g.size, _REST_WIDTHS + 1))
         if rate > 0:

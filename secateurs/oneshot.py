@@ -364,7 +364,8 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     dense_values = {"flops": dense.flops, "params": dense.params}
     if budget.timed():
         start = clock.elapsed()
-        latency, window = measure_latency(model, groups, example_inputs, {w.group.name: sorted(w.path) for w in works})
+        latency, window = measure_latency(model, groups, example_inputs, {w.group.name: sorted(w.path) for w in works},
+                                          progress=progress)
         dense_values["latency"] = window.dense
         limits["latency"] = budget.latency_limit(dense_values["latency"])
         stage("latency tables", start)
