@@ -94,14 +94,18 @@ def cnn() -> tuple[torch.nn.Module, list[torch.Tensor]]:
     return model, info.calibration(128, 32)
 
 
+def _graph_and_levels(model: torch.nn.Module, x: torch.Tensor, *divisors: int):  # noqa: ANN202
+    """The traced graph, its prunable groups, and keep levels 1, size // d for each divisor, and size."""
+    graph = build(model, x)
+    groups = graph.prunable_groups()
+    return graph, groups, {g.name: sorted({1, g.size, *(g.size // d for d in divisors)}) for g in groups}
+
+
 def test_tables_price_every_plan_like_the_flops_count(deterministic_timer: None, cnn) -> None:
     model, batches = cnn
-    graph = build(model, batches[0])
-    groups = graph.prunable_groups()
-    levels = {g.name: sorted({1, g.size // 3, g.size // 2, g.size}) for g in groups}
+    graph, groups, levels = _graph_and_levels(model, batches[0], 3, 2)
     cost, window = latency_module.measure(model, groups, batches[0], levels, points=3)
-    dense = window.dense
-    assert dense == pytest.approx(graph.cost().flops * 1e-12 + OVERHEAD, rel=1e-12)
+    assert window.dense == pytest.approx(graph.cost().flops * 1e-12 + OVERHEAD, rel=1e-12)
     mixed = {groups[0].name: 1, groups[-1].name: levels[groups[-1].name][2]}
     for keep in ({}, {g.name: levels[g.name][1] for g in groups}, mixed):
         full = {**{g.name: g.size for g in groups}, **keep}
@@ -112,12 +116,9 @@ def test_work_outside_the_layers_is_priced_per_group(monkeypatch: pytest.MonkeyP
     """Norms, activations and pooling on a group's channels are fitted per unit from whole-model timings."""
     use_timer(monkeypatch, fake_seconds_with_elementwise)
     model, batches = cnn
-    graph = build(model, batches[0])
-    groups = graph.prunable_groups()
-    levels = {g.name: sorted({1, g.size // 4, g.size // 2, g.size}) for g in groups}
+    _, groups, levels = _graph_and_levels(model, batches[0], 4, 2)
     cost, window = latency_module.measure(model, groups, batches[0], levels, points=4)
-    dense = window.dense
-    assert dense == pytest.approx(fake_seconds_with_elementwise(forward_batch, model, batches[0]), rel=1e-12)
+    assert window.dense == pytest.approx(fake_seconds_with_elementwise(forward_batch, model, batches[0]), rel=1e-12)
     for keep in ({g.name: levels[g.name][1] for g in groups}, {groups[0].name: 1, groups[-1].name: levels[groups[-1].name][2]}):
         plan = PrunePlan({g: list(range(k)) for g, k in keep.items()}, groups={g.name: g for g in groups})
         truth = fake_seconds_with_elementwise(forward_batch, apply(model, plan), batches[0])  # the sliced model
@@ -135,9 +136,7 @@ def test_a_machine_that_slows_after_the_dense_timing_gets_the_same_model(monkeyp
     use_timer(monkeypatch, drifting)
     monkeypatch.setattr(latency_module, "module_seconds", fake_module_seconds(fake_seconds_with_elementwise, 2.5))
     model, batches = cnn
-    graph = build(model, batches[0])
-    groups = graph.prunable_groups()
-    levels = {g.name: sorted({1, g.size // 4, g.size // 2, g.size}) for g in groups}
+    _, groups, levels = _graph_and_levels(model, batches[0], 4, 2)
     cost, window = latency_module.measure(model, groups, batches[0], levels, points=4)
     assert window.dense == pytest.approx(fake_seconds_with_elementwise(forward_batch, model, batches[0]), rel=1e-12)
     keep = {g.name: levels[g.name][1] for g in groups}
@@ -190,9 +189,7 @@ def test_latency_budget_fields_are_checked() -> None:
 
 def test_real_timer_gives_monotone_tables(cnn) -> None:
     model, batches = cnn
-    graph = build(model, batches[0])
-    groups = graph.prunable_groups()
-    levels = {g.name: [1, g.size // 2, g.size] for g in groups}
+    _, groups, levels = _graph_and_levels(model, batches[0], 2)
     cost, window = latency_module.measure(model, groups, batches[0], levels, points=3, min_run_time=0.001)
     assert window.dense > 0 and cost.constant >= 0
     for term in cost.terms:
@@ -203,9 +200,8 @@ def test_tables_take_the_level_a_layer_runs_at_inside_the_model(monkeypatch: pyt
     """A conv twice as slow in the model as alone (the whole forward unchanged: the time was the
     conv's all along, not the rest's): its table doubles, its shape stays, the constant gives way."""
     model, batches = cnn
-    graph = build(model, batches[0])
-    groups = graph.prunable_groups()
-    levels = {g.name: sorted({1, g.size // 2, g.size}) for g in groups}
+    _, groups, levels = _graph_and_levels(model, batches[0], 2)
+
     def timer(fn, *args, min_run_time: float = 0.0) -> float:  # noqa: ANN001 - a forward with 0.1 ms of overhead
         return fake_seconds(fn, *args) + (1e-4 if fn is forward_batch else 0.0)
 
