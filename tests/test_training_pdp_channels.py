@@ -7,9 +7,10 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from training_fixtures import two_layer_mlp
 
 from secateurs.apply import apply
-from secateurs.cost import CostModel, Polynomial
+from secateurs.cost import CostModel
 from secateurs.errors import ValidationError
 from secateurs.graph.groups import Group, Member
 from secateurs.training.pdp import DensitySchedule
@@ -25,17 +26,8 @@ def _setup() -> tuple[nn.Module, list[Group]]:
 
 
 def _chain() -> tuple[nn.Module, list[Group], CostModel]:
-    """Two chained groups: layer 2 consumes h1 and produces h2 (its weight is gated *and* scored)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
-    groups = [Group("h1", 12, [Member("0", "weight", 0, "producer"), Member("0", "bias", 0),
-                               Member("2", "weight", 1, "consumer")]),
-              Group("h2", 10, [Member("2", "weight", 0, "producer"), Member("2", "bias", 0),
-                               Member("4", "weight", 1, "consumer")])]
-    # Batch of one, counted by hand: FLOPs 2(6·h1 + h1·h2 + 3·h2); params 7·h1 + h1·h2 + 4·h2 + 3.
-    cost = CostModel(Polynomial(3, {"h1": 7, "h2": 4}, {("h1", "h2"): 1}),
-                     Polynomial(0, {"h1": 12, "h2": 6}, {("h1", "h2"): 2}), {"h1": 12, "h2": 10})
-    return model, groups, cost
+    """Two chained groups of 12 and 10 units (the shared MLP, narrower)."""
+    return two_layer_mlp(12, 10)
 
 
 def _train(pdp: ChannelPDP, steps: int, inputs: int = 6) -> None:

@@ -9,15 +9,18 @@ from secateurs.cost import CostModel, Polynomial
 from secateurs.graph.groups import Group, Member
 
 
-def two_layer_mlp() -> tuple[nn.Module, list[Group], CostModel]:
-    """6 -> h1=16 -> h2=16 -> 3, its two hidden groups, and their exact params/FLOPs polynomials."""
+def two_layer_mlp(h1: int = 16, h2: int = 16) -> tuple[nn.Module, list[Group], CostModel]:
+    """6 -> h1 -> h2 -> 3, its two hidden groups, and their exact params/FLOPs polynomials.
+
+    Layer 2 consumes h1 and produces h2: its weight is both gated and scored.
+    """
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
-    groups = [Group("h1", 16, [Member("0", "weight", 0, "producer"), Member("0", "bias", 0),
+    model = nn.Sequential(nn.Linear(6, h1), nn.ReLU(), nn.Linear(h1, h2), nn.ReLU(), nn.Linear(h2, 3))
+    groups = [Group("h1", h1, [Member("0", "weight", 0, "producer"), Member("0", "bias", 0),
                                Member("2", "weight", 1, "consumer")]),
-              Group("h2", 16, [Member("2", "weight", 0, "producer"), Member("2", "bias", 0),
+              Group("h2", h2, [Member("2", "weight", 0, "producer"), Member("2", "bias", 0),
                                Member("4", "weight", 1, "consumer")])]
     # Counted by hand for a batch of one: params 6h1 + h1 + h1h2 + h2 + 3h2 + 3; FLOPs 2(6h1 + h1h2 + 3h2).
     cost = CostModel(Polynomial(3, {"h1": 7, "h2": 4}, {("h1", "h2"): 1}),
-                     Polynomial(0, {"h1": 12, "h2": 6}, {("h1", "h2"): 2}), {"h1": 16, "h2": 16})
+                     Polynomial(0, {"h1": 12, "h2": 6}, {("h1", "h2"): 2}), {"h1": h1, "h2": h2})
     return model, groups, cost
