@@ -5,7 +5,20 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from secateurs.solvers import SolveResult
+from secateurs.errors import SolverRefusedError
+from secateurs.solvers import SolveResult, solve
+
+
+def solve_or_refuse(problem: Any, solver: Any, *, allow_refusal: bool, **options: Any) -> SolveResult | None:
+    """``solve``, asserting a SolveResult comes back; None when the solver refused and that is allowed."""
+    try:
+        result = solve(problem, solver, **options)
+    except SolverRefusedError:
+        if not allow_refusal:
+            raise
+        return None
+    assert isinstance(result, SolveResult), f"solver returned {type(result).__name__}, not a SolveResult"
+    return result
 
 
 def check_reported(problem: Any, result: SolveResult, *, tol: float, abs_tol: float) -> None:

@@ -11,11 +11,10 @@ import numpy as np
 from hypothesis import strategies as st
 
 from secateurs.cost import Polynomial
-from secateurs.errors import SolverRefusedError
 from secateurs.problems.allocation import Allocation, Budget, Latency, LatencyTerm, restrict
-from secateurs.solvers.registry import SolverSpec, get, solve
+from secateurs.solvers.registry import SolverSpec, get
 from secateurs.solvers.result import SolveResult, Status
-from secateurs.testing._conformance import check_reported
+from secateurs.testing._conformance import check_reported, solve_or_refuse
 
 STRUCTURES = ("separable", "chain", "tree", "cycle")
 BUDGET_KINDS = ("params", "flops", "nonzeros", "latency")
@@ -170,13 +169,9 @@ def check_allocation_solver(
 
     Returns the result, or None when the solver refused the instance and ``allow_refusal``.
     """
-    try:
-        result = solve(problem, solver, time_limit=time_limit, seed=seed, **options)
-    except SolverRefusedError:
-        if not allow_refusal:
-            raise
+    result = solve_or_refuse(problem, solver, allow_refusal=allow_refusal, time_limit=time_limit, seed=seed, **options)
+    if result is None:
         return None
-    assert isinstance(result, SolveResult), f"solver returned {type(result).__name__}, not a SolveResult"
     name = result.solver
     exact = isinstance(solver, str) and get(solver, problem).exact
     tol = 1e-6

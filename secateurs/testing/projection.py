@@ -9,11 +9,10 @@ from typing import Any
 import numpy as np
 from hypothesis import strategies as st
 
-from secateurs.errors import SolverRefusedError
 from secateurs.problems.projection import Projection
 from secateurs.solvers import SolveResult, Status, solve
 from secateurs.solvers.registry import SolverSpec
-from secateurs.testing._conformance import check_reported
+from secateurs.testing._conformance import check_reported, solve_or_refuse
 
 
 @st.composite
@@ -86,13 +85,9 @@ def check_projection_solver(
 
     Returns the result, or None when the solver refused the instance and ``allow_refusal``.
     """
-    try:
-        result = solve(problem, solver, **options)
-    except SolverRefusedError:
-        if not allow_refusal:
-            raise
+    result = solve_or_refuse(problem, solver, allow_refusal=allow_refusal, **options)
+    if result is None:
         return None
-    assert isinstance(result, SolveResult), f"solver returned {type(result).__name__}, not a SolveResult"
     name = result.solver
     check_reported(problem, result, tol=tol, abs_tol=1e-12)
     if result.status == Status.OPTIMAL:
