@@ -149,49 +149,43 @@ def _zero_width_conv(mod: nn.modules.conv._ConvNd, x: Tensor) -> Tensor | None:
     return out
 
 
-class ZeroWidthConv1d(nn.Conv1d):
+class _ZeroWidthConv:
+    """Mixin before a torch conv class: zero input or output channels take ``_zero_width_conv``."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        out = _zero_width_conv(self, input)  # type: ignore[arg-type]
+        return super().forward(input) if out is None else out  # type: ignore[misc]
+
+
+class _ZeroWidthNorm:
+    """Mixin before a torch batch-norm class: with no features left, the empty input passes through."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return input if self.num_features == 0 else super().forward(input)  # type: ignore[attr-defined, misc]
+
+
+class ZeroWidthConv1d(_ZeroWidthConv, nn.Conv1d):
     """``nn.Conv1d`` that may have zero input or output channels (a removed branch; see the module doc)."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        out = _zero_width_conv(self, input)
-        return super().forward(input) if out is None else out
 
-
-class ZeroWidthConv2d(nn.Conv2d):
+class ZeroWidthConv2d(_ZeroWidthConv, nn.Conv2d):
     """``nn.Conv2d`` that may have zero input or output channels (a removed branch; see the module doc)."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        out = _zero_width_conv(self, input)
-        return super().forward(input) if out is None else out
 
-
-class ZeroWidthConv3d(nn.Conv3d):
+class ZeroWidthConv3d(_ZeroWidthConv, nn.Conv3d):
     """``nn.Conv3d`` that may have zero input or output channels (a removed branch; see the module doc)."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        out = _zero_width_conv(self, input)
-        return super().forward(input) if out is None else out
 
-
-class ZeroWidthBatchNorm1d(nn.BatchNorm1d):
+class ZeroWidthBatchNorm1d(_ZeroWidthNorm, nn.BatchNorm1d):
     """``nn.BatchNorm1d`` that passes an empty input through when it has no features left."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        return input if self.num_features == 0 else super().forward(input)
 
-
-class ZeroWidthBatchNorm2d(nn.BatchNorm2d):
+class ZeroWidthBatchNorm2d(_ZeroWidthNorm, nn.BatchNorm2d):
     """``nn.BatchNorm2d`` that passes an empty input through when it has no features left."""
 
-    def forward(self, input: Tensor) -> Tensor:
-        return input if self.num_features == 0 else super().forward(input)
 
-
-class ZeroWidthBatchNorm3d(nn.BatchNorm3d):
+class ZeroWidthBatchNorm3d(_ZeroWidthNorm, nn.BatchNorm3d):
     """``nn.BatchNorm3d`` that passes an empty input through when it has no features left."""
-
-    def forward(self, input: Tensor) -> Tensor:
-        return input if self.num_features == 0 else super().forward(input)
 
 
 #: Exact module class -> its zero-width stand-in (and back); other classes listed run at zero width as they are.
