@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
-from training_fixtures import two_layer_mlp
+from training_fixtures import check_finalized_once, two_layer_mlp
 
 from secateurs.apply import apply
 from secateurs.errors import ValidationError
@@ -143,13 +143,7 @@ def test_errors_name_the_problem() -> None:
         ComplexityAware(model, [frozen], cost)
     with pytest.raises(ValidationError, match=r"finalize: ComplexityAware was never stepped"):
         ComplexityAware(model, groups, cost).finalize()
-    ca = ComplexityAware(model, groups, cost)
-    ca.step()
-    ca.finalize()
-    with pytest.raises(ValidationError, match=r"finalize: ComplexityAware was already finalized or closed"):
-        ca.finalize()
-    with pytest.raises(ValidationError, match=r"step: this ComplexityAware was finalized or closed"):
-        ca.step()
+    check_finalized_once(ComplexityAware(model, groups, cost), "ComplexityAware", " or closed")
 
 
 def test_layer_gates_project_with_the_hierarchy() -> None:

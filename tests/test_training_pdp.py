@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
+from training_fixtures import check_finalized_once
 
 from secateurs.apply import apply
 from secateurs.errors import ValidationError
@@ -148,10 +149,4 @@ def test_errors_name_the_problem() -> None:
         PDP(_mlp(), 0.5, modules=["nope"])
     with pytest.raises(ValidationError, match=r"finalize: PDP was never stepped"):
         PDP(_mlp(), 0.5).finalize()
-    pdp = PDP(_mlp(), 0.5)
-    pdp.step()
-    pdp.finalize()
-    with pytest.raises(ValidationError, match=r"finalize: PDP was already finalized"):
-        pdp.finalize()
-    with pytest.raises(ValidationError, match=r"step: this PDP was finalized"):
-        pdp.step()
+    check_finalized_once(PDP(_mlp(), 0.5), "PDP")

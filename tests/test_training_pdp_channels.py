@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
-from training_fixtures import two_layer_mlp
+from training_fixtures import check_finalized_once, two_layer_mlp
 
 from secateurs.apply import apply
 from secateurs.cost import CostModel
@@ -130,8 +130,4 @@ def test_errors() -> None:
         ChannelPDP(model, [Group("c", 3, [Member("2", "weight", 1, "consumer")])], 0.5)
     with pytest.raises(ValidationError, match=r"finalize: ChannelPDP was never stepped"):
         ChannelPDP(model, groups, 0.5).finalize()
-    pdp = ChannelPDP(model, groups, 0.5)
-    pdp.step()
-    pdp.finalize()
-    with pytest.raises(ValidationError, match=r"step: this ChannelPDP was finalized"):
-        pdp.step()
+    check_finalized_once(ChannelPDP(model, groups, 0.5), "ChannelPDP")

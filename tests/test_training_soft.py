@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 from torch import nn
+from training_fixtures import check_finalized_once
 
 from secateurs.apply import apply
 from secateurs.errors import ValidationError
@@ -153,13 +154,7 @@ def test_errors_name_the_problem() -> None:
         SoftCoefficients(_AE(), _groups(), PREFIXES, {"encoder": 0.5, "encoder→decoder": 0.5, "decoder": 0.5, "latent": 1})
     with pytest.raises(ValidationError, match=r"cost_model: a flops/params budget needs"):
         SoftCoefficients(_AE(), _groups(), PREFIXES, budget={"flops": 0.5})
-    soft = SoftCoefficients(_AE(), _groups(), PREFIXES, 0.5)
-    soft.step()
-    soft.finalize()
-    with pytest.raises(ValidationError, match=r"finalize: SoftCoefficients was already finalized"):
-        soft.finalize()
-    with pytest.raises(ValidationError, match=r"step: this SoftCoefficients was finalized"):
-        soft.step()
+    check_finalized_once(SoftCoefficients(_AE(), _groups(), PREFIXES, 0.5), "SoftCoefficients")
     with pytest.raises(ValidationError, match=r"keep: no keep fraction for component 'encoder→decoder'"):
         SoftCoefficients(_AE(), _groups(), PREFIXES, {"encoder": 0.5, "decoder": 0.5})
     with pytest.raises(ValidationError, match=r"keep: component 'decoder': fraction must be in \(0, 1\]"):

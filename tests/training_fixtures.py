@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import pytest
 import torch
 from torch import nn
 
 from secateurs.cost import CostModel, Polynomial
+from secateurs.errors import ValidationError
 from secateurs.graph.groups import Group, Member
 
 
@@ -24,3 +28,13 @@ def two_layer_mlp(h1: int = 16, h2: int = 16) -> tuple[nn.Module, list[Group], C
     cost = CostModel(Polynomial(3, {"h1": 7, "h2": 4}, {("h1", "h2"): 1}),
                      Polynomial(0, {"h1": 12, "h2": 6}, {("h1", "h2"): 2}), {"h1": h1, "h2": h2})
     return model, groups, cost
+
+
+def check_finalized_once(method: Any, name: str, suffix: str = "") -> None:
+    """Step once and finalize; then finalizing again and stepping again are typed errors naming ``name``."""
+    method.step()
+    method.finalize()
+    with pytest.raises(ValidationError, match=rf"finalize: {name} was already finalized{suffix}"):
+        method.finalize()
+    with pytest.raises(ValidationError, match=rf"step: this {name} was finalized{suffix}"):
+        method.step()
