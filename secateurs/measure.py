@@ -13,7 +13,6 @@ from torch import nn
 
 from secateurs.calibration import forward_batch
 from secateurs.errors import ValidationError
-from secateurs.graph import dense_counts
 from secateurs.timing import steady_allocator
 
 
@@ -66,12 +65,6 @@ def compare_latency(dense: nn.Module, pruned: nn.Module, inputs: Any, *, rounds:
         d.append(latency(dense, inputs, repeats=repeats, warmup=1, clock=clock))
         p.append(latency(pruned, inputs, repeats=repeats, warmup=1, clock=clock))
     return LatencyComparison(min(d), min(p), statistics.median(a / b for a, b in zip(d, p, strict=True)))
-
-
-def summary(model: nn.Module, inputs: Any, *, repeats: int = 20) -> dict[str, float]:
-    """Parameters and FlopCounterMode FLOPs of one forward on ``inputs``, and its median latency."""
-    counted = dense_counts(model, inputs)
-    return {"params": counted.params, "flops": counted.flops, "latency_ms": 1e3 * latency(model, inputs, repeats=repeats)}
 
 
 def embeddings(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:

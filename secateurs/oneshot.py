@@ -352,8 +352,8 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     for group in _progress(groups, progress, "error curves"):
         problem, consumers, note = _group_problem(model, group, stats)
         work = _GroupWork(group, problem, consumers, {}, note)
-        allowed = keep_levels(group, channel_multiple)
         if problem is None:
+            allowed = keep_levels(group, channel_multiple)
             work.path = {k: v for k, v in _magnitude_path(model, group).items() if k in allowed}
         else:
             _error_path(work, levels, unit_multiple(group, channel_multiple))
