@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from secateurs.errors import InvalidPlanError, ValidationError
-from secateurs.graph.groups import Group, Member, validate_units
+from secateurs.graph.groups import HEAD_ATTRIBUTES, INNER_ATTRIBUTES, Group, Member, validate_units
 from secateurs.modules import (
     PrunedMultiheadAttention,
     ZeroWidthBatchNorm1d,
@@ -64,10 +64,6 @@ __all__ = [
 
 Mode = Literal["slice", "mask"]
 
-#: Integer attributes of hand-written attention modules that count heads (updated when heads go).
-HEAD_ATTRIBUTES = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
-#: Integer attributes that count heads * head_dim features (updated too; ``head_dim`` itself stays).
-INNER_ATTRIBUTES = ("all_head_size", "inner_dim")
 
 
 # -- resolving and checking the plan ------------------------------------------------------------

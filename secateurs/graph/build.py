@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from secateurs.cost import Cost, CostModel, Polynomial
 from secateurs.errors import TraceError, ValidationError
 from secateurs.graph.coupling import Coupler, Info, op_name
+from secateurs.graph.fixed_sizes import freeze_fixed_sizes
 from secateurs.graph.groups import Group, Member
 from secateurs.graph.spaces import CouplingError, Layout, Opaque, member_maps
 
@@ -274,6 +275,8 @@ def _finalize(model: nn.Module, gm: fx.GraphModule, c: Coupler, example_inputs: 
                     heads.setdefault(r, "")
                 elif sp.has_flag(r, "mm_feature"):
                     sp.freeze(r, f"per-head features (head_dim) at node '{d.node}' are kept whole")
+
+    freeze_fixed_sizes(model, c.fixed, sp, set(heads))
 
     # members of each atomic space, in registration order
     members: dict[int, list[Member]] = {}

@@ -63,6 +63,24 @@ class FlopTerm:
     factors: list[Factor]
 
 
+@dataclass
+class FixedSize:
+    """A reshape or split at ``node`` whose target size for one dim comes from the model's code.
+
+    ``literal`` is a constant the tracer baked in (``self.c``, ``self.n_embd``), or None when the
+    size was computed from other tensors' sizes (``C // self.n_head``), which ``reads`` lists.
+    Slicing the model changes neither, so the channels there can be pruned only where apply keeps
+    the constant in step (head counts) or the size read is the dim's own.
+    """
+
+    node: str
+    info: DimInfo
+    literal: int | None
+    reads: list[DimInfo]
+    module: str
+    split: bool = False
+
+
 _ELEMENTWISE_FN: set[Any] = {
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.pow,
     operator.neg, operator.pos, operator.iadd, operator.imul, operator.isub, operator.itruediv,
@@ -164,6 +182,7 @@ class Coupler:
         self.buffers = {id(b): n for n, b in gm.named_buffers()}
         self.notes: dict[str, str] = {}  # node -> why its FLOPs are a constant
         self.mha_heads: dict[int, str] = {}  # space -> MHA module path
+        self.fixed: list[FixedSize] = []  # target sizes written in the model's code (see FixedSize)
 
     # -- helpers ------------------------------------------------------------------------
 
@@ -683,7 +702,99 @@ class Coupler:
                 parts = [Opaque(reason)] * len(odims)
             for d, p in zip(odims, parts, strict=False):
                 out[d] = p
+        self._record_targets(node, out)
         return out
+
+    # -- sizes the model's code fixes --------------------------------------------------------
+
+    def _targets(self, node: fx.Node) -> tuple[int, list[Any]] | None:
+        """(first output dim, target size entries) of a view/reshape/unflatten, None for others."""
+        t, a = node.target, node.args
+        if node.op == "call_method" and t in ("view", "reshape"):
+            rest = list(a[1:]) or list(node.kwargs.get("shape", node.kwargs.get("size", ())))
+            if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+                rest = list(rest[0])
+            return 0, rest
+        if node.op == "call_function" and t is torch.reshape:
+            shape = a[1] if len(a) > 1 else node.kwargs.get("shape")
+            return (0, list(shape)) if isinstance(shape, (tuple, list)) else None
+        if t in ("unflatten", torch.unflatten):
+            base = 1 if node.op == "call_method" else 2
+            if len(a) > base and isinstance(a[base], (tuple, list)) and isinstance(a[base - 1], int):
+                return a[base - 1], list(a[base])
+            return None
+        if node.op == "call_module" and isinstance(mod := self.gm.get_submodule(node.target), nn.Unflatten):  # type: ignore[arg-type]
+            return int(mod.dim), list(mod.unflattened_size)  # type: ignore[arg-type]
+        return None
+
+    def _arity(self, arg: Any) -> int:
+        v = self.shapes.get(arg.name) if isinstance(arg, fx.Node) else None
+        return len(v) if isinstance(v, tuple) else 1
+
+    def _size_select(self, n: fx.Node) -> list[tuple[str, int]] | None:
+        """(tensor node, dim) per element when ``n`` is ``x.size()``, ``x.shape`` or a slice or item of one."""
+        if n.op == "call_method" and n.target == "size" and isinstance(n.args[0], fx.Node):
+            rank = len(self.shapes.get(n.args[0].name) or ())
+            d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            return [(n.args[0].name, d % rank)] if isinstance(d, int) and rank else \
+                [(n.args[0].name, k) for k in range(rank)]
+        if n.op == "call_function" and n.target is getattr and n.args[1] == "shape" and isinstance(n.args[0], fx.Node):
+            rank = len(self.shapes.get(n.args[0].name) or ())
+            return [(n.args[0].name, k) for k in range(rank)]
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+            whole = self._size_select(n.args[0])
+            idx = n.args[1]
+            if whole is None or not isinstance(idx, (int, slice)):
+                return None
+            return [whole[idx]] if isinstance(idx, int) else whole[idx]
+        return None
+
+    def _size_reads(self, arg: Any, depth: int = 0) -> list[tuple[str, int]]:
+        """Every (tensor node, dim) whose size a python-int node was computed from."""
+        if isinstance(arg, (tuple, list)):
+            return [r for a in arg for r in self._size_reads(a, depth)]
+        if not isinstance(arg, fx.Node) or depth > 32 or _has_tensor(self.shapes.get(arg.name)):
+            return []
+        pure = self._size_select(arg)
+        if pure is not None:
+            return pure
+        return [r for a in arg.all_input_nodes for r in self._size_reads(a, depth + 1)]
+
+    def _dims_of(self, reads: list[tuple[str, int]]) -> list[DimInfo]:
+        out = []
+        for name, d in reads:
+            info = self.info.get(name)
+            if _is_tensor_info(info) and d < len(info):
+                out.append(info[d])
+        return out
+
+    def _fix(self, node: fx.Node, info: DimInfo, literal: int | None, reads: list[DimInfo], split: bool = False) -> None:
+        if layout_spaces(info) or any(layout_spaces(r) for r in reads):
+            stack = node.meta.get("nn_module_stack") or {}
+            module = next(reversed(stack.values()))[0] if stack else ""
+            self.fixed.append(FixedSize(node.name, info, literal, reads, module if isinstance(module, str) else "", split))
+
+    def _record_targets(self, node: fx.Node, out: list[DimInfo]) -> None:
+        """Note every target size of a view/reshape/unflatten that is a literal or read from shapes."""
+        found = self._targets(node)
+        if found is None:
+            return
+        start, entries = found
+        total = sum(self._arity(e) for e in entries)
+        if start + total > len(out) or (start == 0 and total != len(out)):
+            return  # cannot align entries with dims (an unpacked python sequence): nothing to check
+        d = start
+        for e in entries:
+            k = self._arity(e)
+            if isinstance(e, int) and not isinstance(e, bool):
+                if e != -1:
+                    self._fix(node, out[d], e, [])
+            elif isinstance(e, fx.Node):
+                pure = self._size_select(e)
+                for i in range(k):
+                    reads = [pure[i]] if pure is not None and len(pure) == k else self._size_reads(e)
+                    self._fix(node, out[d + i], None, self._dims_of(reads))
+            d += k
 
     def split_info(self, info: DimInfo, sizes: list[int], node: fx.Node) -> list[DimInfo]:
         """Split one dim into ``sizes`` (row-major), factoring spaces where a boundary cuts one."""
@@ -874,6 +985,13 @@ class Coupler:
             reason = f"split at node '{node.name}' cannot map channels ({e})"
             self.freeze([x[dim]], reason)
             pieces = [Opaque(reason)] * len(sizes)
+        if t not in ("chunk", torch.chunk, "tensor_split"):
+            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
+                                                                              node.kwargs.get("split_size"))
+            if isinstance(size, int) and not isinstance(size, bool):
+                self._fix(node, x[dim], size, [], split=True)
+            elif isinstance(size, fx.Node):
+                self._fix(node, x[dim], None, self._dims_of(self._size_reads(size)), split=True)
         if tied and equal:
             for p in pieces[1:]:
                 self.tie(pieces[0], p, node)

@@ -1,0 +1,159 @@
+"""Sizes written in the model's code (reshape to ``self.c``, ``C // self.n_head``) freeze their channels.
+
+The independent truth is the model itself: every group the graph calls prunable is cut by one
+unit and the sliced model must still run, while every group frozen for a fixed size would, if
+cut, break the model (checked by slicing its weights by hand).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import secateurs
+from secateurs.graph import build
+from secateurs.models import reference
+
+
+class PatchEmbed(nn.Module):
+    """torchvision ViT's ``x.reshape(n, self.hidden_dim, n_h * n_w)``: the width is a literal."""
+
+    def __init__(self, c: int = 16, hidden: int = 24) -> None:
+        super().__init__()
+        self.c = c
+        self.proj = nn.Conv2d(3, c, 4, 4)
+        self.mlp = nn.Sequential(nn.Linear(c, hidden), nn.GELU(), nn.Linear(hidden, c))
+        self.head = nn.Linear(c, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        x = x.reshape(x.shape[0], self.c, -1).permute(0, 2, 1)
+        x = x + self.mlp(x)
+        return self.head(x.mean(1))
+
+
+class OwnSize(nn.Module):
+    """``x.view(x.size(0), x.size(1), -1)`` reads the dim's own size: still prunable."""
+
+    def __init__(self, c: int = 6) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, c, 3, padding=1)
+        self.fc = nn.Linear(c, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y = y.view(y.size(0), y.size(1), -1).mean(-1)
+        return self.fc(y)
+
+
+class NanoAttention(nn.Module):
+    """nanoGPT's CausalSelfAttention: split by ``self.n_embd``, head_dim computed from ``C``."""
+
+    def __init__(self, n_embd: int = 16, n_head: int = 4) -> None:
+        super().__init__()
+        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
+        self.c_proj = nn.Linear(n_embd, n_embd)
+        self.n_head, self.n_embd = n_head, n_embd
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+
+
+class NanoBlock(nn.Module):
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, d)
+        self.ln = nn.LayerNorm(d)
+        self.attn = NanoAttention(d)
+        self.fc = nn.Linear(d, 4 * d)
+        self.proj = nn.Linear(4 * d, d)
+        self.out = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        x = x + self.attn(self.ln(x))
+        x = x + self.proj(F.gelu(self.fc(x)))
+        return self.out(x)
+
+
+class Unflattened(nn.Module):
+    """``nn.Unflatten(1, (4, 3))`` on a Linear's 12 features: the sizes are the module's constants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 12)
+        self.unflat = nn.Unflatten(1, (4, 3))
+        self.conv = nn.Conv1d(4, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.unflat(self.fc(x)))
+
+
+def _cut_one_unit_each(model: nn.Module, example: torch.Tensor) -> None:
+    """Every prunable group loses its last unit (one group at a time) and the sliced model runs."""
+    graph = build(model, example)
+    for g in graph.prunable_groups():
+        plan = secateurs.PrunePlan.from_graph(graph, {g.name: list(range(g.size - 1))})
+        small = secateurs.apply(model, plan, graph=graph)
+        small(example)
+
+
+def _frozen(graph, name: str) -> str:  # noqa: ANN001
+    g = graph.group(name)
+    assert not g.prunable, f"{name} should be frozen"
+    return g.reason
+
+
+def test_literal_width_in_reshape_freezes_the_channels_it_fixes() -> None:
+    m, x = PatchEmbed().eval(), torch.randn(2, 3, 16, 16)
+    graph = build(m, x)
+    assert "fixes this size at 16, a constant in the model's code" in _frozen(graph, "proj:out")
+    assert "'reshape'" in _frozen(graph, "proj:out")
+    assert graph.group("mlp.0:out").prunable
+    _cut_one_unit_each(m, x)
+    with pytest.raises(RuntimeError):  # cutting the frozen width by hand really breaks the model
+        cut = PatchEmbed(c=15, hidden=24)
+        cut.c = 16
+        cut(x)
+
+
+def test_a_size_read_from_the_dims_own_channels_stays_prunable() -> None:
+    m, x = OwnSize().eval(), torch.randn(2, 3, 5, 5)
+    graph = build(m, x)
+    assert graph.group("conv:out").prunable
+    _cut_one_unit_each(m, x)
+
+
+def test_nanogpt_attention_freezes_heads_and_the_stream_it_reads() -> None:
+    m, x = NanoBlock().eval(), torch.randn(2, 6, 8)
+    graph = build(m, x)
+    heads = [g for g in graph.groups if g.name.endswith(":heads")]
+    assert heads and all("split at node 'split' fixes this size at 16" in g.reason for g in heads)
+    assert "computes a size from these channels' count" in _frozen(graph, "inp:out")
+    assert graph.group("fc:out").prunable  # the MLP's hidden neurons are untouched by the attention
+    _cut_one_unit_each(m, x)
+    result = secateurs.prune(m, [x, torch.randn(2, 6, 8)], secateurs.Budget(params=0.8), progress=False,
+                             error_curve=False)
+    assert result.model(x).shape == m(x).shape
+
+
+def test_unflatten_constants_freeze_the_features_they_split() -> None:
+    m, x = Unflattened().eval(), torch.randn(3, 5)
+    graph = build(m, x)
+    assert "fixes this size at 4" in _frozen(graph, "fc:out")
+
+
+def test_head_counts_that_apply_rewrites_stay_prunable() -> None:
+    """Hand-written attention views to ``self.num_heads``: apply updates it, so heads prune."""
+    model = reference.gpt()
+    x = torch.randint(0, 32, (2, 8))
+    graph = build(model, x)
+    heads = [g for g in graph.groups if g.name.endswith(":heads")]
+    assert heads and all(g.prunable for g in heads)
+    _cut_one_unit_each(model, x)
