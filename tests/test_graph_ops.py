@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from test_graph_helpers import check_slice
 from torch import nn
 
+import secateurs
 from secateurs.graph import Member, build, dense_counts
 
 
@@ -467,6 +468,58 @@ def test_permute_channels_last_linear() -> None:
     assert Member("ln", "weight", 0, "passthrough") in g.group("conv:out").members
     assert g.cost({"conv:out": 4, "fc1:out": 5}) == dense_counts(ChannelsLastMLP(4, 5), x)
     check_slice(ChannelsLastMLP, {}, dict(h=5), x, {"fc1:out": [0, 3, 7]})
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """torchvision's / timm's LayerNorm2d: permute, ``F.layer_norm`` with the module's parameters."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class FunctionalNormNet(nn.Module):
+    def __init__(self, c1: int = 6, c2: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
+        self.norm1 = LayerNorm2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.norm2 = LayerNorm2d(c2)
+        self.head = nn.Conv2d(c2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.gelu(self.norm2(self.conv2(F.gelu(self.norm1(self.conv1(x)))))))
+
+
+def test_functional_layer_norm_couples_its_parameters() -> None:
+    x = torch.randn(2, 3, 5, 5)
+    m = FunctionalNormNet().eval()
+    g = build(m, x)
+    assert g.cost({"conv1:out": 4, "conv2:out": 3}) == dense_counts(FunctionalNormNet(4, 3), x)
+    keep = {"conv1:out": [1, 2, 3, 4], "conv2:out": [0, 1, 4]}
+    small = secateurs.apply(m, secateurs.PrunePlan.from_graph(g, keep), graph=g)
+    narrow = FunctionalNormNet(4, 3).state_dict()
+    assert {k: v.shape for k, v in small.state_dict().items()} == {k: v.shape for k, v in narrow.items()}
+    torch.testing.assert_close(small.norm1.weight, m.norm1.weight[keep["conv1:out"]])
+    assert small.norm2.normalized_shape == (3,) and small(x).shape == m(x).shape
+    assert Member("norm1", "weight", 0, "passthrough") in g.group("conv1:out").members
+    assert Member("norm2", "bias", 0, "passthrough") in g.group("conv2:out").members
+
+
+def test_functional_layer_norm_outside_a_layernorm_module_has_a_fixed_shape() -> None:
+    """``F.layer_norm(x, (16,))`` in a plain module: apply cannot rewrite the literal, so it freezes."""
+
+    class Plain(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 16)
+            self.out = nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(F.layer_norm(self.fc(x), (16,)))
+
+    g = build(Plain(), torch.randn(2, 3))
+    assert "fixes this size at 16" in g.group("fc:out").reason
 
 
 # -- attention ------------------------------------------------------------------------------

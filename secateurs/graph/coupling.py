@@ -635,6 +635,8 @@ class Coupler:
             return self.matmul(node, shape)
         if not m and t is F.linear:
             return self.functional_linear(node, shape)
+        if not m and t is F.layer_norm:
+            return self.functional_layer_norm(node, shape)
         if not m and t is F.scaled_dot_product_attention:
             return self.sdpa(node, shape)
         if (not m and t in _POOL_FN) or (m and t in ("expand", "expand_as", "broadcast_to", "repeat")):
@@ -1099,6 +1101,27 @@ class Coupler:
         if _is_tensor_info(bi):
             out[-1] = self.tie(out[-1], bi[0], node)
         self._set_roles(w, {0: "producer", 1: "consumer"})
+        return out
+
+    def functional_layer_norm(self, node: fx.Node, shape: Any) -> Info:
+        """``F.layer_norm`` over the last dim (timm's and torchvision's LayerNorm2d call it directly)."""
+        a, kw = node.args, node.kwargs
+        x, xs = self.inf(a[0]), self.shp(a[0])
+        normalized = a[1] if len(a) > 1 else kw.get("normalized_shape")
+        if not _is_tensor_info(x) or not isinstance(normalized, (tuple, list, torch.Size)) or len(normalized) != 1:
+            return self.unknown(node, "layer_norm over several dims")
+        d = len(xs) - 1
+        lay: DimInfo = self.as_layout(x[d], xs[d], node)
+        for p in (a[2] if len(a) > 2 else kw.get("weight"), a[3] if len(a) > 3 else kw.get("bias")):
+            pi = self.inf(p)
+            if _is_tensor_info(pi):
+                lay = self.tie(lay, pi[0], node)
+        stack = node.meta.get("nn_module_stack") or {}
+        owner = next(reversed(stack.values()))[1] if stack else None
+        if isinstance(normalized[0], int) and not (isinstance(owner, type) and issubclass(owner, nn.LayerNorm)):
+            self._fix(node, lay, normalized[0], [])  # apply re-derives normalized_shape of nn.LayerNorm only
+        out = list(x)
+        out[d] = lay
         return out
 
     def _tensor_of(self, node: fx.Node) -> torch.Tensor | None:
