@@ -157,3 +157,54 @@ def test_head_counts_that_apply_rewrites_stay_prunable() -> None:
     heads = [g for g in graph.groups if g.name.endswith(":heads")]
     assert heads and all(g.prunable for g in heads)
     _cut_one_unit_each(model, x)
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.FrozenBatchNorm2d: arithmetic on buffers, which fx folds unless buffers are proxied."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        for name, value in (("weight", torch.rand(n) + 0.5), ("bias", torch.randn(n)), ("running_mean", torch.randn(n)),
+                            ("running_var", torch.rand(n) + 0.5)):
+            self.register_buffer(name, value)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.weight.reshape(1, -1, 1, 1) * (self.running_var.reshape(1, -1, 1, 1) + 1e-5).rsqrt()
+        return x * scale + (self.bias.reshape(1, -1, 1, 1) - self.running_mean.reshape(1, -1, 1, 1) * scale)
+
+
+class Scaled(nn.Module):
+    """A plain tensor attribute (not a buffer) multiplied into a conv's output: a constant to fx."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.s = torch.linspace(0.5, 1.5, 6).reshape(1, 6, 1, 1)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.conv(x) * self.s)
+
+
+def test_buffers_are_traced_by_name_so_frozen_batch_norm_prunes_and_the_model_gains_no_attributes() -> None:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), FrozenBatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    before = set(vars(m))
+    graph = build(m, x)
+    build(m, x)
+    assert set(vars(m)) == before  # fx's _tensor_constant attributes are not left on the caller's model
+    members = {f"{mb.module}.{mb.param}" for mb in graph.group("0:out").members}
+    assert {"1.weight", "1.running_var", "1.bias", "1.running_mean"} <= members
+    keep = [0, 2, 3, 5, 7]
+    small = secateurs.apply(m, secateurs.PrunePlan.from_graph(graph, {"0:out": keep}), graph=graph)
+    masked = secateurs.apply(m, secateurs.PrunePlan.from_graph(graph, {"0:out": keep}), mode="mask")
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
+    assert small[1].running_var.shape == (5,)
+
+
+def test_a_plain_tensor_attribute_freezes_the_channels_it_scales() -> None:
+    m, x = Scaled().eval(), torch.randn(2, 3, 5, 5)
+    graph = build(m, x)
+    assert "tensor constant" in _frozen(graph, "conv:out")
+    assert not [k for k in vars(m) if k.startswith("_tensor_constant")]

@@ -73,15 +73,30 @@ def _arguments(model: nn.Module, example_inputs: Any) -> tuple[list[Any], dict[s
     return values, concrete
 
 
+class _Tracer(fx.Tracer):
+    """symbolic_trace's tracer, but buffers stay named ``get_attr`` nodes: fx would otherwise fold
+    arithmetic on them (FrozenBatchNorm2d's ``weight * (running_var + eps).rsqrt()``) into
+    anonymous constants that no plan can slice."""
+
+    proxy_buffer_attributes = True
+
+
 def _trace(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModule:
+    before = set(vars(model))
     try:
-        return fx.symbolic_trace(model, concrete_args=concrete or None)
+        tracer = _Tracer()
+        graph = tracer.trace(model, concrete_args=concrete or None)
+        return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as e:  # fx raises many kinds; all mean the same thing to the caller
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TraceError(
             f"torch.fx cannot trace {type(model).__name__}: {reason} "
             "(data-dependent control flow or an untraceable call; see the chained exception)"
         ) from e
+    finally:  # fx stores the tensor constants it meets on the traced root: take them off the user's model
+        for name in set(vars(model)) - before:
+            if name.startswith("_tensor_constant"):
+                delattr(model, name)
 
 
 def _shape_of(value: Any) -> Any:
@@ -246,7 +261,9 @@ def build(model: nn.Module, example_inputs: Any, *, strict: bool = False) -> Dep
     values, concrete = _arguments(model, example_inputs)
     gm = _trace(model, concrete)
     shapes, flops = _probe(gm, model, values)
-    coupler = Coupler(gm, shapes, flops, strict)
+    tensors = {n for n, _ in model.named_parameters(remove_duplicate=False)} | \
+        {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    coupler = Coupler(gm, shapes, flops, strict, tensors)
     coupler.run()
     return _finalize(model, gm, coupler, example_inputs, shapes)
 

@@ -167,8 +167,12 @@ def _is_tensor_info(info: Info) -> bool:
 class Coupler:
     """Runs the coupling rules over ``gm`` in topological order (see module docstring)."""
 
-    def __init__(self, gm: fx.GraphModule, shapes: dict[str, Any], flops: dict[str, int], strict: bool) -> None:
+    def __init__(self, gm: fx.GraphModule, shapes: dict[str, Any], flops: dict[str, int], strict: bool,
+                 tensors: set[str] | None = None) -> None:
         self.gm = gm
+        # the user's parameters and buffers; gm also holds plain tensor attributes and fx's constants
+        self.tensors = tensors if tensors is not None else {n for n, _ in gm.named_parameters()} | \
+            {n for n, _ in gm.named_buffers()}
         self.shapes = shapes
         self.measured = flops
         self.strict = strict
@@ -375,9 +379,14 @@ class Coupler:
             return None
         path, _, name = str(node.target).rpartition(".")
         out: list[DimInfo] = []
+        named = str(node.target) in self.tensors
         for d, n in enumerate(shape):
             if n == 1:
                 out.append(Opaque(None))
+                continue
+            if not named:  # a plain tensor attribute or a constant fx folded: no plan can slice it
+                reason = f"tensor constant '{node.target}' (not a parameter or buffer) at node '{node.name}'"
+                out.append(space_layout(self.sp.new(n, str(node.target), frozen=reason), n))
                 continue
             lay = space_layout(self.sp.new(n, str(node.target)), n)
             self.register(node, path, name, d, "passthrough", lay)
