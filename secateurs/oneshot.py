@@ -46,7 +46,7 @@ from secateurs.apply import apply, mask_in_place
 from secateurs.budget import Budget
 from secateurs.calibration import GramStatistics, collect, layer_rows
 from secateurs.consumers import ConsumerColumns, consumer_columns, supports_reconstruction
-from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, ValidationError
+from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, UnknownSolverError, ValidationError
 from secateurs.graph import DependencyGraph, build, dense_counts
 from secateurs.graph.groups import Group, check_channel_multiple, keep_levels, unit_multiple
 from secateurs.latency import POINTS as LATENCY_POINTS
@@ -57,8 +57,9 @@ from secateurs.problems.allocation import Allocation, Latency
 from secateurs.problems.allocation import Budget as CostBudget
 from secateurs.problems.reconstruction import Reconstruction
 from secateurs.report import BudgetLine, GroupReport, PruneReport
-from secateurs.solvers import Deadline, SolveResult, solve
+from secateurs.solvers import Deadline, SolveResult, Status, solve
 from secateurs.solvers.reconstruction_greedy import greedy_path
+from secateurs.solvers.registry import specs
 from secateurs.sparsity import density_mask, masked_error, nm_mask, reconstruction_scores, refit_rows
 
 log = logging.getLogger("secateurs")
@@ -174,6 +175,9 @@ def prune(
             raise ValidationError("nm", f"N:M needs 0 < N < M, got {n}:{m}")
         if budget is not None and (budget.sparsity is None or not math.isclose(budget.sparsity, 1 - n / m)):
             raise ValidationError("budget", f"an {n}:{m} pattern removes exactly {1 - n / m:g} of the weights")
+    _check_solver("allocation", allocation, "allocation")
+    if structure == "channels":
+        _check_solver("reconstruction", reconstruction, "reconstruction")
     batches = iter(calibration)
     try:
         first = next(batches)
@@ -187,6 +191,13 @@ def prune(
                                reconstruction, allocation, levels, error_curve, progress, deadline, seed,
                                sequential=sequential, channel_multiple=channel_multiple)
     return _prune_weights(model, calibration, budget, structure, nm, allocation, levels, refit, progress, deadline, seed)
+
+
+def _check_solver(field: str, name: Any, kind: str) -> None:
+    """An unknown solver name fails before any work (statistics, curves), naming the registered ones."""
+    names = [spec.name for spec in specs(kind)]
+    if isinstance(name, str) and name not in names:  # solver objects and callables are solve()'s to check
+        raise UnknownSolverError(f"{field}: no solver {name!r} for {kind} problems; registered: {', '.join(names)}")
 
 
 # -- channels ------------------------------------------------------------------------------------
@@ -279,15 +290,25 @@ def _allocate(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str,
     timed = [CostBudget("latency_seconds", latency, limits["latency"])] if latency is not None else []
     problem = Allocation.from_graph(graph, errors, levels=levels, relative=False, budgets=timed,
                                     flops=limits.get("flops"), params=limits.get("params"))
+    result, note = _solve_allocation(problem, solver, deadline, seed)
+    if not result.ok:
+        raise SolverError(f"allocation found no plan within the budget ({result.status.value}): {result.info}")
+    return result, problem, note
+
+
+def _solve_allocation(problem: Allocation, solver: str, deadline: Deadline, seed: int) -> tuple[SolveResult, str]:
+    """Solve, falling back to cpsat when the solver refuses the problem's shape, and to greedy when
+    it ran out of time (or failed) without a plan; the note says which happened."""
     note = ""
     try:
         result = solve(problem, solver, time_limit=_remaining(deadline), seed=seed)
     except SolverRefusedError as exc:
         note = f"allocation solver {solver!r} refused ({exc}); used 'cpsat'"
         result = solve(problem, "cpsat", time_limit=_remaining(deadline), seed=seed)
-    if not result.ok:
-        raise SolverError(f"allocation found no plan within the budget ({result.status.value}): {result.info}")
-    return result, problem, note
+    if not result.ok and result.status in (Status.LIMIT, Status.ERROR):
+        note = f"allocation solver {result.solver!r} found no plan ({result.status.value}); used 'greedy'"
+        result = solve(problem, "greedy", seed=seed)
+    return result, note
 
 
 def _remaining(deadline: Deadline) -> float | None:
@@ -440,7 +461,7 @@ class _GroupSolver:
     def __call__(self, work: _GroupWork, k: int, report: PruneReport) -> list[int] | None:
         """Kept units (None when the group keeps all), from ``work.problem`` as it is now."""
         name, size = work.group.name, work.group.size
-        solver_name, seconds = "greedy", 0.0
+        solver_name, seconds, note = "greedy", 0.0, ""
         if k >= size:
             support, error = list(range(size)), 0.0
         elif work.problem is None:
@@ -451,12 +472,17 @@ class _GroupSolver:
                 self.fell_back = True
             else:
                 options = {"start": support} if self.reconstruction == "local_search" else {}
-                solved = solve(work.problem.with_keep(k), self.reconstruction, time_limit=_remaining(self.deadline),
-                               seed=self.seed, **options)
-                if solved.ok:
-                    support, solver_name, seconds = list(solved.solution), solved.solver, solved.seconds
+                try:
+                    solved = solve(work.problem.with_keep(k), self.reconstruction,
+                                   time_limit=_remaining(self.deadline), seed=self.seed, **options)
+                except SolverError as exc:  # refused (too large to enumerate) or failed: greedy stands
+                    note = f"{self.reconstruction}: {str(exc).splitlines()[0]}; kept the greedy support"
+                else:
+                    if solved.ok:
+                        support, solver_name, seconds = list(solved.solution), solved.solver, solved.seconds
             error = work.problem.relative_error(support)
-        report.groups.append(GroupReport(name, k, size, float(error), solver_name, seconds, work.note))
+        report.groups.append(GroupReport(name, k, size, float(error), solver_name, seconds,
+                                         "; ".join(n for n in (work.note, note) if n)))
         log.info("%s: keep %d/%d, relative error %.4g (%s, %.3fs)", name, k, size, error, solver_name, seconds)
         return None if k >= size else sorted(support)
 
@@ -603,7 +629,9 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
             counts = np.unique(np.round(densities * flat.numel()))
             errors[name] = [masked_error(flat, gram, density_mask(scores, int(c))) / energy for c in counts]
         problem = Allocation.unstructured(sizes, densities, errors, density=1.0 - budget.sparsity)
-        result = solve(problem, allocation, time_limit=_remaining(deadline), seed=seed)
+        result, note = _solve_allocation(problem, allocation, deadline, seed)
+        if note:
+            report.notes.append(note)
         if not result.ok:
             raise SolverError(f"allocation found no densities within the budget ({result.status.value})")
         report.allocation = {"solver": result.solver, "status": result.status.value, "objective": result.objective,

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from secateurs.cost import Polynomial
 from secateurs.errors import SolverRefusedError
 from secateurs.problems import Allocation, Budget
-from secateurs.solvers import available, solve
+from secateurs.solvers import Status, available, solve
 from secateurs.testing.allocation import allocations, brute_force_allocation, check_allocation_solver
 
 EXACT = ["dp", "cpsat", "mip"]
@@ -68,6 +68,18 @@ def _cycle() -> Allocation:
     err = {g: [2.0, 1.0, 0.0] for g in "abc"}
     flops = Polynomial(0, {}, {("a", "b"): 1.0, ("b", "c"): 1.0, ("a", "c"): 1.0})
     return Allocation(lv, err, [Budget("flops", flops, 14.0)])
+
+
+def test_cpsat_out_of_time_returns_its_greedy_hint(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CP-SAT stopped before its first plan (status UNKNOWN) still returns the greedy plan it was hinted."""
+    from ortools.sat.python import cp_model
+
+    problem = _cycle()
+    monkeypatch.setattr(cp_model.CpSolver, "Solve", lambda self, model: cp_model.UNKNOWN)
+    result = solve(problem, "cpsat", time_limit=0.5)
+    greedy = solve(problem, "greedy")
+    assert result.status is Status.LIMIT and result.ok and not problem.check(result.solution)
+    assert result.solution == greedy.solution and result.bound == -math.inf
 
 
 def test_dp_refuses_cycles_naming_the_pair() -> None:

@@ -9,10 +9,11 @@ import torch
 
 from secateurs.apply import apply
 from secateurs.budget import Budget
-from secateurs.errors import InfeasibleBudgetError, ValidationError
+from secateurs.errors import InfeasibleBudgetError, UnknownSolverError, ValidationError
 from secateurs.graph import dense_counts
 from secateurs.models import zoo
 from secateurs.oneshot import prune
+from secateurs.solvers import SolveResult, Status
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +114,38 @@ def test_bad_input_is_rejected_before_any_work(cnn) -> None:
         prune(model, calibration, Budget(flops=0.5), structure="rows")
     with pytest.raises(ValidationError, match=r"budget: an 2:4 pattern removes exactly 0.5"):
         prune(model, calibration, Budget(sparsity=0.3), structure="n:m")
+
+
+def test_unknown_solver_names_fail_before_the_calibration_is_read(cnn) -> None:
+    model, _ = cnn
+
+    def untouched():  # noqa: ANN202
+        raise AssertionError("the calibration data was read")
+        yield
+
+    with pytest.raises(UnknownSolverError, match=r"reconstruction: no solver 'local_serch' .*registered: .*local_search"):
+        prune(model, untouched(), Budget(flops=0.5), reconstruction="local_serch", progress=False)
+    with pytest.raises(UnknownSolverError, match=r"allocation: no solver 'cp-sat' .*registered: .*cpsat"):
+        prune(model, untouched(), Budget(flops=0.5), allocation="cp-sat", progress=False)
+
+
+def test_an_allocation_out_of_time_without_a_plan_falls_back_to_greedy(cnn) -> None:
+    """A solver that ends at its limit with no plan (CP-SAT before its first solution) is not a failed run."""
+    model, calibration = cnn
+
+    def out_of_time(problem, *, time_limit, seed):  # noqa: ANN001, ANN202
+        return SolveResult(Status.LIMIT, math.nan, None)
+
+    result = prune(model, calibration, Budget(flops=0.5), allocation=out_of_time, progress=False, error_curve=False)
+    assert any("found no plan (limit); used 'greedy'" in n for n in result.report.notes)
+    assert dense_counts(result.model, calibration[0]).flops <= 0.5 * dense_counts(model, calibration[0]).flops
+
+
+def test_a_reconstruction_solver_that_refuses_keeps_the_greedy_support(cnn) -> None:
+    """enumerate refuses layers with too many supports; the group keeps greedy's, and says so."""
+    model, calibration = cnn
+    result = prune(model, calibration, Budget(flops=0.5), reconstruction="enumerate", progress=False,
+                   error_curve=False)
+    refused = [g for g in result.report.groups if "kept the greedy support" in g.note]
+    assert refused and all(g.solver == "greedy" and "enumerate:" in g.note for g in refused)
+    assert dense_counts(result.model, calibration[0]).flops <= 0.5 * dense_counts(model, calibration[0]).flops

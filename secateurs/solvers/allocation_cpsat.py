@@ -129,6 +129,7 @@ def cpsat(problem: Allocation, *, time_limit: float | None, seed: int, workers: 
         rounding += float(np.abs(ints - scaled).max())
         objective += [int(c) * v for c, v in zip(ints, x[g], strict=True) if c]
     model.Minimize(sum(objective))
+    start = None
     if hint:
         start, _ = greedy_plan(t, deadline=deadline)
         if start is not None:
@@ -164,6 +165,12 @@ def cpsat(problem: Allocation, *, time_limit: float | None, seed: int, workers: 
     if code == cp_model.INFEASIBLE and exact_rows:
         return SolveResult(Status.INFEASIBLE, math.nan, None, info=info)
     status = Status.LIMIT if code == cp_model.UNKNOWN else Status.ERROR
+    if code == cp_model.UNKNOWN and start is not None and t.feasible(start):
+        sol = problem.keep_of(start)  # out of time before CP-SAT's first plan: the greedy hint is the incumbent
+        obj = problem.evaluate(sol)
+        trace.record(obj)
+        return SolveResult(Status.LIMIT, obj, sol, bound=-math.inf, trace=trace.points,
+                           info={**info, "note": "time limit before CP-SAT's first plan; greedy hint returned"})
     if code == cp_model.INFEASIBLE:
         info["note"] = "infeasible after conservative rounding of a budget; not a proof"
     return SolveResult(status, math.nan, None, info=info)
