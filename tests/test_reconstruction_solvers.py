@@ -207,6 +207,24 @@ def test_miqp_agrees_with_enumeration(problem: Reconstruction) -> None:
     assert mip.bound <= exact.objective + TOL * max(1.0, problem.constant)
 
 
+def test_miqp_out_of_time_before_a_solution_is_a_limit_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SCIP stopped by its time limit with no incumbent: CVXPY raises, miqp reports status limit."""
+    import time
+
+    import cvxpy as cp
+
+    def slow_failure(self, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        time.sleep(0.05)
+        raise cp.error.SolverError("Solver 'SCIP' failed. Try another solver.")
+
+    monkeypatch.setattr(cp.Problem, "solve", slow_failure)
+    problem = random_reconstruction(0, units=6, keep=3)
+    result = secateurs.solve(problem, "miqp", time_limit=0.01)
+    assert result.status is Status.LIMIT and result.solution is None and "time limit" in result.info["note"]
+    with pytest.raises(secateurs.errors.SolverError, match=r"miqp: SCIP failed"):
+        secateurs.solve(problem, "miqp")  # without a limit a failure is an error
+
+
 @settings(max_examples=10)
 @given(reconstruction_problems(max_units=6))
 def test_user_style_check_solver_on_generated_problems(problem: Reconstruction) -> None:

@@ -167,11 +167,17 @@ def miqp(
     try:
         program.solve(solver=cp.SCIP, verbose=verbose, scip_params=params)
     except cp.error.SolverError as exc:
+        if time_limit is not None and deadline.expired():  # out of time before SCIP's first solution
+            return SolveResult(Status.LIMIT, math.nan, None, trace=trace.points,
+                               info={"note": f"time limit before SCIP found a solution ({exc})"})
         raise SolverError(f"miqp: SCIP failed: {exc}") from exc
     stats = program.solver_stats.extra_stats or {}
     model = stats.get("model")
     scip_status = str(stats.get("scip_status", program.status))
     if z.value is None:
+        if time_limit is not None and (deadline.expired() or scip_status in ("timelimit", "time_limit")):
+            return SolveResult(Status.LIMIT, math.nan, None, trace=trace.points,
+                               info={"scip_status": scip_status, "note": "time limit before SCIP found a solution"})
         raise SolverError(f"miqp: SCIP returned no solution (status {scip_status})")
     support = np.argsort(-np.asarray(z.value))[: problem.keep].tolist()
     dual = -math.inf
