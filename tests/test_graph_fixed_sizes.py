@@ -208,3 +208,43 @@ def test_a_plain_tensor_attribute_freezes_the_channels_it_scales() -> None:
     graph = build(m, x)
     assert "tensor constant" in _frozen(graph, "conv:out")
     assert not [k for k in vars(m) if k.startswith("_tensor_constant")]
+
+
+class TimmAttention(nn.Module):
+    """timm's Attention: heads merged back with ``reshape(B, N, self.<merged>)``."""
+
+    def __init__(self, merged: str, dim: int = 16, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.merged = num_heads, dim // num_heads, merged
+        setattr(self, merged, dim)
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(B, N, getattr(self, self.merged)))
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, merged: str) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.attn = TimmAttention(merged)
+        self.out = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.inp(x)
+        return self.out(x + self.attn(x))
+
+
+def test_merged_heads_literal_prunes_when_apply_rewrites_it_and_freezes_when_it_does_not() -> None:
+    x = torch.randn(2, 5, 8)
+    timm = TimmBlock("attn_dim").eval()  # timm names it attn_dim, which apply rewrites with the heads
+    assert build(timm, x).group("attn:heads").prunable
+    _cut_one_unit_each(timm, x)
+    small = secateurs.apply(timm, secateurs.PrunePlan.from_graph(build(timm, x), {"attn:heads": [0, 2]}))
+    assert small.attn.attn_dim == 8 and small.attn.num_heads == 2
+    other = TimmBlock("embed_dim").eval()  # an attribute apply leaves alone: the literal is fixed
+    assert "fixes this size at 16" in _frozen(build(other, x), "attn:heads")

@@ -27,31 +27,39 @@ def _atoms(sp: Spaces, info: DimInfo) -> set[int]:
     return {a for s in layout_spaces(info) for a in sp.atoms(s)}
 
 
-def _int_attributes(model: nn.Module, path: str, names: tuple[str, ...]) -> list[int]:
-    """Integer attributes called ``names`` of the module at ``path`` and of every module above it."""
-    values = []
+def _int_attributes(model: nn.Module, path: str) -> list[tuple[str, int]]:
+    """(name, value) of every integer attribute of the module at ``path`` and of the modules above it."""
+    found = []
     while True:
         try:
             mod = model.get_submodule(path) if path else model
         except AttributeError:
             mod = None
         if mod is not None:
-            values += [v for a in names if isinstance(v := getattr(mod, a, None), int) and not isinstance(v, bool)]
+            found += [(a, v) for a, v in vars(mod).items() if isinstance(v, int) and not isinstance(v, bool)]
         if not path:
-            return values
+            return found
         path = path.rpartition(".")[0]
 
 
 def _heads_in_step(model: nn.Module, f: FixedSize, live: set[int], sp: Spaces, heads: set[int]) -> bool:
-    """True when every live space is a head count that apply rewrites in the module's attributes."""
+    """True when every live space is a head count that apply rewrites in the module's attributes.
+
+    The literal is then the head count itself (``view(B, T, self.num_heads, d)``), an attribute apply
+    rewrites (``all_head_size``), or, in a reshape, a product apply's rewrite keeps in step
+    (``self.num_heads * self.head_dim``): a value no other attribute holds. A literal equal to an
+    attribute apply leaves alone (``self.embed_dim``, or any piece width of a split) is fixed.
+    """
     if not live or not live <= heads or f.literal is None:
         return False
-    counts = _int_attributes(model, f.module, HEAD_ATTRIBUTES)
+    attributes = _int_attributes(model, f.module)
+    counts = {v for a, v in attributes if a in HEAD_ATTRIBUTES}
     if not all(sp.size[r] in counts for r in live):
         return False
-    if f.split:  # a split's piece width must be an attribute apply rewrites (all_head_size), not the stream's
-        return f.literal in _int_attributes(model, f.module, INNER_ATTRIBUTES) + counts
-    return True
+    rewritten = {v for a, v in attributes if a in HEAD_ATTRIBUTES + INNER_ATTRIBUTES}
+    if f.literal in rewritten:
+        return True
+    return not f.split and f.literal not in {v for a, v in attributes if a not in HEAD_ATTRIBUTES + INNER_ATTRIBUTES}
 
 
 def freeze_fixed_sizes(model: nn.Module, fixed: list[FixedSize], sp: Spaces, heads: set[int]) -> None:
