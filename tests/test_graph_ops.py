@@ -677,3 +677,43 @@ def test_any_removal_slices_exactly(data: st.DataObject) -> None:
             removed[name] = units
             narrow[arg] = n - len(units)
     check_slice(make, wide, narrow, x, removed)
+
+
+class KeywordCalls(nn.Module):
+    """The same layers called with keyword tensors: ``F.linear(input=..., weight=...)``, ``matmul(input=...)``."""
+
+    def __init__(self, keywords: bool) -> None:
+        super().__init__()
+        self.keywords = keywords
+        self.a = nn.Linear(8, 6)
+        self.w = nn.Parameter(torch.randn(5, 6))
+        self.v = nn.Parameter(torch.randn(5, 4))
+        self.o = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.a(x)
+        if self.keywords:
+            z = torch.matmul(input=F.linear(input=z, weight=self.w), other=self.v)
+        else:
+            z = torch.matmul(F.linear(z, self.w), self.v)
+        return self.o(z)
+
+
+def test_keyword_tensor_arguments_couple_like_positional_ones() -> None:
+    x = torch.randn(2, 8)
+    by_keyword, by_position = build(KeywordCalls(True), x), build(KeywordCalls(False), x)
+    assert [(g.name, g.size, g.prunable, g.members) for g in by_keyword.groups] == \
+        [(g.name, g.size, g.prunable, g.members) for g in by_position.groups]
+    assert by_keyword.group("a:out").prunable and by_keyword.group("w:out").prunable
+
+
+def test_a_rule_that_fails_on_an_unforeseen_call_freezes_instead_of_crashing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from secateurs.graph.coupling import Coupler
+
+    def broken(self, node, shape):  # noqa: ANN001, ANN202
+        raise IndexError("tuple index out of range")
+
+    monkeypatch.setattr(Coupler, "matmul", broken)
+    g = build(KeywordCalls(False), torch.randn(2, 8))
+    assert "its coupling rule failed: IndexError" in g.group("w:out").reason
+    assert g.cost({}) == dense_counts(KeywordCalls(False), torch.randn(2, 8))

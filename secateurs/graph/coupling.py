@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from secateurs.errors import UnsupportedOpError
 from secateurs.graph.groups import Role
@@ -356,7 +357,16 @@ class Coupler:
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
-            self.info[node.name] = self.visit(node)
+            _positional(node)
+            regs, terms, const = len(self.regs), len(self.flop_terms), self.flop_const
+            try:
+                self.info[node.name] = self.visit(node)
+            except (IndexError, KeyError, TypeError, ValueError, AttributeError) as e:
+                # a call the rule did not foresee (an unusual signature): undo its partial work and
+                # treat the op as unknown, rather than failing the whole trace with a bare error
+                del self.regs[regs:], self.flop_terms[terms:]
+                self.flop_const = const
+                self.info[node.name] = self.unknown(node, f"its coupling rule failed: {type(e).__name__}: {e}")
 
     def visit(self, node: fx.Node) -> Info:
         shape = self.shapes.get(node.name)
@@ -1195,6 +1205,25 @@ class Coupler:
                     self.freeze([x[d]], f"channels repeated at node '{node.name}'")
                 out.append(Opaque(None))
         return out
+
+
+def _positional(node: fx.Node) -> None:
+    """Rewrite tensor keyword arguments as positional ones (``F.linear(input=x, weight=w)``), which
+    is what the rules read; the first of torch's signatures for the op that binds says where."""
+    if node.op != "call_function" or not any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+        return
+    for sig in get_signature_for_torch_op(node.target) or []:  # type: ignore[arg-type]
+        try:
+            bound = sig.bind(*node.args, **node.kwargs)
+        except TypeError:
+            continue
+        positional = [p for p in sig.parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+        given = [i for i, p in enumerate(positional) if p.name in bound.arguments]
+        upto = (given[-1] + 1) if given else 0
+        args = tuple(bound.arguments[p.name] if p.name in bound.arguments else p.default for p in positional[:upto])
+        node.args = args
+        node.kwargs = {k: v for k, v in bound.arguments.items() if k not in {p.name for p in positional[:upto]}}
+        return
 
 
 def _has_tensor(s: Any) -> bool:
