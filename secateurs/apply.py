@@ -128,6 +128,10 @@ def _resolve_groups(plan: PrunePlan, graph: DependencyGraph | None) -> dict[str,
             except ValidationError:
                 known = ", ".join(g.name for g in graph.groups)
                 raise InvalidPlanError(f"unknown group {name!r} (the graph has: {known})") from None
+            made = plan.groups.get(name) if plan.groups is not None else None
+            if made is not None and made.size != out[name].size:
+                raise InvalidPlanError(f"group {name!r} has {made.size} units in the plan but {out[name].size} in "
+                                       "the graph (plan made for another model?)")
         else:
             assert plan.groups is not None
             if name not in plan.groups:
@@ -160,6 +164,9 @@ def _plan_targets(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group]
                                        f"{type(model).__name__}")
             if not 0 <= m.dim < t.dim():
                 raise InvalidPlanError(f"group {name!r}: {key!r} has {t.dim()} dims, member indexes dim {m.dim}")
+            if m.extent is not None and t.shape[m.dim] != m.extent:
+                raise InvalidPlanError(f"group {name!r}: {key!r} dim {m.dim} has size {t.shape[m.dim]}, but the plan's "
+                                       f"graph saw {m.extent} (plan made for another model?)")
             reach = max(m.indices(range(g.size)))
             if reach >= t.shape[m.dim]:
                 raise InvalidPlanError(f"group {name!r}: its {g.size} units reach index {reach} of {key!r} dim {m.dim}, "

@@ -30,7 +30,7 @@ VERSION = 1
 
 _TOP_FIELDS = {"schema", "version", "keep", "groups", "meta", "allow_empty"}
 _GROUP_FIELDS = {"size", "unit_width", "prunable", "reason", "members"}
-_MEMBER_FIELDS = {"module", "param", "dim", "role", "offset", "block", "unit_stride", "inner_stride"}
+_MEMBER_FIELDS = {"module", "param", "dim", "role", "offset", "block", "unit_stride", "inner_stride", "extent"}
 _ROLES = ("producer", "consumer", "passthrough")
 
 
@@ -158,7 +158,8 @@ class PrunePlan:
                     "reason": g.reason,
                     "members": [
                         {"module": m.module, "param": m.param, "dim": m.dim, "role": m.role, "offset": m.offset,
-                         "block": m.block, "unit_stride": m.unit_stride, "inner_stride": m.inner_stride}
+                         "block": m.block, "unit_stride": m.unit_stride, "inner_stride": m.inner_stride,
+                         **({} if m.extent is None else {"extent": m.extent})}
                         for m in g.members
                     ],
                 }
@@ -311,5 +312,8 @@ def _read_member(where: str, m: Any) -> Member:
     us = m.get("unit_stride")
     if us is not None and (not _is_int(us) or us < 1):
         raise PlanFormatError(f"{where}.unit_stride: expected a positive integer or null, got {us!r}")
+    extent = m.get("extent")
+    if extent is not None and (not _is_int(extent) or extent < 1):
+        raise PlanFormatError(f"{where}.extent: expected a positive integer or null, got {extent!r}")
     return Member(m["module"], m["param"], ints["dim"], m.get("role", "passthrough"), ints["offset"], ints["block"], us,
-                  ints["inner_stride"])
+                  ints["inner_stride"], extent)

@@ -622,9 +622,26 @@ def test_invalid_with_graph_and_arguments() -> None:
         apply(model, PrunePlan({}), graph=g, mode="cut")  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match=r"^plan: expected a PrunePlan, got dict"):
         apply(model, {"0:out": [0]}, graph=g)  # type: ignore[arg-type]
-    # groups come from the graph when given, even if the plan embeds others
-    stale = PrunePlan({"0:out": [0]}, groups={"0:out": Group("0:out", 9, [])})
+    # groups come from the graph when given, even if the plan embeds others of the same size...
+    stale = PrunePlan({"0:out": [0]}, groups={"0:out": Group("0:out", 5, [])})
     assert apply(model, stale, graph=g)[0].out_features == 1
+    # ...but a plan made on a different width would have its indices read on the wrong units
+    wider = PrunePlan({"0:out": [0]}, groups={"0:out": Group("0:out", 9, [])})
+    with pytest.raises(InvalidPlanError, match=r"group '0:out' has 9 units in the plan but 5 in the graph"):
+        apply(model, wider, graph=g)
+
+
+def test_a_plan_is_refused_on_a_wider_model_of_the_same_class() -> None:
+    """Member extents recorded at build time: a 16-unit plan on a 32-unit layer is not silently cut to 20."""
+    torch.manual_seed(0)
+    narrow, wide = (nn.Sequential(nn.Linear(3, h), nn.ReLU(), nn.Linear(h, 2)) for h in (16, 32))
+    plan = PrunePlan.from_graph(build(narrow, torch.randn(2, 3)), {"0:out": [0, 2, 5, 7]})
+    assert apply(narrow, plan)[0].out_features == 4
+    with pytest.raises(InvalidPlanError, match=r"'0.weight' dim 0 has size 32, but the plan's graph saw 16"):
+        apply(wide, plan)
+    round_trip = PrunePlan.from_json(plan.to_json())
+    with pytest.raises(InvalidPlanError, match=r"has size 32, but the plan's graph saw 16"):
+        apply(wide, round_trip)
 
 
 # -- save / load ---------------------------------------------------------------------------------

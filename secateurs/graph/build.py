@@ -29,7 +29,7 @@ from secateurs.errors import TraceError, ValidationError
 from secateurs.graph.coupling import Coupler, Info, op_name
 from secateurs.graph.fixed_sizes import freeze_fixed_sizes
 from secateurs.graph.groups import Group, Member
-from secateurs.graph.spaces import CouplingError, Layout, Opaque, member_maps
+from secateurs.graph.spaces import CouplingError, Layout, Opaque, layout_size, member_maps
 
 Mono = tuple[str, ...]
 Poly = dict[Mono, float]
@@ -326,7 +326,7 @@ def _finalize(model: nn.Module, gm: fx.GraphModule, c: Coupler, example_inputs: 
                 lst = members.setdefault(r, [])
                 for off, us, block, inner in maps:
                     m = Member(reg.module, reg.param, reg.dim, reg.role, off, block,
-                               None if us == block else us, inner)
+                               None if us == block else us, inner, layout_size(reg.layout))
                     if m not in lst:
                         lst.append(m)
 

@@ -45,6 +45,9 @@ class Member:
     block: int = 1
     unit_stride: int | None = None
     inner_stride: int = 1
+    #: the tensor's size along ``dim`` when the graph was built (None: unknown); apply refuses a
+    #: model whose tensor differs, so a plan never lands on a wider model of the same class
+    extent: int | None = field(default=None, compare=False)
 
     def indices(self, units: Iterable[int]) -> list[int]:
         """Sorted tensor indices along ``dim`` occupied by ``units``."""
