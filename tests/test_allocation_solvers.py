@@ -82,6 +82,20 @@ def test_cpsat_out_of_time_returns_its_greedy_hint(monkeypatch: pytest.MonkeyPat
     assert result.solution == greedy.solution and result.bound == -math.inf
 
 
+def test_heuristics_that_find_nothing_do_not_claim_infeasible() -> None:
+    """Feasible only at (10, 1) behind a component floor: uniform and kde miss it, and say error."""
+    levels = {"a": [1, 10], "b": [1, 10]}
+    ab = Polynomial(0.0, {"a": 1.0, "b": 1.0}, {})
+    problem = Allocation(levels, {"a": [5.0, 0.0], "b": [1.0, 0.0]},
+                         [Budget("params", ab, 11.0), Budget("a_floor", Polynomial(0.0, {"a": 1.0}, {}), 10.0, ">=", ("a",))])
+    optimum, _ = brute_force_allocation(problem)
+    assert optimum == 1.0
+    for name in available(problem):
+        result = check_allocation_solver(name, problem, optimum=optimum, allow_refusal=True)
+        assert result is None or result.status is not Status.INFEASIBLE
+    assert solve(problem, "uniform").status is Status.ERROR
+
+
 def test_dp_refuses_cycles_naming_the_pair() -> None:
     with pytest.raises(SolverRefusedError, match=r"groups 'b' and 'c' close a cycle"):
         solve(_cycle(), "dp")

@@ -132,8 +132,9 @@ def greedy_plan(tables: AllocationTables, start: np.ndarray | None = None,
 
 def _result(problem: Allocation, x: np.ndarray | None, status: Status, trace: Trace, iterations: int,
             info: dict[str, Any]) -> SolveResult:
-    if x is None:
-        return SolveResult(Status.INFEASIBLE, math.nan, None, iterations=iterations, info=info)
+    if x is None:  # a heuristic that finds nothing proves nothing: out of time is a limit, else an error
+        return SolveResult(Status.LIMIT if status is Status.LIMIT else Status.ERROR, math.nan, None,
+                           iterations=iterations, info=info)
     solution = problem.keep_of(x)
     objective = problem.evaluate(solution)
     trace.record(objective)
@@ -148,7 +149,8 @@ def greedy(problem: Allocation, *, time_limit: float | None, seed: int) -> Solve
     Start with every group at its least-error level; while a budget is exceeded, take the move
     with the largest violation drop per unit of error added; then, while some move lowers the
     error and stays feasible, take the one with the best error drop per unit of normalised cost.
-    Reports ``infeasible`` when repair gets stuck (which does not prove infeasibility).
+    Reports ``error`` (``limit`` once out of time) with no solution when repair gets stuck: that
+    proves nothing about the problem, which may still be feasible.
     """
     deadline = Deadline(time_limit)
     x, moves = greedy_plan(problem.tables, deadline=deadline)
@@ -195,7 +197,7 @@ def uniform(problem: Allocation, *, time_limit: float | None, seed: int) -> Solv
     obj, C = batch_costs(t, X)
     feasible = np.all(C <= t.limit + t.tol, axis=1)
     if not feasible.any():
-        return _result(problem, None, Status.INFEASIBLE, Trace(deadline), len(ratios),
-                       {"note": "no uniform keep fraction meets every budget"})
+        return _result(problem, None, Status.ERROR, Trace(deadline), len(ratios),
+                       {"note": "no uniform keep fraction meets every budget (a non-uniform plan may)"})
     k = int(np.flatnonzero(feasible)[np.argmin(obj[feasible])])
     return _result(problem, X[k], Status.FEASIBLE, Trace(deadline), len(ratios), {"fraction": float(ratios[k])})

@@ -191,7 +191,9 @@ def kde(problem: Allocation, *, time_limit: float | None, seed: int, steps: int,
     moves = LocalMoves(t, x)
     trace = Trace(deadline)
     if not moves.repair(deadline):
-        return SolveResult(Status.INFEASIBLE, math.nan, None, iterations=done, info={**info, "note": "repair failed"})
+        status = Status.LIMIT if deadline.expired() else Status.ERROR  # not a proof of infeasibility
+        return SolveResult(status, math.nan, None, iterations=done,
+                           info={**info, "note": "repair found no feasible rounding; not a proof of infeasibility"})
     info["repaired_error"] = t.objective(moves.x)
     if polish:
         moves.improve(deadline)
