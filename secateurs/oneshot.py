@@ -441,6 +441,12 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
         if not math.isclose(getattr(counted, name), getattr(predicted, name), rel_tol=1e-9):
             report.notes.append(f"{name}: counted {getattr(counted, name):.0f} on the pruned model, "
                                 f"cost model said {getattr(predicted, name):.0f}")
+            limit = limits.get(name)
+            if limit is not None and getattr(counted, name) > limit * (1 + 1e-9):
+                raise SolverError(f"budget '{name}' is not met: the pruned model counts {getattr(counted, name):.0f}, "
+                                  f"above the limit {limit:.0f}, where the cost model said "
+                                  f"{getattr(predicted, name):.0f} (an op the cost model misses; the input model "
+                                  "is unchanged)")
     if latency is not None and window is not None:
         modelled = latency.evaluate({**{g.name: g.size for g in groups}, **keep_counts})
         requested = 1e3 * limits["latency"]

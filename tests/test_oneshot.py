@@ -9,7 +9,7 @@ import torch
 
 from secateurs.apply import apply
 from secateurs.budget import Budget
-from secateurs.errors import InfeasibleBudgetError, UnknownSolverError, ValidationError
+from secateurs.errors import InfeasibleBudgetError, SolverError, UnknownSolverError, ValidationError
 from secateurs.graph import dense_counts
 from secateurs.models import zoo
 from secateurs.oneshot import prune
@@ -149,3 +149,47 @@ def test_a_reconstruction_solver_that_refuses_keeps_the_greedy_support(cnn) -> N
     refused = [g for g in result.report.groups if "kept the greedy support" in g.note]
     assert refused and all(g.solver == "greedy" and "enumerate:" in g.note for g in refused)
     assert dense_counts(result.model, calibration[0]).flops <= 0.5 * dense_counts(model, calibration[0]).flops
+
+
+class ConvThenEncoder(torch.nn.Module):
+    """A conv stem feeding nn.TransformerEncoder, whose eval fast path FlopCounterMode cannot see."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv1d(4, 32, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv1d(32, 32, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv1d(32, 16, 3, padding=1))
+        layer = torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+        self.encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+        self.head = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.stem(x).transpose(1, 2)).mean(1))
+
+
+def test_a_transformer_encoder_counts_its_flops_in_the_budget() -> None:
+    torch.manual_seed(0)
+    model, x = ConvThenEncoder().eval(), [torch.randn(8, 4, 12) for _ in range(2)]
+    result = prune(model, x, Budget(flops=0.6), progress=False, error_curve=False)
+    dense, pruned = dense_counts(model, x[0]), dense_counts(result.model, x[0])
+    flops = next(line for line in result.report.totals if line.name == "flops")
+    assert flops.dense == dense.flops and flops.achieved == pruned.flops  # the encoder's FLOPs on both sides
+    assert pruned.flops <= 0.6 * dense.flops and not result.report.notes
+
+
+def test_a_pruned_model_over_budget_by_the_count_is_an_error(cnn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the independent count disagrees with the cost model and breaks the budget, prune refuses."""
+    import secateurs.oneshot as oneshot
+
+    model, calibration = cnn
+    honest = oneshot.dense_counts
+
+    def inflated(m, inputs):  # noqa: ANN001, ANN202 - prune counts only the pruned model this way
+        c = honest(m, inputs)
+        return type(c)(params=c.params, flops=c.flops * 3)
+
+    monkeypatch.setattr(oneshot, "dense_counts", inflated)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(SolverError, match=r"budget 'flops' is not met: the pruned model counts"):
+        prune(model, calibration, Budget(flops=0.5), progress=False, error_curve=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -128,9 +128,11 @@ class _Probe(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
-        # nn.MultiheadAttention takes an uncounted fused fast path without autograd; count the
-        # regular path (the one training and the sliced model run).
-        grad = n.op == "call_module" and isinstance(self.module.get_submodule(n.target), nn.MultiheadAttention)
+        # nn.MultiheadAttention (alone or inside nn.TransformerEncoderLayer & co.) takes an uncounted
+        # fused fast path without autograd; count the regular path (the one training and
+        # dense_counts run).
+        grad = n.op == "call_module" and any(isinstance(m, nn.MultiheadAttention)
+                                              for m in self.module.get_submodule(n.target).modules())
         try:
             with torch.set_grad_enabled(grad):
                 result = super().run_node(n)
