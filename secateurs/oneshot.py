@@ -595,6 +595,24 @@ def _weight_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if supports_reconstruction(module)]
 
 
+def _functional_owner(model: nn.Module, name: str) -> str:
+    """``'attn' (MultiheadAttention)`` when the layer is a submodule of an nn.MultiheadAttention."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        path = ".".join(parts[:i])
+        if isinstance(model.get_submodule(path), nn.MultiheadAttention):
+            return f"{path!r} (MultiheadAttention)"
+    return ""
+
+
+def _unpruned_weights(model: nn.Module, layers: set[str]) -> str:
+    """Matrix weights outside the pruned layers (``attn.in_proj_weight``), with their sizes, or ''."""
+    covered = {f"{name}.weight" for name in layers}
+    left = [(n, p.numel()) for n, p in model.named_parameters() if p.dim() >= 2 and n not in covered
+            and not isinstance(model.get_submodule(n.rpartition(".")[0]) if "." in n else model, nn.Embedding)]
+    return ", ".join(f"{n} ({k} weights)" for n, k in left)
+
+
 def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget | None, structure: str,
                    nm: tuple[int, int], allocation: str, levels: int, refit: bool, progress: bool,
                    deadline: Deadline, seed: int) -> PruneResult:
@@ -613,9 +631,11 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
         weight = model.get_submodule(name).weight.detach()
         flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
         gram = stats[name].gram
-        if gram is None:
-            report.notes.append(f"{name}: never called on the calibration data; left dense")
-            continue
+        if gram is None:  # no activations seen: nn.MultiheadAttention calls its out_proj functionally
+            owner = _functional_owner(model, name)
+            why = f"called functionally inside {owner}" if owner else "never called on the calibration data"
+            report.notes.append(f"{name}: {why}, so no calibration signal; pruned by magnitude")
+            gram = torch.eye(flat.shape[1], dtype=torch.float64)
         data[name] = (flat, gram, reconstruction_scores(flat, gram))
     n, m = nm
     masks: dict[str, torch.Tensor] = {}
@@ -660,6 +680,9 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
         report.groups.append(GroupReport(name, kept, masks[name].numel(), error, "refit" if refit else "mask", 0.0))
     report.stages["refit"] = clock.elapsed() - start
 
+    skipped = _unpruned_weights(model, set(data))
+    if skipped:
+        report.notes.append(f"not pruned (only Linear and Conv weights are): {skipped}")
     meta = {"structure": structure, "nm": list(nm) if structure == "n:m" else None}
     plan = PrunePlan({}, groups={}, refit=new_weights, meta=meta)
     pruned = apply(model, plan, mode="mask")

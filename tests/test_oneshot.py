@@ -193,3 +193,30 @@ def test_a_pruned_model_over_budget_by_the_count_is_an_error(cnn, monkeypatch: p
     with pytest.raises(SolverError, match=r"budget 'flops' is not met: the pruned model counts"):
         prune(model, calibration, Budget(flops=0.5), progress=False, error_curve=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class AttentionNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Linear(6, 16)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.out = torch.nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        return self.out(self.attn(h, h, h)[0].mean(1))
+
+
+def test_unstructured_prunes_attention_out_proj_by_magnitude_and_names_what_it_leaves() -> None:
+    """out_proj runs inside F.multi_head_attention_forward (no hook fires): magnitude, said in a note."""
+    torch.manual_seed(0)
+    model, x = AttentionNet().eval(), [torch.randn(8, 5, 6) for _ in range(2)]
+    result = prune(model, x, Budget(sparsity=0.5), structure="unstructured", progress=False)
+    weights = {n: p for n, p in result.model.named_parameters() if p.dim() == 2}
+    layers = ["emb.weight", "attn.out_proj.weight", "out.weight"]
+    nonzero = sum(int((weights[n] != 0).sum()) for n in layers)
+    assert nonzero <= 0.5 * sum(weights[n].numel() for n in layers) + 1
+    assert (weights["attn.out_proj.weight"] == 0).any()
+    assert any("attn.out_proj: called functionally inside 'attn'" in n and "magnitude" in n for n in result.report.notes)
+    assert any("not pruned" in n and "attn.in_proj_weight (768 weights)" in n for n in result.report.notes)
+    assert torch.equal(weights["attn.in_proj_weight"], model.attn.in_proj_weight)
