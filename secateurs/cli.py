@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,10 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
             raise ValidationError("model", f"cannot import {target!r}")
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules.setdefault(path.stem, module)
-        mod_spec.loader.exec_module(module)
+        try:
+            mod_spec.loader.exec_module(module)
+        except Exception as e:  # a syntax error or a failing import in the user's file
+            raise ValidationError("model", f"importing {target!r} failed: {type(e).__name__}: {e}") from e
     else:
         try:
             module = importlib.import_module(target)
@@ -43,6 +47,30 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
     if not callable(factory):
         raise ValidationError("model", f"{target!r} has no callable {attr!r}")
     return factory
+
+
+def build_model(spec: str) -> nn.Module:
+    """Call the factory named by ``spec``; one line naming it when it fails or returns no module."""
+    factory = load_factory(spec)
+    try:
+        model = factory()
+    except Exception as e:  # needs arguments, or raised: the user's code, reported as such
+        raise ValidationError("model", f"{spec}() failed: {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ValidationError("model", f"{spec} returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def check_out_folder(folder: str) -> Path:
+    """Create ``--out`` (and its parents) and prove it writable before any work, not after the run."""
+    out = Path(folder)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise ValidationError("--out", f"cannot write to {folder!r}: {e.strerror or e}") from e
+    return out
 
 
 def parse_input_shape(text: str) -> torch.Tensor:
@@ -101,9 +129,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     """Trace a model and print its groups with per-unit costs and frozen reasons."""
     from secateurs.graph import build
 
-    model = load_factory(args.model)()
-    if not isinstance(model, nn.Module):
-        raise ValidationError("model", f"{args.model} returned {type(model).__name__}, not an nn.Module")
+    model = build_model(args.model)
     shapes = args.input_shape or ["1,3,32,32"]
     inputs = tuple(parse_input_shape(s) for s in shapes)
     graph = build(model, inputs[0] if len(inputs) == 1 else inputs, strict=args.strict)
@@ -138,14 +164,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     for flag, value in (("--calibration", args.calibration), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ValidationError(flag, f"must be at least 1, got {value}")
+    out = check_out_folder(args.out) if args.out else None
     if args.model in models.names():
         model, info = models.load(args.model)
         calibration = info.calibration(args.calibration, args.batch_size)
         example = calibration[0]
     else:
-        model = load_factory(args.model)()
-        if not isinstance(model, nn.Module):
-            raise ValidationError("model", f"{args.model} returned {type(model).__name__}, not an nn.Module")
+        model = build_model(args.model)
         if not args.input_shape:
             raise ValidationError("--input-shape", "a user model needs --input-shape for its (random) calibration inputs")
         info = None
@@ -187,8 +212,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     print(result.report.table())
     print()
     print(_before_after(rows))
-    if args.out:
-        out = Path(args.out)
+    if out is not None:
         save(out / "model", result.model, result.plan)
         result.report.to_json(out / "report.json")
         result.report.plot(out)

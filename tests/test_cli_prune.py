@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -62,3 +63,28 @@ def test_prune_with_a_channel_multiple_saves_aligned_widths(tmp_path: Path, caps
 def test_a_bad_count_names_its_flag(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prune", flag, "0", "--quiet"]) == 2
     assert f"{flag}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_folder_fails_before_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["prune", "--out", str(blocker / "pruned"), "--quiet"]) == 2  # the default run would take a minute
+    err = capsys.readouterr().err
+    assert f"--out: cannot write to '{blocker / 'pruned'}'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ("def make(width):\n    pass\n", r"make\(\) failed: TypeError: make\(\) missing 1 required positional argument"),
+    ("def make():\n    raise RuntimeError('no weights here')\n", r"make\(\) failed: RuntimeError: no weights here"),
+    ("def make(:\n", r"importing '.*mine.py' failed: SyntaxError"),
+    ("def make():\n    return 3\n", r"returned int, not an nn.Module"),
+])
+def test_a_failing_user_factory_is_one_line_naming_it(source: str, expected: str, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "mine.py"
+    path.write_text(source)
+    for command in (["prune", "--model", f"{path}:make", "--input-shape", "4,8", "--quiet"],
+                    ["inspect", f"{path}:make", "--input-shape", "4,8"]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert re.search(expected, err) and "Traceback" not in err
