@@ -506,6 +506,47 @@ def test_functional_layer_norm_couples_its_parameters() -> None:
     assert Member("norm2", "bias", 0, "passthrough") in g.group("conv2:out").members
 
 
+class BatchNormAct2d(nn.BatchNorm2d):
+    """timm's BatchNormAct2d: ``F.batch_norm`` with keyword affine parameters, then an activation."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.batch_norm(x, self.running_mean, self.running_var, weight=self.weight, bias=self.bias,
+                         training=self.training, momentum=self.momentum, eps=self.eps)
+        return F.relu(x)
+
+
+class FunctionalBatchNormNet(nn.Module):
+    def __init__(self, c1: int = 6, c2: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
+        self.bn1 = BatchNormAct2d(c1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.bn2 = BatchNormAct2d(c2)
+        self.head = nn.Conv2d(c2, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+
+
+def test_functional_batch_norm_couples_statistics_and_affine() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 5, 5)
+    wide = FunctionalBatchNormNet().eval()
+    for bn in (wide.bn1, wide.bn2):  # non-trivial statistics, so a wrong slice shows in the outputs
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    g = build(wide, x)
+    members = {(m.module, m.param) for m in g.group("conv1:out").members}
+    assert {("bn1", "running_mean"), ("bn1", "running_var"), ("bn1", "weight"), ("bn1", "bias")} <= members
+    assert [gr.name for gr in g.prunable_groups()] == ["conv1:out", "conv2:out"]
+    assert g.cost({"conv1:out": 4, "conv2:out": 3}) == dense_counts(FunctionalBatchNormNet(4, 3), x)
+    keep = {"conv1:out": [0, 2, 3, 5], "conv2:out": [1, 2, 4]}
+    small = secateurs.apply(wide, secateurs.PrunePlan.from_graph(g, keep), graph=g)
+    masked = secateurs.apply(wide, secateurs.PrunePlan.from_graph(g, keep), mode="mask")
+    torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(small.bn1.running_var, wide.bn1.running_var[keep["conv1:out"]])
+
+
 def test_functional_layer_norm_outside_a_layernorm_module_has_a_fixed_shape() -> None:
     """``F.layer_norm(x, (16,))`` in a plain module: apply cannot rewrite the literal, so it freezes."""
 

@@ -9,6 +9,7 @@ it touches (or raises in strict mode): what we do not understand, we do not prun
 
 from __future__ import annotations
 
+import inspect
 import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -656,6 +657,8 @@ class Coupler:
             return self.functional_linear(node, shape)
         if not m and t is F.layer_norm:
             return self.functional_layer_norm(node, shape)
+        if not m and t is F.batch_norm:
+            return self.functional_batch_norm(node, shape)
         if not m and t is F.scaled_dot_product_attention:
             return self.sdpa(node, shape)
         if (not m and t in _POOL_FN) or (m and t in ("expand", "expand_as", "broadcast_to", "repeat")):
@@ -1143,6 +1146,21 @@ class Coupler:
         out[d] = lay
         return out
 
+    def functional_batch_norm(self, node: fx.Node, shape: Any) -> Info:
+        """``F.batch_norm`` (timm's BatchNormAct2d calls it): statistics and affine index dim 1."""
+        x, xs = self.inf(node.args[0]), self.shp(node.args[0])
+        if not _is_tensor_info(x) or len(xs) < 2:
+            return self.unknown(node, "input is not a batch of channels")
+        lay: DimInfo = self.as_layout(x[1], xs[1], node)
+        for p in node.args[1:5]:  # running_mean, running_var, weight, bias (any may be None)
+            pi = self.inf(p)
+            if _is_tensor_info(pi):
+                lay = self.tie(lay, pi[0], node)
+        out = list(x)
+        out[1] = lay
+        self.const_flops(node, x, "normalisation")
+        return out
+
     def _tensor_of(self, node: fx.Node) -> torch.Tensor | None:
         if node.op != "get_attr":
             return None
@@ -1207,12 +1225,23 @@ class Coupler:
         return out
 
 
+def _signatures(target: Any) -> list[inspect.Signature]:
+    """torch's schemas for a builtin op, else the Python signature (``F.batch_norm`` is a function)."""
+    found = get_signature_for_torch_op(target)
+    if found:
+        return list(found)
+    try:
+        return [inspect.signature(target)]
+    except (TypeError, ValueError):
+        return []
+
+
 def _positional(node: fx.Node) -> None:
     """Rewrite tensor keyword arguments as positional ones (``F.linear(input=x, weight=w)``), which
-    is what the rules read; the first of torch's signatures for the op that binds says where."""
+    is what the rules read; the first of the op's signatures that binds says where."""
     if node.op != "call_function" or not any(isinstance(v, fx.Node) for v in node.kwargs.values()):
         return
-    for sig in get_signature_for_torch_op(node.target) or []:  # type: ignore[arg-type]
+    for sig in _signatures(node.target):
         try:
             bound = sig.bind(*node.args, **node.kwargs)
         except TypeError:
