@@ -170,6 +170,9 @@ def prune(
     if structure == "unstructured" and (budget is None or budget.sparsity is None):
         raise ValidationError("budget", "unstructured pruning needs Budget(sparsity=...)")
     if structure == "n:m":
+        if not (isinstance(nm, (tuple, list)) and len(nm) == 2 and all(isinstance(v, int) and not isinstance(v, bool)
+                                                                         for v in nm)):
+            raise ValidationError("nm", f"expected a pair of integers (N, M), got {nm!r}")
         n, m = nm
         if not 0 < n < m:
             raise ValidationError("nm", f"N:M needs 0 < N < M, got {n}:{m}")
@@ -178,7 +181,10 @@ def prune(
     _check_solver("allocation", allocation, "allocation")
     if structure == "channels":
         _check_solver("reconstruction", reconstruction, "reconstruction")
-    batches = iter(calibration)
+    try:
+        batches = iter(calibration)
+    except TypeError:
+        raise ValidationError("calibration", f"expected an iterable of batches, got {type(calibration).__name__}") from None
     try:
         first = next(batches)
     except StopIteration:
@@ -645,15 +651,23 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
                 report.notes.append(f"{name}: {flat.shape[1]} inputs per output are not a multiple of {m}; left dense")
                 continue
             masks[name] = nm_mask(scores, n, m)
+        if not masks:
+            raise ValidationError("nm", f"no layer has a multiple of {m} inputs per output, so none can take "
+                                        f"{n}:{m} (the model would come back dense)")
     else:
         assert budget is not None and budget.sparsity is not None
         densities = np.linspace(1.0 / levels, 1.0, levels)
         sizes = {name: flat.numel() for name, (flat, _, _) in data.items()}
         errors = {}
+        total = sum(sizes.values())
         for name, (flat, gram, scores) in data.items():
             energy = 0.5 * float(torch.einsum("ij,jk,ik->", flat, gram, flat)) or 1.0
             counts = np.unique(np.round(densities * flat.numel()))
-            errors[name] = [masked_error(flat, gram, density_mask(scores, int(c))) / energy for c in counts]
+            # + a tie-break far below any real error: where removing weights costs nothing (a 3x3 conv
+            # on 1x1 maps uses only its centre tap) keep the densest level, not the sparsest, so the
+            # sparsity asked for is what is removed
+            errors[name] = [masked_error(flat, gram, density_mask(scores, int(c))) / energy
+                            + 1e-9 * (flat.numel() - c) / total for c in counts]
         problem = Allocation.unstructured(sizes, densities, errors, density=1.0 - budget.sparsity)
         result, note = _solve_allocation(problem, allocation, deadline, seed)
         if note:

@@ -114,6 +114,13 @@ def test_bad_input_is_rejected_before_any_work(cnn) -> None:
         prune(model, calibration, Budget(flops=0.5), structure="rows")
     with pytest.raises(ValidationError, match=r"budget: an 2:4 pattern removes exactly 0.5"):
         prune(model, calibration, Budget(sparsity=0.3), structure="n:m")
+    with pytest.raises(ValidationError, match=r"nm: expected a pair of integers \(N, M\), got \(2.0, 4\)"):
+        prune(model, calibration, None, structure="n:m", nm=(2.0, 4))  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"calibration: expected an iterable of batches, got NoneType"):
+        prune(model, None, Budget(flops=0.5))  # type: ignore[arg-type]
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    with pytest.raises(ValidationError, match=r"nm: no layer has a multiple of 3 inputs per output"):
+        prune(mlp, [torch.randn(4, 8)], None, structure="n:m", nm=(1, 3), progress=False)
 
 
 def test_unknown_solver_names_fail_before_the_calibration_is_read(cnn) -> None:
@@ -220,3 +227,15 @@ def test_unstructured_prunes_attention_out_proj_by_magnitude_and_names_what_it_l
     assert any("attn.out_proj: called functionally inside 'attn'" in n and "magnitude" in n for n in result.report.notes)
     assert any("not pruned" in n and "attn.in_proj_weight (768 weights)" in n for n in result.report.notes)
     assert torch.equal(weights["attn.in_proj_weight"], model.attn.in_proj_weight)
+
+
+def test_unstructured_removes_what_is_asked_when_removing_more_would_cost_nothing() -> None:
+    """A 3x3 conv on 1x1 maps only reads its centre tap: 8/9 of it is free to cut. Sparsity 0.3 is 0.3."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(16, 4)).eval()
+    x = [torch.randn(32, 8, 1, 1) for _ in range(2)]
+    result = prune(model, x, Budget(sparsity=0.3), structure="unstructured", progress=False)
+    weights = [result.model[0].weight, result.model[3].weight]
+    removed = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert 0.3 - 1e-9 <= removed <= 0.35  # the budget, and not far past it (before: 0.6, every free weight cut)
