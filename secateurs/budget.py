@@ -25,7 +25,10 @@ class Budget:
     Parameters
     ----------
     flops, params : float, optional
-        Keep at most this fraction (≤ 1) or this absolute number (> 1) of the dense cost.
+        Keep at most this fraction (≤ 1) or this absolute number (> 1) of the dense cost. FLOPs
+        are counted on one forward of ``prune``'s ``example_inputs`` (by default the first
+        calibration batch), so an absolute FLOPs figure is per *that batch*: pass
+        ``example_inputs`` of batch 1 to budget FLOPs per sample. Fractions do not depend on it.
     latency : float, optional
         At most this fraction, in (0, 1], of the dense model's measured latency.
     latency_ms : float, optional
