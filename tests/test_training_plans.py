@@ -102,3 +102,27 @@ def test_scaled_step_keeps_relative_gradients_and_pulls_to_vertices() -> None:
     only = ScaledStep([pull], lr=0.1)
     only.step(flatten=1.0)  # no gradient: only the pull κ(1 − 2θ) towards the nearest vertex
     np.testing.assert_allclose(pull.detach().numpy(), [0.2 - 0.1 * 0.6, 0.5, 0.9 + 0.1 * 0.8])
+
+
+@pytest.mark.parametrize("method", ["ChannelPDP", "ComplexityAware", "SoftCoefficients"])
+def test_an_unreachable_budget_is_refused_before_training(method: str) -> None:
+    """h1 = h2 = 1 costs 20 of 800 FLOPs: 1% cannot be met, and that is said at construction, not finalize."""
+    from training_fixtures import two_layer_mlp
+
+    from secateurs import training
+
+    model, groups, cost = two_layer_mlp()
+    with pytest.raises(InfeasibleBudgetError, match=r"budget 'flops' cannot be met: requested 8, least achievable 20"):
+        getattr(training, method)(model, groups, cost_model=cost, budget={"flops": 0.01})
+    assert getattr(training, method)(model, groups, cost_model=cost, budget={"flops": 0.03}) is not None
+
+
+def test_removable_layers_count_as_gone_in_the_least_plan() -> None:
+    """With h2's layer removable, the least plan drops it: 20 FLOPs becomes 12 (h1 = 1 alone)."""
+    from training_fixtures import two_layer_mlp
+
+    from secateurs.training import ComplexityAware
+
+    model, groups, cost = two_layer_mlp()
+    with pytest.raises(InfeasibleBudgetError, match=r"least achievable 12"):
+        ComplexityAware(model, groups, cost, budget={"flops": 0.01}, layers={"block": ["h2"]})

@@ -68,7 +68,7 @@ from secateurs.training.expected_cost import expected_cost
 from secateurs.training.gating import UnitScales
 from secateurs.training.layers import residual_branches
 from secateurs.training.pdp import DensitySchedule
-from secateurs.training.plans import allocate_units, check_budget, plan_from_keep
+from secateurs.training.plans import allocate_units, check_budget, check_reachable, plan_from_keep
 from secateurs.training.steps import ScaledStep
 
 if TYPE_CHECKING:
@@ -193,6 +193,8 @@ class ComplexityAware:
                 if not runs_at_zero_width(mod):
                     raise ValidationError("layers", f"layer {layer!r}: group {g!r} reaches {type(mod).__name__} "
                                                     f"{m.module!r}, which cannot run at zero width")
+        check_reachable(self.groups, self.cost_model, self.budget, multiples=self.multiples,
+                        removable=list(self.layer_of))
         self.model = model if inplace else copy.deepcopy(model)
         self.theta = {g: torch.full((grp.size,), init, dtype=torch.float64, requires_grad=True)
                       for g, grp in self.groups.items()}

@@ -145,3 +145,14 @@ def allocate_units(
         k = int(round(result.solution[g]))
         keep[g] = sorted(np.argsort(-arrays[g], kind="stable")[:k].tolist())
     return keep
+
+
+def check_reachable(groups: Mapping[str, Group], cost_model: CostModel | None, budget: Mapping[str, float],
+                    *, multiples: Mapping[str, int] | None = None, removable: Sequence[str] = ()) -> None:
+    """Raise :class:`InfeasibleBudgetError` at construction, not after a training run, when even the
+    least plan (every group at its least level, every removable layer gone) misses the budget."""
+    if not budget:
+        return
+    scores = {g: torch.ones(grp.size) for g, grp in groups.items() if g not in removable}
+    allocate_units(scores, cost_model=cost_model, budget=budget, fixed=dict.fromkeys(removable, 0),
+                   multiples=multiples)

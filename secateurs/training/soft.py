@@ -45,7 +45,14 @@ from secateurs.problems.projection import Projection
 from secateurs.solvers import solve
 from secateurs.training.gating import UnitScales, fold_scales
 from secateurs.training.pdp import DensitySchedule
-from secateurs.training.plans import UnitBudget, allocate_units, check_budget, gated_polynomial, plan_from_keep
+from secateurs.training.plans import (
+    UnitBudget,
+    allocate_units,
+    check_budget,
+    check_reachable,
+    gated_polynomial,
+    plan_from_keep,
+)
 from secateurs.training.steps import ScaledStep
 
 WHOLE_MODEL = "model"
@@ -128,6 +135,7 @@ class SoftCoefficients:
             raise ValidationError("keep", "give per-component keep fractions (keep=), a model budget (budget=), or both")
         if self.budget and cost_model is None:
             raise ValidationError("cost_model", "a flops/params budget needs the graph's cost model")
+        check_reachable(self.groups, cost_model, self.budget, multiples=self.multiples)
         if keep is None:
             fractions: dict[str, float] = {}
         elif isinstance(keep, (int, float)):
