@@ -48,6 +48,7 @@ from secateurs.calibration import GramStatistics, collect, layer_rows
 from secateurs.consumers import ConsumerColumns, consumer_columns, supports_reconstruction
 from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, UnknownSolverError, ValidationError
 from secateurs.graph import DependencyGraph, build, dense_counts
+from secateurs.graph.build import _arguments
 from secateurs.graph.groups import Group, check_channel_multiple, keep_levels, unit_multiple
 from secateurs.latency import POINTS as LATENCY_POINTS
 from secateurs.latency import measure as measure_latency
@@ -190,6 +191,8 @@ def prune(
     except StopIteration:
         raise ValidationError("calibration", "no batches: give at least one calibration batch") from None
     calibration = itertools.chain([first], batches)
+    if example_inputs is None:
+        _check_first_batch(model, first)
     deadline = Deadline(time_limit)
     if structure == "channels":
         assert budget is not None
@@ -197,6 +200,20 @@ def prune(
                                reconstruction, allocation, levels, error_curve, progress, deadline, seed,
                                sequential=sequential, channel_multiple=channel_multiple)
     return _prune_weights(model, calibration, budget, structure, nm, allocation, levels, refit, progress, deadline, seed)
+
+
+def _check_first_batch(model: nn.Module, first: Any) -> None:
+    """The first batch is also the tracing input: say so, and how to drop a DataLoader's labels."""
+    try:
+        _arguments(model, first)
+    except ValidationError as e:
+        cause = str(e.__cause__) if e.__cause__ is not None else str(e).partition(": ")[2]
+        hint = ""
+        if isinstance(first, (tuple, list)):
+            hint = (f"; a {type(first).__name__} batch of {len(first)} is taken as positional inputs, so drop a "
+                    "DataLoader's labels: (x for x, _ in loader)")
+        raise ValidationError("calibration", f"batch 0 does not match {type(model).__name__}.forward: {cause}{hint}") \
+            from e
 
 
 def _check_solver(field: str, name: Any, kind: str) -> None:

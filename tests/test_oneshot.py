@@ -118,6 +118,10 @@ def test_bad_input_is_rejected_before_any_work(cnn) -> None:
         prune(model, calibration, None, structure="n:m", nm=(2.0, 4))  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match=r"calibration: expected an iterable of batches, got NoneType"):
         prune(model, None, Budget(flops=0.5))  # type: ignore[arg-type]
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(calibration[0], torch.zeros(64)), batch_size=8)
+    with pytest.raises(ValidationError, match=r"calibration: batch 0 does not match Sequential.forward: too many "
+                                              r"positional arguments; a list batch of 2 .*\(x for x, _ in loader\)"):
+        prune(model, loader, Budget(flops=0.5), progress=False)
     mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
     with pytest.raises(ValidationError, match=r"nm: no layer has a multiple of 3 inputs per output"):
         prune(mlp, [torch.randn(4, 8)], None, structure="n:m", nm=(1, 3), progress=False)
