@@ -151,8 +151,10 @@ def prune(
     progress : bool
         Progress bars per stage (tqdm) and per-group log lines (logger ``secateurs``).
     time_limit : float, optional
-        Seconds for the whole run; solvers get what remains and fall back to the greedy supports
-        when it runs out (said in the report's notes).
+        Seconds for the solving: the allocation, the error curve (at most a fifth of what is left)
+        and the per-group solves get what remains and fall back to greedy plans and supports when
+        it runs out (said in the report's notes). Tracing, calibration statistics and latency
+        tables always run to the end, so a run can take longer than this.
     """
     if structure not in STRUCTURES:
         raise ValidationError("structure", f"expected one of {STRUCTURES}, got {structure!r}")
@@ -341,18 +343,22 @@ def _remaining(deadline: Deadline) -> float | None:
 
 
 def _curve(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str, float], dense: dict[str, float],
-           solver: str, seed: int, latency: Latency | None) -> list[tuple[float, float]]:
-    """Allocated error at budgets from 20% to 100% of the dense cost (the first budget named)."""
+           solver: str, seed: int, latency: Latency | None, deadline: Deadline) -> tuple[list[tuple[float, float]], bool]:
+    """Allocated error at budgets from 20% to 100% of the dense cost (the first budget named); with a
+    time limit it takes at most a fifth of what remains, so the solves keep the rest (True: cut short)."""
     name = next(iter(limits))
     points = []
+    share = None if deadline.time_limit is None else Deadline(max(deadline.remaining(), 0.0) / 5)
     for fraction in np.linspace(0.2, 1.0, 9):
+        if share is not None and share.expired():
+            return points, True
         scaled = {**limits, name: float(fraction) * dense[name]}
         try:
-            result, _, _ = _allocate(graph, works, scaled, solver, Deadline(None), seed, latency)
+            result, _, _ = _allocate(graph, works, scaled, solver, share or Deadline(None), seed, latency)
         except (InfeasibleBudgetError, SolverError):
             continue
         points.append((float(fraction), float(result.objective)))
-    return points
+    return points, False
 
 
 def _write_refit(work_model: nn.Module, work: _GroupWork, support: list[int]) -> None:
@@ -429,7 +435,9 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     stage("allocation", start)
     if error_curve:
         start = clock.elapsed()
-        report.error_curve = _curve(graph, works, limits, dense_values, allocation, seed, latency)
+        report.error_curve, cut = _curve(graph, works, limits, dense_values, allocation, seed, latency, deadline)
+        if cut:
+            report.notes.append(f"error curve: {len(report.error_curve)} of 9 budgets within its share of the time limit")
         stage("error curve", start)
 
     start = clock.elapsed()

@@ -243,3 +243,11 @@ def test_unstructured_removes_what_is_asked_when_removing_more_would_cost_nothin
     weights = [result.model[0].weight, result.model[3].weight]
     removed = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert 0.3 - 1e-9 <= removed <= 0.35  # the budget, and not far past it (before: 0.6, every free weight cut)
+
+
+def test_a_spent_time_limit_cuts_the_error_curve_and_the_plan_still_meets_the_budget(cnn) -> None:
+    model, calibration = cnn
+    result = prune(model, calibration, Budget(flops=0.5), time_limit=1e-3, progress=False)
+    assert any(n.startswith("error curve: 0 of 9 budgets") for n in result.report.notes)
+    assert dense_counts(result.model, calibration[0]).flops <= 0.5 * dense_counts(model, calibration[0]).flops
+    assert all(g.solver in ("greedy", "magnitude") for g in result.report.groups if g.kept < g.total)
