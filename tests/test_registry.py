@@ -57,7 +57,9 @@ def test_plain_callable_returning_a_solution_is_checked_and_evaluated(problem: P
         return np.ones(p.size)
 
     bad = secateurs.solve(problem, too_much)
-    assert bad.status is Status.INFEASIBLE and "budgets[0]" in bad.info["violations"][0]
+    # a wrong answer is an error naming what it broke, not a claim that the problem is infeasible
+    assert bad.status is Status.ERROR and bad.solution is None and "budgets[0]" in bad.info["violations"][0]
+    assert np.array_equal(bad.info["returned"], np.ones(4)) and not bad.ok
 
 
 def test_callable_gets_time_limit_and_seed_only_if_it_takes_them(problem: Projection) -> None:

@@ -151,8 +151,8 @@ def _from_callable(function: Callable[..., Any], problem: Any, options: dict[str
     if isinstance(out, SolveResult):
         return out
     violations = problem.check(out)
-    if violations:
-        return SolveResult(Status.INFEASIBLE, math.nan, out, info={"violations": violations})
+    if violations:  # a wrong answer, not a property of the problem: error, with what it broke
+        return SolveResult(Status.ERROR, math.nan, None, info={"violations": violations, "returned": out})
     return SolveResult(Status.FEASIBLE, float(problem.evaluate(out)), out)
 
 
