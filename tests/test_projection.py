@@ -129,3 +129,29 @@ def test_zero_cost_entries_are_clipped_independently_of_the_multiplier() -> None
     np.testing.assert_allclose(result.solution, [0.26, 0.8, 0.12, 0.0], atol=1e-9)
     assert lam == pytest.approx(0.64)
     assert problem.check(result.solution) == []
+
+
+@given(st.data())
+def test_projections_strategy_draws_jointly_feasible_problems(data: st.DataObject) -> None:
+    """Independent check by an LP (scipy's HiGHS) over box, fixed entries, hierarchy, density and budgets."""
+    from scipy.optimize import linprog
+
+    from secateurs.testing import projections
+
+    p = data.draw(projections(max_size=8, max_budgets=2, hierarchy=data.draw(st.booleans()), density=True))
+    n = p.size
+    rows, rhs = [], []
+    for c, b in zip(p.costs, p.budgets, strict=True):
+        rows.append(c)
+        rhs.append(b)
+    if p.parent is not None:
+        for i, parent in enumerate(p.parent):
+            if parent >= 0:
+                row = np.zeros(n)
+                row[i], row[parent] = 1.0, -1.0
+                rows.append(row)
+                rhs.append(0.0)
+    bounds = [(v, v) if i in p.fixed else (0.0, 1.0) for i, v in ((i, p.fixed.get(i)) for i in range(n))]
+    lp = linprog(np.zeros(n), A_ub=np.array(rows) if rows else None, b_ub=np.array(rhs) if rhs else None,
+                 A_eq=np.ones((1, n)), b_eq=[p.total], bounds=bounds, method="highs")
+    assert lp.status == 0, f"drawn problem is infeasible: {p}"

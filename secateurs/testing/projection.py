@@ -28,8 +28,8 @@ def projections(
     fixed: bool = True,
 ) -> Projection:
     """Feasible Projection problems: θ₀ around [0, 1], non-negative costs (some exactly 0, as a
-    dead gate's are), budgets that fixed entries never exceed, an optional forest hierarchy and
-    an optional density (Σθ = total)."""
+    dead gate's are), an optional forest hierarchy and an optional density (Σθ = total), and
+    budgets drawn above one point that meets all of those, so every draw is jointly feasible."""
     n = draw(st.integers(min_size, max_size))
     seed = draw(st.integers(0, 2**32 - 1))
     rng = np.random.default_rng(seed)
@@ -62,9 +62,23 @@ def projections(
     costs = rng.uniform(0.1, 3.0, (r, n))
     if r and rng.random() < 0.3:  # entries the budget does not charge (gates already removed, other components)
         costs[:, rng.random(n) < 0.3] = 0.0
-    budgets = np.array([float(costs[j] @ lo + rng.random() * costs[j] @ (hi - lo)) for j in range(r)])
+    anchor = _feasible_point(lo, hi, total, binary)  # budgets are drawn above it: feasible jointly, not one by one
+    budgets = np.array([float(costs[j] @ anchor + rng.random() * costs[j] @ (hi - anchor)) for j in range(r)])
     return Projection(theta0, costs=costs, budgets=budgets, parent=parent, fixed=fixed_entries,
                       total=total, binary=binary)
+
+
+def _feasible_point(lo: np.ndarray, hi: np.ndarray, total: float | None, binary: bool) -> np.ndarray:
+    """A point inside the box and hierarchy (``bounds`` nest children under parents) with Σθ = total."""
+    if total is None:
+        return lo
+    if binary:  # lo, then free entries in index order (a parent's index is below its children's)
+        point = lo.copy()
+        for i in np.flatnonzero(hi > lo)[: int(round(total - lo.sum()))]:
+            point[i] = 1.0
+        return point
+    span = hi.sum() - lo.sum()
+    return lo + (hi - lo) * ((total - lo.sum()) / span if span > 0 else 0.0)
 
 
 def check_projection_solver(
