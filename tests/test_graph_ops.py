@@ -758,3 +758,34 @@ def test_a_rule_that_fails_on_an_unforeseen_call_freezes_instead_of_crashing(mon
     g = build(KeywordCalls(False), torch.randn(2, 8))
     assert "its coupling rule failed: IndexError" in g.group("w:out").reason
     assert g.cost({}) == dense_counts(KeywordCalls(False), torch.randn(2, 8))
+
+
+def stochastic_depth(input: torch.Tensor, p: float, mode: str, training: bool = True) -> torch.Tensor:  # noqa: A002
+    """torchvision.ops.stochastic_depth as torchvision defines it (a whole-sample scale, identity in eval)."""
+    if not training or p == 0.0:
+        return input
+    size = [input.shape[0]] + [1] * (input.ndim - 1) if mode == "row" else [1] * input.ndim
+    noise = torch.empty(size, dtype=input.dtype).bernoulli_(1.0 - p)
+    return input * noise.div_(1.0 - p)
+
+
+stochastic_depth.__module__ = "torchvision.ops.stochastic_depth"  # where torchvision's lives, which the rule names
+torch.fx.wrap("stochastic_depth")
+
+
+class DepthDropped(nn.Module):
+    def __init__(self, c: int = 6, h: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, c, 3, padding=1)
+        self.f = nn.Sequential(nn.Conv2d(c, h, 1), nn.ReLU(), nn.Conv2d(h, c, 1))
+        self.head = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        return self.head(x + stochastic_depth(self.f(x), 0.1, "row", self.training))
+
+
+def test_torchvision_stochastic_depth_passes_channels_through() -> None:
+    x = torch.randn(2, 3, 5, 5)
+    g = check_slice(DepthDropped, {}, dict(c=4, h=5), x, {"stem:out": [1, 4], "f.0:out": [0, 3, 6]})
+    assert g.group("stem:out").prunable and "stochastic_depth" in str(g.group("stem:out").nodes)

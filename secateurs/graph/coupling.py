@@ -115,6 +115,9 @@ _POOL_FN = {
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool1d,
     F.adaptive_max_pool2d, F.adaptive_max_pool3d, F.interpolate, F.upsample, F.pad,
 }
+#: Functions fx keeps whole (``torch.fx.wrap``) that pass channels through unchanged: torchvision's
+#: stochastic depth scales whole samples (identity in eval), on every residual of EfficientNet/ConvNeXt/Swin.
+_CHANNEL_PRESERVING_FUNCTIONS = {"torchvision.ops.stochastic_depth.stochastic_depth"}
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "ndimension", "nelement", "item", "tolist", "__len__"}
 
 _IDENTITY_MODULES: tuple[type, ...] = (
@@ -631,6 +634,8 @@ class Coupler:
         x0 = self.inf(node.args[0]) if node.args else None
         if not m and t is operator.getitem:
             return self.getitem(node, shape)
+        if not m and f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', '')}" in _CHANNEL_PRESERVING_FUNCTIONS:
+            return list(x0) if _is_tensor_info(x0) else self.unknown(node)
         if (m and t in _ELEMENTWISE_METHODS) or (not m and t in _ELEMENTWISE_FN):
             return self.broadcast(node, shape)
         if m and t in _FIRST_ARG_METHODS:
