@@ -789,3 +789,24 @@ def test_torchvision_stochastic_depth_passes_channels_through() -> None:
     x = torch.randn(2, 3, 5, 5)
     g = check_slice(DepthDropped, {}, dict(c=4, h=5), x, {"stem:out": [1, 4], "f.0:out": [0, 3, 6]})
     assert g.group("stem:out").prunable and "stochastic_depth" in str(g.group("stem:out").nodes)
+
+
+class LinearToMap(nn.Module):
+    """DCGAN-style: a Linear's features viewed as a (C, H, W) map fed to a conv, sizes read from shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 4 * 3 * 3)
+        self.conv = nn.Conv2d(4, 2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ref = x.new_zeros(1, 4, 3, 3)
+        return self.conv(self.fc(x).view(x.shape[0], ref.shape[1], ref.shape[2], ref.shape[3]))
+
+
+def test_spatial_dims_reaching_a_conv_are_frozen() -> None:
+    g = build(LinearToMap(), torch.randn(2, 6))
+    spatial = [gr for gr in g.groups if any(m.module == "fc" for m in gr.members) and gr.size == 3]
+    assert spatial and all("spatial dim of conv input" in gr.reason for gr in spatial)
+    # the channel count is read off a constant-sized tensor: as fixed as a literal
+    assert "takes this size from a dim of fixed size" in g.group("fc:out").reason

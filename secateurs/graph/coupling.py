@@ -477,6 +477,9 @@ class Coupler:
         g = mod.groups
         cin, cout = mod.in_channels, mod.out_channels
         out: list[DimInfo] = [x[d] for d in range(cdim)] + [Opaque(None)] * (nsp + 1)
+        for d in range(cdim + 1, len(xs)):  # cutting a spatial "channel" would change the conv's output size
+            if not isinstance(x[d], Opaque):
+                self.freeze([x[d]], f"spatial dim of conv input at node '{node.name}'")
         if g == 1:
             lin = self.as_layout(x[cdim], cin, node)
             self.register(node, path, "weight", w_in, "consumer", lin)

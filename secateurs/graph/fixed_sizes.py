@@ -11,6 +11,8 @@ Two cases stay prunable, because apply keeps them in step:
   head-count attribute (:data:`~secateurs.graph.groups.HEAD_ATTRIBUTES`) apply updates;
 * a size read from the dim's own channels (``x.view(x.size(0), x.size(1), -1)``).
 
+A size read off a dim that no plan changes (a constant-sized tensor's) is a constant too.
+
 Anything else freezes the channels involved, naming the node and the constant.
 """
 
@@ -78,4 +80,8 @@ def freeze_fixed_sizes(model: nn.Module, fixed: list[FixedSize], sp: Spaces, hea
         if read - own:
             reason = f"{op} at node '{f.node}' computes a size from these channels' count"
             for r in read | own:
+                sp.freeze(r, reason)
+        elif live and any(not _atoms(sp, r) for r in f.reads):  # read off a dim no plan changes: a constant
+            reason = f"{op} at node '{f.node}' takes this size from a dim of fixed size"
+            for r in live:
                 sp.freeze(r, reason)
