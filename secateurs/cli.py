@@ -39,6 +39,8 @@ def load_factory(spec: str) -> Callable[[], nn.Module]:
         except Exception as e:  # a syntax error or a failing import in the user's file
             raise ValidationError("model", f"importing {target!r} failed: {type(e).__name__}: {e}") from e
     else:
+        if "" not in sys.path and str(Path.cwd()) not in sys.path:  # as `python -m` does: modules beside you import
+            sys.path.insert(0, str(Path.cwd()))
         try:
             module = importlib.import_module(target)
         except ImportError as e:

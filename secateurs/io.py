@@ -98,6 +98,9 @@ def load(path: str | os.PathLike[str], build_dense: Callable[[], nn.Module], *,
     InvalidPlanError
         The plan does not fit the dense model, or the saved weights do not fit the pruned model.
     """
+    if isinstance(build_dense, nn.Module) or not callable(build_dense):
+        raise ValidationError("build_dense", f"expected a callable that builds the dense model (a factory, e.g. "
+                                             f"lambda: MyNet()), got {type(build_dense).__name__}")
     folder = Path(path)
     plan = load_plan(folder)
     model = apply(build_dense(), plan, mode="slice", inplace=True)

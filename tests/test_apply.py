@@ -647,6 +647,15 @@ def test_a_plan_is_refused_on_a_wider_model_of_the_same_class() -> None:
 # -- save / load ---------------------------------------------------------------------------------
 
 
+def test_load_wants_a_factory_not_a_model(tmp_path: Any) -> None:
+    from secateurs.io import load, save
+
+    m = tiny()
+    save(tmp_path, m, plan({"conv:out": [0, 1, 2]}))
+    with pytest.raises(ValidationError, match=r"build_dense: expected a callable that builds the dense model.*got "):
+        load(tmp_path, tiny())  # type: ignore[arg-type]
+
+
 def test_save_load_round_trip_with_refit(tmp_path: Any) -> None:
     from secateurs.io import PLAN_FILE, REFIT_FILE, STATE_FILE, load, load_plan, save
 

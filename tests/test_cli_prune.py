@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +89,13 @@ def test_a_failing_user_factory_is_one_line_naming_it(source: str, expected: str
         assert main(command) == 2
         err = capsys.readouterr().err
         assert re.search(expected, err) and "Traceback" not in err
+
+
+def test_inspect_imports_a_module_from_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "beside_me.py").write_text("import torch.nn as nn\n"
+                                          "def make():\n    return nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert main(["inspect", "beside_me:make", "--input-shape", "2,8"]) == 0
+    assert "0:out" in capsys.readouterr().out

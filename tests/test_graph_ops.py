@@ -810,3 +810,36 @@ def test_spatial_dims_reaching_a_conv_are_frozen() -> None:
     assert spatial and all("spatial dim of conv input" in gr.reason for gr in spatial)
     # the channel count is read off a constant-sized tensor: as fixed as a literal
     assert "takes this size from a dim of fixed size" in g.group("fc:out").reason
+
+
+class Transposed(nn.Module):
+    """``y.T`` between two Linears: the features of ``a`` become the rows that ``b`` reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).T).T
+
+
+def test_dot_T_is_a_transpose_not_an_unknown_op() -> None:
+    g = build(Transposed(), torch.randn(5, 4), strict=True)  # strict: raises on any op without a rule
+    assert [gr.name for gr in g.groups] == ["a:in", "a:out", "b:in", "b:out"]
+    assert all("unsupported" not in gr.reason for gr in g.groups)
+
+
+def test_strict_mode_accepts_ops_that_touch_no_channels() -> None:
+    class Positions(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Linear(4, 6)
+            self.out = nn.Linear(6, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            steps = torch.arange(x.shape[0], dtype=x.dtype).unsqueeze(1)  # no channels: nothing to freeze
+            return self.out(torch.relu(self.emb(x)) * steps.sigmoid())
+
+    g = build(Positions(), torch.randn(3, 4), strict=True)
+    assert g.group("emb:out").prunable

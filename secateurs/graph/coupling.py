@@ -340,9 +340,12 @@ class Coupler:
         return self.gm.get_submodule(node.target) if node.op == "call_module" else None  # type: ignore[arg-type]
 
     def unknown(self, node: fx.Node, why: str = "") -> Info:
-        """Freeze everything an op without a rule touches; strict mode raises instead."""
+        """Freeze everything an op without a rule touches; strict mode raises instead, unless the op
+        touches no channels at all (``torch.arange``, ``torch.zeros``: nothing to freeze)."""
         name = op_name(node, self._module(node))
-        if self.strict:
+        touched = any(layout_spaces(d) for a in node.all_input_nodes
+                      for d in (self.inf(a) if _is_tensor_info(self.inf(a)) else []))
+        if self.strict and touched:
             raise UnsupportedOpError(node.name, name, why)
         reason = f"unsupported op {name!r} at node '{node.name}'" + (f" ({why})" if why else "")
         inputs = [self.inf(a) for a in node.all_input_nodes]
@@ -637,6 +640,8 @@ class Coupler:
         x0 = self.inf(node.args[0]) if node.args else None
         if not m and t is operator.getitem:
             return self.getitem(node, shape)
+        if not m and t is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT") and _is_tensor_info(x0):
+            return list(reversed(x0)) if node.args[1] == "T" else [*x0[:-2], x0[-1], x0[-2]]  # .T / .mT
         if not m and f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', '')}" in _CHANNEL_PRESERVING_FUNCTIONS:
             return list(x0) if _is_tensor_info(x0) else self.unknown(node)
         if (m and t in _ELEMENTWISE_METHODS) or (not m and t in _ELEMENTWISE_FN):
