@@ -520,7 +520,10 @@ def apply(model: nn.Module, plan: PrunePlan, *, graph: DependencyGraph | None = 
         once on ``graph.example_inputs`` (eval mode, no grad) to prove it works.
     mode:
         ``"slice"``: a physically smaller model whose module attributes match its new shapes.
-        ``"mask"``: a same-shape copy with exactly the removed slices of every member zeroed.
+        ``"mask"``: a same-shape copy with exactly the removed slices of every member zeroed. It
+        computes what the sliced model does except where a pruned group meets a normalisation
+        over channels (LayerNorm, GroupNorm): the zeroed channels still count in its mean and
+        variance there, so outputs differ (slice is the model you deploy).
     inplace:
         Move the result into ``model`` (after it was fully built and checked) and return ``model``.
 

@@ -285,3 +285,19 @@ def test_every_perspective_diagonal_gives_a_valid_bound(method: str) -> None:
     assert float(torch.linalg.eigvalsh(problem.H - torch.diag(d))[0]) >= -1e-9 * float(problem.H.diagonal().max())
     result = secateurs.solve(problem, "relaxation", diagonal=method)
     assert -problem.constant <= result.bound <= OPTIMA["ill_conditioned"][0] + TOL * problem.constant
+
+
+def test_malformed_solve_arguments_are_named() -> None:
+    import numpy as np
+
+    problem = Reconstruction.from_activations(torch.randn(32, 6, dtype=torch.float64),
+                                              torch.randn(2, 6, dtype=torch.float64), keep=np.int64(3))
+    assert problem.keep == 3 and secateurs.solve(problem, "enumerate").ok  # numpy integers are integers
+    with pytest.raises(ValidationError, match=r"^time_limit: must be positive seconds, got '1'"):
+        secateurs.solve(problem, "greedy", time_limit="1")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"^seed: must be an integer in \[0, 2\*\*31\)"):
+        secateurs.solve(problem, "greedy", seed=2**70)
+    with pytest.raises(ValidationError, match=r"^step: must be an integer >= 1, got 0"):
+        secateurs.solve(problem, "greedy", step=0)
+    with pytest.raises(ValidationError, match=r"^batch: must be an integer >= 1, got 0"):
+        secateurs.solve(problem, "enumerate", batch=0)

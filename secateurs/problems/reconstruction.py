@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -315,7 +316,7 @@ class Reconstruction:
         return problem
 
     def _check_keep(self, keep: Any) -> None:
-        if isinstance(keep, bool) or not isinstance(keep, int):
+        if isinstance(keep, bool) or not isinstance(keep, numbers.Integral):  # numpy / torch integers too
             raise ValidationError("keep", f"must be an integer, got {keep!r}")
         if not 1 <= keep <= self.num_units:
             raise ValidationError("keep", f"must be between 1 and num_units={self.num_units}, got {keep}")

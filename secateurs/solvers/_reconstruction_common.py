@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
 
+from secateurs.errors import ValidationError
 from secateurs.problems.reconstruction import Reconstruction
 from secateurs.solvers.result import SolveResult, Status
 
 Tensor = torch.Tensor
+
+
+def positive_int(field: str, value: Any) -> int:
+    """A solver option that counts something (a step, a batch): an integer ≥ 1, or a named error."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValidationError(field, f"must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
 def robust_cholesky(M: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from secateurs.errors import SolverError, SolverRefusedError
 from secateurs.problems.reconstruction import Reconstruction
-from secateurs.solvers._reconstruction_common import finish
+from secateurs.solvers._reconstruction_common import finish, positive_int
 from secateurs.solvers.registry import register
 from secateurs.solvers.result import Deadline, SolveResult, Status, Trace
 
@@ -54,6 +54,7 @@ def enumerate_supports(
     SolverRefusedError
         When C(g, k) exceeds ``max_subsets`` (the message names both).
     """
+    max_subsets, batch = positive_int("max_subsets", max_subsets), positive_int("batch", batch)
     g, k = problem.num_units, problem.keep
     count = math.comb(g, k)
     if count > max_subsets:

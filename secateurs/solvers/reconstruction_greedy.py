@@ -24,7 +24,13 @@ from typing import Any
 import torch
 
 from secateurs.problems.reconstruction import Reconstruction
-from secateurs.solvers._reconstruction_common import block_quadratic, diag_blocks, finish, robust_cholesky
+from secateurs.solvers._reconstruction_common import (
+    block_quadratic,
+    diag_blocks,
+    finish,
+    positive_int,
+    robust_cholesky,
+)
 from secateurs.solvers.registry import register
 from secateurs.solvers.result import Deadline, SolveResult, Status, Trace
 
@@ -181,6 +187,7 @@ def greedy(problem: Reconstruction, *, time_limit: float | None, seed: int, step
     With a time limit that expires, the remaining units are dropped by their current removal
     cost in one stage and the status is ``limit``.
     """
+    step = positive_int("step", step)
     deadline = Deadline(time_limit)
     trace = Trace(deadline)
     path = greedy_path(problem, step=step, stop=problem.keep, deadline=deadline, last_only=True)

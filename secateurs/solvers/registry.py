@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping
@@ -179,8 +180,11 @@ def solve(
     **options
         Solver options; options a solver does not take raise an ``UnknownOptionWarning``.
     """
-    if time_limit is not None and not (time_limit > 0):
+    if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, numbers.Real)
+                                   or not time_limit > 0):
         raise ValidationError("time_limit", f"must be positive seconds, got {time_limit!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**31:
+        raise ValidationError("seed", f"must be an integer in [0, 2**31) (CP-SAT's and SCIP's range), got {seed!r}")
     start = time.perf_counter()
     if isinstance(solver, str):
         spec: SolverSpec | None = get(solver, problem)
