@@ -22,6 +22,7 @@ from torch import fx, nn
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from secateurs.errors import UnsupportedOpError
+from secateurs.graph.fixed_sizes import FixedSize, FixedSizeRecorder
 from secateurs.graph.groups import Role
 from secateurs.graph.spaces import (
     Axis,
@@ -32,6 +33,8 @@ from secateurs.graph.spaces import (
     Spaces,
     Term,
     const_layout,
+    has_tensor,
+    is_tensor_info,
     layout_size,
     layout_spaces,
     merge_infos,
@@ -63,24 +66,6 @@ class FlopTerm:
     node: str
     coef: float
     factors: list[Factor]
-
-
-@dataclass
-class FixedSize:
-    """A reshape or split at ``node`` whose target size for one dim comes from the model's code.
-
-    ``literal`` is a constant the tracer baked in (``self.c``, ``self.n_embd``), or None when the
-    size was computed from other tensors' sizes (``C // self.n_head``), which ``reads`` lists.
-    Slicing the model changes neither, so the channels there can be pruned only where apply keeps
-    the constant in step (head counts) or the size read is the dim's own.
-    """
-
-    node: str
-    info: DimInfo
-    literal: int | None
-    reads: list[DimInfo]
-    module: str
-    split: bool = False
 
 
 _ELEMENTWISE_FN: set[Any] = {
@@ -165,11 +150,7 @@ def op_name(node: fx.Node, module: nn.Module | None = None) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__name__', str(target))}"
 
 
-def _is_tensor_info(info: Info) -> bool:
-    return isinstance(info, list)
-
-
-class Coupler:
+class Coupler(FixedSizeRecorder):
     """Runs the coupling rules over ``gm`` in topological order (see module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, shapes: dict[str, Any], flops: dict[str, int], strict: bool,
@@ -344,7 +325,7 @@ class Coupler:
         touches no channels at all (``torch.arange``, ``torch.zeros``: nothing to freeze)."""
         name = op_name(node, self._module(node))
         touched = any(layout_spaces(d) for a in node.all_input_nodes
-                      for d in (self.inf(a) if _is_tensor_info(self.inf(a)) else []))
+                      for d in (self.inf(a) if is_tensor_info(self.inf(a)) else []))
         if self.strict and touched:
             raise UnsupportedOpError(node.name, name, why)
         reason = f"unsupported op {name!r} at node '{node.name}'" + (f" ({why})" if why else "")
@@ -387,7 +368,7 @@ class Coupler:
         if node.op == "call_module":
             mod = self.gm.get_submodule(node.target)  # type: ignore[arg-type]
             return self.call_module(node, mod, shape)
-        if not _has_tensor(shape):
+        if not has_tensor(shape):
             return None  # sizes, dims, python scalars: no channels
         return self.call(node, shape)
 
@@ -417,13 +398,13 @@ class Coupler:
         x = self.inf(node.args[0]) if node.args else None
         xs = self.shp(node.args[0]) if node.args else None
         if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
-                            nn.ConvTranspose3d)) and _is_tensor_info(x):
+                            nn.ConvTranspose3d)) and is_tensor_info(x):
             return self.conv(node, path, mod, x, xs, shape)
-        if isinstance(mod, nn.Linear) and _is_tensor_info(x):
+        if isinstance(mod, nn.Linear) and is_tensor_info(x):
             return self.linear(node, path, mod.weight, mod.bias is not None, x, xs, shape, "weight", "bias")
         if isinstance(mod, nn.MultiheadAttention):
             return self.mha(node, path, mod, shape)
-        if not _is_tensor_info(x) and not isinstance(mod, nn.MultiheadAttention):
+        if not is_tensor_info(x) and not isinstance(mod, nn.MultiheadAttention):
             return self.unknown(node, "input is not a tensor")
         if isinstance(mod, _NORM_MODULES):
             out = list(x)
@@ -585,7 +566,7 @@ class Coupler:
             return self.unknown(node, "separate q/k/v projections or bias_k are not modelled")
         qi, ki, vi = self.inf(q), self.inf(k), self.inf(v)
         qs, ks = self.shp(q), self.shp(k)
-        if not (_is_tensor_info(qi) and _is_tensor_info(ki) and _is_tensor_info(vi)):
+        if not (is_tensor_info(qi) and is_tensor_info(ki) and is_tensor_info(vi)):
             return self.unknown(node)
         e, h = mod.embed_dim, mod.num_heads
         hd = e // h
@@ -640,14 +621,14 @@ class Coupler:
         x0 = self.inf(node.args[0]) if node.args else None
         if not m and t is operator.getitem:
             return self.getitem(node, shape)
-        if not m and t is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT") and _is_tensor_info(x0):
+        if not m and t is getattr and len(node.args) == 2 and node.args[1] in ("T", "mT") and is_tensor_info(x0):
             return list(reversed(x0)) if node.args[1] == "T" else [*x0[:-2], x0[-1], x0[-2]]  # .T / .mT
         if not m and f"{getattr(t, '__module__', '')}.{getattr(t, '__qualname__', '')}" in _CHANNEL_PRESERVING_FUNCTIONS:
-            return list(x0) if _is_tensor_info(x0) else self.unknown(node)
+            return list(x0) if is_tensor_info(x0) else self.unknown(node)
         if (m and t in _ELEMENTWISE_METHODS) or (not m and t in _ELEMENTWISE_FN):
             return self.broadcast(node, shape)
         if m and t in _FIRST_ARG_METHODS:
-            return list(x0) if _is_tensor_info(x0) else self.unknown(node)
+            return list(x0) if is_tensor_info(x0) else self.unknown(node)
         if (m and t in _RESHAPE_METHODS) or (not m and t in _RESHAPE_FN):
             return self.reshape(node, x0, self.shp(node.args[0]), shape)
         if (m and t in ("permute", "transpose", "t", "swapaxes", "movedim")) or (
@@ -698,7 +679,7 @@ class Coupler:
             for a in ops:
                 s, i = self.shapes[a.name], self.info.get(a.name)
                 d = k - (nd - len(s))
-                if d < 0 or s[d] == 1 or not _is_tensor_info(i):
+                if d < 0 or s[d] == 1 or not is_tensor_info(i):
                     continue
                 cur = i[d] if cur is None else self.tie(cur, i[d], node)
             out.append(cur if cur is not None else Opaque(None))
@@ -707,7 +688,7 @@ class Coupler:
 
     def reshape(self, node: fx.Node, x: Info, xs: Any, shape: Any) -> Info:
         """view/reshape/flatten: dims are matched by products; merged dims multiply, split dims factor."""
-        if not _is_tensor_info(x) or not isinstance(shape, torch.Size):
+        if not is_tensor_info(x) or not isinstance(shape, torch.Size):
             return self.unknown(node)
         ii = [d for d, n in enumerate(xs) if n != 1]
         oo = [d for d, n in enumerate(shape) if n != 1]
@@ -741,97 +722,6 @@ class Coupler:
                 out[d] = p
         self._record_targets(node, out)
         return out
-
-    # -- sizes the model's code fixes --------------------------------------------------------
-
-    def _targets(self, node: fx.Node) -> tuple[int, list[Any]] | None:
-        """(first output dim, target size entries) of a view/reshape/unflatten, None for others."""
-        t, a = node.target, node.args
-        if node.op == "call_method" and t in ("view", "reshape"):
-            rest = list(a[1:]) or list(node.kwargs.get("shape", node.kwargs.get("size", ())))
-            if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
-                rest = list(rest[0])
-            return 0, rest
-        if node.op == "call_function" and t is torch.reshape:
-            shape = a[1] if len(a) > 1 else node.kwargs.get("shape")
-            return (0, list(shape)) if isinstance(shape, (tuple, list)) else None
-        if t in ("unflatten", torch.unflatten):
-            base = 1 if node.op == "call_method" else 2
-            if len(a) > base and isinstance(a[base], (tuple, list)) and isinstance(a[base - 1], int):
-                return a[base - 1], list(a[base])
-            return None
-        if node.op == "call_module" and isinstance(mod := self.gm.get_submodule(node.target), nn.Unflatten):  # type: ignore[arg-type]
-            return int(mod.dim), list(mod.unflattened_size)  # type: ignore[arg-type]
-        return None
-
-    def _arity(self, arg: Any) -> int:
-        v = self.shapes.get(arg.name) if isinstance(arg, fx.Node) else None
-        return len(v) if isinstance(v, tuple) else 1
-
-    def _size_select(self, n: fx.Node) -> list[tuple[str, int]] | None:
-        """(tensor node, dim) per element when ``n`` is ``x.size()``, ``x.shape`` or a slice or item of one."""
-        if n.op == "call_method" and n.target == "size" and isinstance(n.args[0], fx.Node):
-            rank = len(self.shapes.get(n.args[0].name) or ())
-            d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
-            return [(n.args[0].name, d % rank)] if isinstance(d, int) and rank else \
-                [(n.args[0].name, k) for k in range(rank)]
-        if n.op == "call_function" and n.target is getattr and n.args[1] == "shape" and isinstance(n.args[0], fx.Node):
-            rank = len(self.shapes.get(n.args[0].name) or ())
-            return [(n.args[0].name, k) for k in range(rank)]
-        if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
-            whole = self._size_select(n.args[0])
-            idx = n.args[1]
-            if whole is None or not isinstance(idx, (int, slice)):
-                return None
-            return [whole[idx]] if isinstance(idx, int) else whole[idx]
-        return None
-
-    def _size_reads(self, arg: Any, depth: int = 0) -> list[tuple[str, int]]:
-        """Every (tensor node, dim) whose size a python-int node was computed from."""
-        if isinstance(arg, (tuple, list)):
-            return [r for a in arg for r in self._size_reads(a, depth)]
-        if not isinstance(arg, fx.Node) or depth > 32 or _has_tensor(self.shapes.get(arg.name)):
-            return []
-        pure = self._size_select(arg)
-        if pure is not None:
-            return pure
-        return [r for a in arg.all_input_nodes for r in self._size_reads(a, depth + 1)]
-
-    def _dims_of(self, reads: list[tuple[str, int]]) -> list[DimInfo]:
-        out = []
-        for name, d in reads:
-            info = self.info.get(name)
-            if _is_tensor_info(info) and d < len(info):
-                out.append(info[d])
-        return out
-
-    def _fix(self, node: fx.Node, info: DimInfo, literal: int | None, reads: list[DimInfo], split: bool = False) -> None:
-        if layout_spaces(info) or any(layout_spaces(r) for r in reads):
-            stack = node.meta.get("nn_module_stack") or {}
-            module = next(reversed(stack.values()))[0] if stack else ""
-            self.fixed.append(FixedSize(node.name, info, literal, reads, module if isinstance(module, str) else "", split))
-
-    def _record_targets(self, node: fx.Node, out: list[DimInfo]) -> None:
-        """Note every target size of a view/reshape/unflatten that is a literal or read from shapes."""
-        found = self._targets(node)
-        if found is None:
-            return
-        start, entries = found
-        total = sum(self._arity(e) for e in entries)
-        if start + total > len(out) or (start == 0 and total != len(out)):
-            return  # cannot align entries with dims (an unpacked python sequence): nothing to check
-        d = start
-        for e in entries:
-            k = self._arity(e)
-            if isinstance(e, int) and not isinstance(e, bool):
-                if e != -1:
-                    self._fix(node, out[d], e, [])
-            elif isinstance(e, fx.Node):
-                pure = self._size_select(e)
-                for i in range(k):
-                    reads = [pure[i]] if pure is not None and len(pure) == k else self._size_reads(e)
-                    self._fix(node, out[d + i], None, self._dims_of(reads))
-            d += k
 
     def split_info(self, info: DimInfo, sizes: list[int], node: fx.Node) -> list[DimInfo]:
         """Split one dim into ``sizes`` (row-major), factoring spaces where a boundary cuts one."""
@@ -872,7 +762,7 @@ class Coupler:
         return result
 
     def permute(self, node: fx.Node, x: Info, shape: Any) -> Info:
-        if not _is_tensor_info(x):
+        if not is_tensor_info(x):
             return self.unknown(node)
         nd = len(x)
         t = node.target
@@ -898,7 +788,7 @@ class Coupler:
         return [x[d] for d in order]
 
     def reduce(self, node: fx.Node, x: Info, xs: Any, shape: Any) -> Info:
-        if not _is_tensor_info(x):
+        if not is_tensor_info(x):
             return self.unknown(node)
         dims: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", None)
         keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool)
@@ -922,7 +812,7 @@ class Coupler:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         infos = [self.inf(a) for a in tensors]
         shapes = [self.shp(a) for a in tensors]
-        if not all(_is_tensor_info(i) for i in infos):
+        if not all(is_tensor_info(i) for i in infos):
             return self.unknown(node)
         nd = len(shape)
         dim %= nd
@@ -951,7 +841,7 @@ class Coupler:
         tensors = node.args[0]
         dim = (node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)) % len(shape)
         infos = [self.inf(a) for a in tensors]
-        if not all(_is_tensor_info(i) for i in infos):
+        if not all(is_tensor_info(i) for i in infos):
             return self.unknown(node)
         out = list(infos[0])
         for i in infos[1:]:
@@ -996,7 +886,7 @@ class Coupler:
         """split/chunk/unbind: each piece selects a channel range; equal chunks are tied."""
         x = self.inf(node.args[0])
         xs = self.shp(node.args[0])
-        if not _is_tensor_info(x) or not isinstance(shape, (tuple, list)):
+        if not is_tensor_info(x) or not isinstance(shape, (tuple, list)):
             return self.unknown(node)
         t = node.target
         nd = len(xs)
@@ -1049,7 +939,7 @@ class Coupler:
             return src[idx] if -len(src) <= idx < len(src) else None
         if isinstance(src, tuple) and isinstance(idx, slice):
             return src[idx]
-        if not _is_tensor_info(src):
+        if not is_tensor_info(src):
             if isinstance(shape, torch.Size):
                 return self.unknown(node)
             return None
@@ -1097,7 +987,7 @@ class Coupler:
         """Batched matmul: batch dims and the contraction tie; rows from A, columns from B."""
         a, b = node.args[0], node.args[1]
         ai, bi, as_, bs = self.inf(a), self.inf(b), self.shp(a), self.shp(b)
-        if not (_is_tensor_info(ai) and _is_tensor_info(bi)) or len(as_) < 2 or len(bs) < 2:
+        if not (is_tensor_info(ai) and is_tensor_info(bi)) or len(as_) < 2 or len(bs) < 2:
             return self.unknown(node, "matmul with a vector operand")
         k = self.tie(ai[-1], bi[-2], node)
         nb = len(shape) - 2
@@ -1126,14 +1016,14 @@ class Coupler:
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         wi = self.inf(w)
-        if not (_is_tensor_info(x) and _is_tensor_info(wi)) or not isinstance(w, fx.Node):
+        if not (is_tensor_info(x) and is_tensor_info(wi)) or not isinstance(w, fx.Node):
             return self.unknown(node)
         wt = self._tensor_of(w)
         if wt is None or wt.dim() != 2:
             return self.unknown(node, "weight is not a parameter")
         out = self.linear(node, "", wt, False, x, self.shp(node.args[0]), shape, "", "", wlay=wi)
         bi = self.inf(b)
-        if _is_tensor_info(bi):
+        if is_tensor_info(bi):
             out[-1] = self.tie(out[-1], bi[0], node)
         self._set_roles(w, {0: "producer", 1: "consumer"})
         return out
@@ -1143,13 +1033,13 @@ class Coupler:
         a, kw = node.args, node.kwargs
         x, xs = self.inf(a[0]), self.shp(a[0])
         normalized = a[1] if len(a) > 1 else kw.get("normalized_shape")
-        if not _is_tensor_info(x) or not isinstance(normalized, (tuple, list, torch.Size)) or len(normalized) != 1:
+        if not is_tensor_info(x) or not isinstance(normalized, (tuple, list, torch.Size)) or len(normalized) != 1:
             return self.unknown(node, "layer_norm over several dims")
         d = len(xs) - 1
         lay: DimInfo = self.as_layout(x[d], xs[d], node)
         for p in (a[2] if len(a) > 2 else kw.get("weight"), a[3] if len(a) > 3 else kw.get("bias")):
             pi = self.inf(p)
-            if _is_tensor_info(pi):
+            if is_tensor_info(pi):
                 lay = self.tie(lay, pi[0], node)
         stack = node.meta.get("nn_module_stack") or {}
         owner = next(reversed(stack.values()))[1] if stack else None
@@ -1162,12 +1052,12 @@ class Coupler:
     def functional_batch_norm(self, node: fx.Node, shape: Any) -> Info:
         """``F.batch_norm`` (timm's BatchNormAct2d calls it): statistics and affine index dim 1."""
         x, xs = self.inf(node.args[0]), self.shp(node.args[0])
-        if not _is_tensor_info(x) or len(xs) < 2:
+        if not is_tensor_info(x) or len(xs) < 2:
             return self.unknown(node, "input is not a batch of channels")
         lay: DimInfo = self.as_layout(x[1], xs[1], node)
         for p in node.args[1:5]:  # running_mean, running_var, weight, bias (any may be None)
             pi = self.inf(p)
-            if _is_tensor_info(pi):
+            if is_tensor_info(pi):
                 lay = self.tie(lay, pi[0], node)
         out = list(x)
         out[1] = lay
@@ -1190,7 +1080,7 @@ class Coupler:
     def sdpa(self, node: fx.Node, shape: Any) -> Info:
         q, k, v = (self.inf(a) for a in node.args[:3])
         qs, ks, vs = (self.shp(a) for a in node.args[:3])
-        if not all(_is_tensor_info(i) for i in (q, k, v)) or len(qs) != 4:
+        if not all(is_tensor_info(i) for i in (q, k, v)) or len(qs) != 4:
             return self.unknown(node)
         batch = []
         for d in range(len(qs) - 2):
@@ -1212,7 +1102,7 @@ class Coupler:
 
     def spatial_op(self, node: fx.Node, x: Info, xs: Any, shape: Any, nsp: int) -> Info:
         """Pooling/padding/resizing: the last ``nsp`` dims lose structure, the others pass through."""
-        if not _is_tensor_info(x) or not isinstance(shape, torch.Size):
+        if not is_tensor_info(x) or not isinstance(shape, torch.Size):
             return self.unknown(node)
         keep = len(shape) - nsp
         out = list(x[:keep]) + [Opaque(None)] * nsp
@@ -1224,7 +1114,7 @@ class Coupler:
         return out
 
     def expand(self, node: fx.Node, x: Info, xs: Any, shape: Any) -> Info:
-        if not _is_tensor_info(x) or not isinstance(shape, torch.Size):
+        if not is_tensor_info(x) or not isinstance(shape, torch.Size):
             return self.unknown(node)
         lead = len(shape) - len(xs)
         out: list[DimInfo] = [Opaque(None)] * lead
@@ -1266,14 +1156,6 @@ def _positional(node: fx.Node) -> None:
         node.args = args
         node.kwargs = {k: v for k, v in bound.arguments.items() if k not in {p.name for p in positional[:upto]}}
         return
-
-
-def _has_tensor(s: Any) -> bool:
-    if isinstance(s, torch.Size):
-        return True
-    if isinstance(s, (tuple, list)):
-        return any(_has_tensor(i) for i in s)
-    return False
 
 
 def _spatial_dims(mod: nn.Module) -> int:

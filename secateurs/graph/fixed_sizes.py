@@ -1,5 +1,8 @@
 """Freeze the channels whose size the model's own code fixes in a reshape or a split.
 
+The Coupler records each such size as it walks the graph (:class:`FixedSizeRecorder`, mixed into
+it); once groups are known, :func:`freeze_fixed_sizes` decides which channels it pins.
+
 torch.fx bakes python ints into the graph: ``x.reshape(n, self.c, -1)`` traces with ``self.c``
 as the literal 32, and ``q.view(B, T, self.n_head, C // self.n_head)`` computes head_dim from
 the residual width ``C``. Slicing weights changes neither the attribute nor the arithmetic, so
@@ -18,11 +21,131 @@ Anything else freezes the channels involved, naming the node and the constant.
 
 from __future__ import annotations
 
-from torch import nn
+import operator
+from dataclasses import dataclass
+from typing import Any
 
-from secateurs.graph.coupling import FixedSize
+import torch
+from torch import fx, nn
+
 from secateurs.graph.groups import HEAD_ATTRIBUTES, INNER_ATTRIBUTES
-from secateurs.graph.spaces import DimInfo, Spaces, layout_spaces
+from secateurs.graph.spaces import DimInfo, Spaces, has_tensor, is_tensor_info, layout_spaces
+
+
+@dataclass
+class FixedSize:
+    """A reshape or split at ``node`` whose target size for one dim comes from the model's code.
+
+    ``literal`` is a constant the tracer baked in (``self.c``, ``self.n_embd``), or None when the
+    size was computed from other tensors' sizes (``C // self.n_head``), which ``reads`` lists.
+    Slicing the model changes neither, so the channels there can be pruned only where apply keeps
+    the constant in step (head counts) or the size read is the dim's own.
+    """
+
+    node: str
+    info: DimInfo
+    literal: int | None
+    reads: list[DimInfo]
+    module: str
+    split: bool = False
+
+
+class FixedSizeRecorder:
+    """The Coupler's half that notes target sizes as it walks reshapes and splits (into ``fixed``)."""
+
+    gm: fx.GraphModule
+    shapes: dict[str, Any]
+    info: dict[str, Any]
+    fixed: list[FixedSize]
+
+    def _targets(self, node: fx.Node) -> tuple[int, list[Any]] | None:
+        """(first output dim, target size entries) of a view/reshape/unflatten, None for others."""
+        t, a = node.target, node.args
+        if node.op == "call_method" and t in ("view", "reshape"):
+            rest = list(a[1:]) or list(node.kwargs.get("shape", node.kwargs.get("size", ())))
+            if len(rest) == 1 and isinstance(rest[0], (tuple, list)):
+                rest = list(rest[0])
+            return 0, rest
+        if node.op == "call_function" and t is torch.reshape:
+            shape = a[1] if len(a) > 1 else node.kwargs.get("shape")
+            return (0, list(shape)) if isinstance(shape, (tuple, list)) else None
+        if t in ("unflatten", torch.unflatten):
+            base = 1 if node.op == "call_method" else 2
+            if len(a) > base and isinstance(a[base], (tuple, list)) and isinstance(a[base - 1], int):
+                return a[base - 1], list(a[base])
+            return None
+        if node.op == "call_module" and isinstance(mod := self.gm.get_submodule(node.target), nn.Unflatten):  # type: ignore[arg-type]
+            return int(mod.dim), list(mod.unflattened_size)  # type: ignore[arg-type]
+        return None
+
+    def _arity(self, arg: Any) -> int:
+        v = self.shapes.get(arg.name) if isinstance(arg, fx.Node) else None
+        return len(v) if isinstance(v, tuple) else 1
+
+    def _size_select(self, n: fx.Node) -> list[tuple[str, int]] | None:
+        """(tensor node, dim) per element when ``n`` is ``x.size()``, ``x.shape`` or a slice or item of one."""
+        if n.op == "call_method" and n.target == "size" and isinstance(n.args[0], fx.Node):
+            rank = len(self.shapes.get(n.args[0].name) or ())
+            d = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim")
+            return [(n.args[0].name, d % rank)] if isinstance(d, int) and rank else \
+                [(n.args[0].name, k) for k in range(rank)]
+        if n.op == "call_function" and n.target is getattr and n.args[1] == "shape" and isinstance(n.args[0], fx.Node):
+            rank = len(self.shapes.get(n.args[0].name) or ())
+            return [(n.args[0].name, k) for k in range(rank)]
+        if n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node):
+            whole = self._size_select(n.args[0])
+            idx = n.args[1]
+            if whole is None or not isinstance(idx, (int, slice)):
+                return None
+            return [whole[idx]] if isinstance(idx, int) else whole[idx]
+        return None
+
+    def _size_reads(self, arg: Any, depth: int = 0) -> list[tuple[str, int]]:
+        """Every (tensor node, dim) whose size a python-int node was computed from."""
+        if isinstance(arg, (tuple, list)):
+            return [r for a in arg for r in self._size_reads(a, depth)]
+        if not isinstance(arg, fx.Node) or depth > 32 or has_tensor(self.shapes.get(arg.name)):
+            return []
+        pure = self._size_select(arg)
+        if pure is not None:
+            return pure
+        return [r for a in arg.all_input_nodes for r in self._size_reads(a, depth + 1)]
+
+    def _dims_of(self, reads: list[tuple[str, int]]) -> list[DimInfo]:
+        out = []
+        for name, d in reads:
+            info = self.info.get(name)
+            if is_tensor_info(info) and d < len(info):
+                out.append(info[d])
+        return out
+
+    def _fix(self, node: fx.Node, info: DimInfo, literal: int | None, reads: list[DimInfo], split: bool = False) -> None:
+        if layout_spaces(info) or any(layout_spaces(r) for r in reads):
+            stack = node.meta.get("nn_module_stack") or {}
+            module = next(reversed(stack.values()))[0] if stack else ""
+            self.fixed.append(FixedSize(node.name, info, literal, reads, module if isinstance(module, str) else "", split))
+
+    def _record_targets(self, node: fx.Node, out: list[DimInfo]) -> None:
+        """Note every target size of a view/reshape/unflatten that is a literal or read from shapes."""
+        found = self._targets(node)
+        if found is None:
+            return
+        start, entries = found
+        total = sum(self._arity(e) for e in entries)
+        if start + total > len(out) or (start == 0 and total != len(out)):
+            return  # cannot align entries with dims (an unpacked python sequence): nothing to check
+        d = start
+        for e in entries:
+            k = self._arity(e)
+            if isinstance(e, int) and not isinstance(e, bool):
+                if e != -1:
+                    self._fix(node, out[d], e, [])
+            elif isinstance(e, fx.Node):
+                pure = self._size_select(e)
+                for i in range(k):
+                    reads = [pure[i]] if pure is not None and len(pure) == k else self._size_reads(e)
+                    self._fix(node, out[d + i], None, self._dims_of(reads))
+            d += k
 
 
 def _atoms(sp: Spaces, info: DimInfo) -> set[int]:

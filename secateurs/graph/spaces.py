@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from math import prod
 from typing import Literal
 
+import torch
+
 
 @dataclass(frozen=True)
 class Opaque:
@@ -59,6 +61,20 @@ class Term:
 
 Layout = tuple[Term, ...]
 DimInfo = Opaque | Layout
+
+
+def is_tensor_info(info: object) -> bool:
+    """A tensor's info is a list of DimInfo, one per dim (tuples nest for tuple outputs, None else)."""
+    return isinstance(info, list)
+
+
+def has_tensor(shape: object) -> bool:
+    """True when a probed value (a torch.Size, or tuples of them) holds at least one tensor."""
+    if isinstance(shape, torch.Size):
+        return True
+    if isinstance(shape, (tuple, list)):
+        return any(has_tensor(i) for i in shape)
+    return False
 
 
 def const_layout(size: int) -> Layout:
