@@ -155,3 +155,8 @@ def test_projections_strategy_draws_jointly_feasible_problems(data: st.DataObjec
     lp = linprog(np.zeros(n), A_ub=np.array(rows) if rows else None, b_ub=np.array(rhs) if rhs else None,
                  A_eq=np.ones((1, n)), b_eq=[p.total], bounds=bounds, method="highs")
     assert lp.status == 0, f"drawn problem is infeasible: {p}"
+
+
+def test_a_nan_total_is_a_malformed_field_not_an_infeasible_budget() -> None:
+    with pytest.raises(ValidationError, match=r"^total: must be a finite number, got nan"):
+        Projection(np.zeros(3), total=float("nan"))

@@ -126,3 +126,17 @@ def test_removable_layers_count_as_gone_in_the_least_plan() -> None:
     model, groups, cost = two_layer_mlp()
     with pytest.raises(InfeasibleBudgetError, match=r"least achievable 12"):
         ComplexityAware(model, groups, cost, budget={"flops": 0.01}, layers={"block": ["h2"]})
+
+
+def test_training_methods_name_bad_groups_and_cost_models() -> None:
+    from training_fixtures import two_layer_mlp
+
+    from secateurs.training import ChannelPDP, ComplexityAware
+
+    model, _, cost = two_layer_mlp()
+    _, wide_groups, wide_cost = two_layer_mlp(24, 16)  # groups of another (wider) model
+    with pytest.raises(ValidationError, match=r"group 'h1': 0.weight dim 0 has size 16, its units reach index 23 "
+                                              r"\(groups of another model\?\)"):
+        ChannelPDP(model, wide_groups, density=0.5)
+    with pytest.raises(ValidationError, match=r"cost_model: expected the graph's CostModel .*got NoneType"):
+        ComplexityAware(model, wide_groups, None)  # type: ignore[arg-type]

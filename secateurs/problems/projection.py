@@ -11,6 +11,7 @@ target density (binary + total: the top-K); soft coefficients project onto per-c
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -112,6 +113,8 @@ class Projection:
         object.__setattr__(self, "fixed", fixed)
         lo, hi = self.bounds()
         if self.total is not None:
+            if not math.isfinite(self.total):
+                raise ValidationError("total", f"must be a finite number, got {self.total}")
             if not (lo.sum() - _TOL <= self.total <= hi.sum() + _TOL):
                 least = lo.sum() if self.total < lo.sum() else hi.sum()
                 raise InfeasibleBudgetError("total", float(self.total), float(least), "fixed entries and the box bound Σθ")

@@ -160,6 +160,9 @@ class ComplexityAware:
             raise ValidationError("lr", f"must be positive, got {lr!r}")
         if isinstance(compact, bool) or not isinstance(compact, int) or compact < 0:
             raise ValidationError("compact", f"must be a non-negative number of steps, got {compact!r}")
+        if not isinstance(cost_model, CostModel):
+            raise ValidationError("cost_model", f"expected the graph's CostModel (graph.cost_model), got "
+                                                f"{type(cost_model).__name__}")
         self.groups = {g.name: g for g in groups}
         if not self.groups:
             raise ValidationError("groups", "no groups to gate")
