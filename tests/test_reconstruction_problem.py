@@ -147,3 +147,13 @@ def test_tensors_keep_dtype_choice_and_problem_is_frozen() -> None:
     assert prob.dtype == torch.float64
     with pytest.raises(AttributeError):
         prob.keep = 3  # type: ignore[misc]
+
+
+def test_malformed_activations_and_hessians_name_their_field() -> None:
+    W = torch.randn(2, 6, dtype=torch.float64)
+    with pytest.raises(ValidationError, match=r"^X: expected a tensor or array of numbers, got str"):
+        Reconstruction.from_activations("abc", W, keep=2)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match=r"^X: has no rows"):
+        Reconstruction.from_activations(torch.randn(0, 6, dtype=torch.float64), W, keep=2)
+    with pytest.raises(ValidationError, match=r"^H: must be a square \(p, p\) matrix, got shape \(5, 6\)"):
+        Reconstruction.from_hessian(torch.randn(5, 6, dtype=torch.float64), W=W, keep=2)

@@ -155,7 +155,10 @@ class Reconstruction:
         stats = []
         for i, x in enumerate(xs):
             s = ReconstructionStatistics(dtype=dtype)
-            s.update(x, field="X" if len(xs) == 1 else f"X[{i}]")
+            field = "X" if len(xs) == 1 else f"X[{i}]"
+            s.update(x, field=field)
+            if s.rows == 0:
+                raise ValidationError(field, "has no rows: give at least one calibration row")
             stats.append(s)
         return cls._from_grams(
             [s.gram for s in stats], ws, unit_width=unit_width, keep=keep, ridge=ridge, dtype=dtype,
@@ -223,7 +226,9 @@ class Reconstruction:
         hs = []
         for f, h in zip(hfields, hs_in, strict=True):
             t = _as_tensor(h, f, dtype)
-            if t.ndim == 2 and t.shape[0] == t.shape[1] and ridge:
+            if t.ndim != 2 or t.shape[0] != t.shape[1]:
+                raise ValidationError(f, f"must be a square (p, p) matrix, got shape {tuple(t.shape)}")
+            if ridge:
                 t = t + ridge * torch.eye(t.shape[0], dtype=dtype, device=t.device)
             hs.append(t)
         given = G if G is not None else W
@@ -522,7 +527,10 @@ class ReconstructionStatistics:
     def update(self, X: Tensor, *, field: str = "X") -> ReconstructionStatistics:
         """Add a batch: X of shape (..., p), leading dimensions flattened into rows."""
         if not isinstance(X, Tensor):
-            X = torch.as_tensor(X)
+            try:
+                X = torch.as_tensor(X)
+            except (TypeError, ValueError, RuntimeError) as e:
+                raise ValidationError(field, f"expected a tensor or array of numbers, got {type(X).__name__}") from e
         if X.ndim < 1 or X.shape[-1] == 0:
             raise ValidationError(field, f"expected shape (..., p) with p > 0, got {_shape(X)}")
         x = _as_tensor(X.reshape(-1, X.shape[-1]), field, self.dtype, self.device)
