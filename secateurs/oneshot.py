@@ -636,9 +636,16 @@ def _functional_owner(model: nn.Module, name: str) -> str:
     return ""
 
 
-def _unpruned_weights(model: nn.Module, layers: set[str]) -> str:
-    """Matrix weights outside the pruned layers (``attn.in_proj_weight``), with their sizes, or ''."""
-    covered = {f"{name}.weight" for name in layers}
+def _attention_projections(model: nn.Module) -> list[str]:
+    """Parameter paths of nn.MultiheadAttention's packed (or separate q/k/v) input projections."""
+    return [f"{path}.{attr}" if path else attr for path, mod in model.named_modules()
+            if isinstance(mod, nn.MultiheadAttention)
+            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+            if isinstance(getattr(mod, attr, None), nn.Parameter)]
+
+
+def _unpruned_weights(model: nn.Module, covered: set[str]) -> str:
+    """Matrix weights (parameter paths) outside ``covered``, with their sizes, or ''."""
     left = [(n, p.numel()) for n, p in model.named_parameters() if p.dim() >= 2 and n not in covered
             and not isinstance(model.get_submodule(n.rpartition(".")[0]) if "." in n else model, nn.Embedding)]
     return ", ".join(f"{n} ({k} weights)" for n, k in left)
@@ -657,12 +664,14 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
     report.stages["statistics"] = clock.elapsed() - start
 
     start = clock.elapsed()
+    # entry name -> its weight's parameter path: the layers, then attention projections no hook sees
+    params = {name: f"{name}.weight" for name in layers} | {path: path for path in _attention_projections(model)}
     data = {}
-    for name in layers:
-        weight = model.get_submodule(name).weight.detach()
+    for name, path in params.items():
+        weight = model.get_parameter(path).detach()
         flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
-        gram = stats[name].gram
-        if gram is None:  # no activations seen: nn.MultiheadAttention calls its out_proj functionally
+        gram = stats[name].gram if name in stats else None
+        if gram is None:  # no activations seen: nn.MultiheadAttention runs its projections functionally
             owner = _functional_owner(model, name)
             why = f"called functionally inside {owner}" if owner else "never called on the calibration data"
             report.notes.append(f"{name}: {why}, so no calibration signal; pruned by magnitude")
@@ -709,9 +718,9 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
     new_weights = {}
     for name in _progress(list(masks), progress, "refit"):
         flat, gram, _ = data[name]
-        weight = model.get_submodule(name).weight
+        weight = model.get_parameter(params[name])
         new = refit_rows(flat, gram, masks[name]) if refit else flat * masks[name]
-        new_weights[f"{name}.weight"] = new.reshape(weight.shape).to(weight.dtype)
+        new_weights[params[name]] = new.reshape(weight.shape).to(weight.dtype)
         energy = 0.5 * float(torch.einsum("ij,jk,ik->", flat, gram, flat)) or 1.0
         delta = flat - new.to(torch.float64)
         error = 0.5 * float(torch.einsum("ij,jk,ik->", delta, gram, delta)) / energy
@@ -719,15 +728,15 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
         report.groups.append(GroupReport(name, kept, masks[name].numel(), error, "refit" if refit else "mask", 0.0))
     report.stages["refit"] = clock.elapsed() - start
 
-    skipped = _unpruned_weights(model, set(data))
+    skipped = _unpruned_weights(model, {params[name] for name in data})
     if skipped:
         report.notes.append(f"not pruned (only Linear and Conv weights are): {skipped}")
     meta = {"structure": structure, "nm": list(nm) if structure == "n:m" else None}
     plan = PrunePlan({}, groups={}, refit=new_weights, meta=meta)
     pruned = apply(model, plan, mode="mask")
     total = sum(masks[name].numel() for name in masks) + sum(
-        model.get_submodule(name).weight.numel() for name in data if name not in masks)
-    achieved = sum(int((pruned.get_submodule(name).weight != 0).sum()) for name in data)
+        model.get_parameter(params[name]).numel() for name in data if name not in masks)
+    achieved = sum(int((pruned.get_parameter(params[name]) != 0).sum()) for name in data)
     requested = None if budget is None or budget.sparsity is None else (1 - budget.sparsity) * total
     if structure == "n:m":
         requested = sum(masks[name].numel() * n / m for name in masks) + (total - sum(masks[k].numel() for k in masks))
