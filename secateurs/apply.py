@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 __all__ = [
     "HEAD_ATTRIBUTES", "Narrowing", "PrunedMultiheadAttention", "ZeroWidthBatchNorm1d", "ZeroWidthBatchNorm2d",
     "ZeroWidthBatchNorm3d", "ZeroWidthConv1d", "ZeroWidthConv2d", "ZeroWidthConv3d", "apply", "conv_output_size",
-    "common_parent", "cut_tensor", "mask_in_place", "narrow", "runs_at_zero_width", "widen",
+    "common_parent", "cut_tensor", "mask_in_place", "member_tensor", "narrow", "runs_at_zero_width", "widen",
 ]
 
 Mode = Literal["slice", "mask"]
@@ -116,6 +116,29 @@ def _tensor_at(model: nn.Module, module: str, param: str) -> Tensor | None:
     return t
 
 
+def member_tensor(model: nn.Module, group: Group, m: Member, made_for: str = "plan") -> Tensor:
+    """The tensor ``m`` indexes in ``model``, checked to fit ``group`` (its dim, the size the graph saw,
+    the reach of every unit); an :class:`InvalidPlanError` names the misfit."""
+    name, key, hint = group.name, _key(m.module, m.param), f"({made_for} made for another model?)"
+    t = _tensor_at(model, m.module, m.param)
+    if t is None:
+        try:
+            model.get_submodule(m.module) if m.module else model
+        except AttributeError:
+            raise InvalidPlanError(f"group {name!r}: module {m.module!r} not found in {type(model).__name__}") from None
+        raise InvalidPlanError(f"group {name!r}: {key!r} is not a parameter or buffer of {type(model).__name__}")
+    if not 0 <= m.dim < t.dim():
+        raise InvalidPlanError(f"group {name!r}: {key!r} has {t.dim()} dims, member indexes dim {m.dim}")
+    if m.extent is not None and t.shape[m.dim] != m.extent:
+        raise InvalidPlanError(f"group {name!r}: {key!r} dim {m.dim} has size {t.shape[m.dim]}, but the "
+                               f"{made_for}'s graph saw {m.extent} {hint}")
+    reach = max(m.indices(range(group.size)))
+    if reach >= t.shape[m.dim]:
+        raise InvalidPlanError(f"group {name!r}: its {group.size} units reach index {reach} of {key!r} dim {m.dim}, "
+                               f"which has size {t.shape[m.dim]} {hint}")
+    return t
+
+
 def _resolve_groups(plan: PrunePlan, graph: DependencyGraph | None) -> dict[str, Group]:
     if graph is None and plan.groups is None:
         raise InvalidPlanError("the plan embeds no group definitions: pass graph=..., or build the plan with "
@@ -153,24 +176,7 @@ def _plan_targets(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group]
         removed = [u for u in range(g.size) if u not in keep_set]
         for m in g.members:
             key = _key(m.module, m.param)
-            t = _tensor_at(model, m.module, m.param)
-            if t is None:
-                try:
-                    model.get_submodule(m.module) if m.module else model
-                except AttributeError:
-                    raise InvalidPlanError(f"group {name!r}: module {m.module!r} not found in "
-                                           f"{type(model).__name__}") from None
-                raise InvalidPlanError(f"group {name!r}: {key!r} is not a parameter or buffer of "
-                                       f"{type(model).__name__}")
-            if not 0 <= m.dim < t.dim():
-                raise InvalidPlanError(f"group {name!r}: {key!r} has {t.dim()} dims, member indexes dim {m.dim}")
-            if m.extent is not None and t.shape[m.dim] != m.extent:
-                raise InvalidPlanError(f"group {name!r}: {key!r} dim {m.dim} has size {t.shape[m.dim]}, but the plan's "
-                                       f"graph saw {m.extent} (plan made for another model?)")
-            reach = max(m.indices(range(g.size)))
-            if reach >= t.shape[m.dim]:
-                raise InvalidPlanError(f"group {name!r}: its {g.size} units reach index {reach} of {key!r} dim {m.dim}, "
-                                       f"which has size {t.shape[m.dim]} (plan made for another model?)")
+            t = member_tensor(model, g, m)
             tgt = targets.get(id(t))
             if tgt is None:
                 locs = [(p, n) for p, n, _ in aliases[id(t)]]

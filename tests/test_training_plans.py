@@ -135,8 +135,8 @@ def test_training_methods_name_bad_groups_and_cost_models() -> None:
 
     model, _, cost = two_layer_mlp()
     _, wide_groups, wide_cost = two_layer_mlp(24, 16)  # groups of another (wider) model
-    with pytest.raises(ValidationError, match=r"group 'h1': 0.weight dim 0 has size 16, its units reach index 23 "
-                                              r"\(groups of another model\?\)"):
+    with pytest.raises(ValidationError, match=r"groups: group 'h1': its 24 units reach index 23 of '0.weight' dim 0, "
+                                              r"which has size 16 \(groups made for another model\?\)"):
         ChannelPDP(model, wide_groups, density=0.5)
     with pytest.raises(ValidationError, match=r"cost_model: expected the graph's CostModel .*got NoneType"):
         ComplexityAware(model, wide_groups, None)  # type: ignore[arg-type]

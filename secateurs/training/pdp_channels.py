@@ -32,8 +32,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from secateurs.apply import member_tensor
 from secateurs.cost import CostModel
-from secateurs.errors import ValidationError
+from secateurs.errors import InvalidPlanError, ValidationError
 from secateurs.graph.groups import Group, check_channel_multiple, unit_multiple
 from secateurs.plan import PrunePlan
 from secateurs.training.gating import UnitScales, fold_scales
@@ -99,11 +100,10 @@ class ChannelPDP:
             if not g.producers():
                 raise ValidationError("groups", f"group {g.name!r} has no producer weights to score its units")
             for m in g.producers():  # groups of another model would index past (or short of) these tensors
-                size = _dim_size(model, m.module, m.param, m.dim)
-                reach = max(m.indices(range(g.size)))
-                if size is None or reach >= size or (m.extent is not None and m.extent != size):
-                    raise ValidationError("groups", f"group {g.name!r}: {m.module}.{m.param} dim {m.dim} has size "
-                                                    f"{size}, its units reach index {reach} (groups of another model?)")
+                try:
+                    member_tensor(model, g, m, made_for="groups")
+                except InvalidPlanError as e:
+                    raise ValidationError("groups", str(e)) from None
             self._producers[g.name] = [
                 (m.module, m.param, m.dim, torch.tensor([m.indices([u]) for u in range(g.size)], dtype=torch.long))
                 for m in g.producers()
@@ -210,11 +210,3 @@ class ChannelPDP:
         meta = {"method": "pdp_channels", "density": self.density, "budget": self.budget, "keep_counts": self.keep_counts}
         return plan_from_keep(self.groups, keep, meta)
 
-
-def _dim_size(model: nn.Module, module: str, param: str, dim: int) -> int | None:
-    """Size of ``module.param`` along ``dim`` in ``model``, None when it has no such tensor."""
-    try:
-        t = getattr(model.get_submodule(module) if module else model, param)
-    except AttributeError:
-        return None
-    return int(t.shape[dim]) if isinstance(t, torch.Tensor) and dim < t.dim() else None
