@@ -478,13 +478,15 @@ class LayerNorm2d(nn.LayerNorm):
         return x.permute(0, 3, 1, 2)
 
 
-class FunctionalNormNet(nn.Module):
-    def __init__(self, c1: int = 6, c2: int = 5) -> None:
+class ConvNormNet(nn.Module):
+    """conv -> norm -> GELU twice, then a 1x1 head: a test bed for norms whose forward calls F.* itself."""
+
+    def __init__(self, norm: type[nn.Module], c1: int = 6, c2: int = 5) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
-        self.norm1 = LayerNorm2d(c1)
+        self.norm1 = norm(c1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
-        self.norm2 = LayerNorm2d(c2)
+        self.norm2 = norm(c2)
         self.head = nn.Conv2d(c2, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -493,12 +495,12 @@ class FunctionalNormNet(nn.Module):
 
 def test_functional_layer_norm_couples_its_parameters() -> None:
     x = torch.randn(2, 3, 5, 5)
-    m = FunctionalNormNet().eval()
+    m = ConvNormNet(LayerNorm2d).eval()
     g = build(m, x)
-    assert g.cost({"conv1:out": 4, "conv2:out": 3}) == dense_counts(FunctionalNormNet(4, 3), x)
+    assert g.cost({"conv1:out": 4, "conv2:out": 3}) == dense_counts(ConvNormNet(LayerNorm2d, 4, 3), x)
     keep = {"conv1:out": [1, 2, 3, 4], "conv2:out": [0, 1, 4]}
     small = secateurs.apply(m, secateurs.PrunePlan.from_graph(g, keep), graph=g)
-    narrow = FunctionalNormNet(4, 3).state_dict()
+    narrow = ConvNormNet(LayerNorm2d, 4, 3).state_dict()
     assert {k: v.shape for k, v in small.state_dict().items()} == {k: v.shape for k, v in narrow.items()}
     torch.testing.assert_close(small.norm1.weight, m.norm1.weight[keep["conv1:out"]])
     assert small.norm2.normalized_shape == (3,) and small(x).shape == m(x).shape
@@ -515,36 +517,23 @@ class BatchNormAct2d(nn.BatchNorm2d):
         return F.relu(x)
 
 
-class FunctionalBatchNormNet(nn.Module):
-    def __init__(self, c1: int = 6, c2: int = 5) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, c1, 3, padding=1)
-        self.bn1 = BatchNormAct2d(c1)
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
-        self.bn2 = BatchNormAct2d(c2)
-        self.head = nn.Conv2d(c2, 2, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
-
-
 def test_functional_batch_norm_couples_statistics_and_affine() -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 3, 5, 5)
-    wide = FunctionalBatchNormNet().eval()
-    for bn in (wide.bn1, wide.bn2):  # non-trivial statistics, so a wrong slice shows in the outputs
+    wide = ConvNormNet(BatchNormAct2d).eval()
+    for bn in (wide.norm1, wide.norm2):  # non-trivial statistics, so a wrong slice shows in the outputs
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
     g = build(wide, x)
     members = {(m.module, m.param) for m in g.group("conv1:out").members}
-    assert {("bn1", "running_mean"), ("bn1", "running_var"), ("bn1", "weight"), ("bn1", "bias")} <= members
+    assert {("norm1", "running_mean"), ("norm1", "running_var"), ("norm1", "weight"), ("norm1", "bias")} <= members
     assert [gr.name for gr in g.prunable_groups()] == ["conv1:out", "conv2:out"]
-    assert g.cost({"conv1:out": 4, "conv2:out": 3}) == dense_counts(FunctionalBatchNormNet(4, 3), x)
+    assert g.cost({"conv1:out": 4, "conv2:out": 3}) == dense_counts(ConvNormNet(BatchNormAct2d, 4, 3), x)
     keep = {"conv1:out": [0, 2, 3, 5], "conv2:out": [1, 2, 4]}
     small = secateurs.apply(wide, secateurs.PrunePlan.from_graph(g, keep), graph=g)
     masked = secateurs.apply(wide, secateurs.PrunePlan.from_graph(g, keep), mode="mask")
     torch.testing.assert_close(small(x), masked(x), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(small.bn1.running_var, wide.bn1.running_var[keep["conv1:out"]])
+    torch.testing.assert_close(small.norm1.running_var, wide.norm1.running_var[keep["conv1:out"]])
 
 
 def test_functional_layer_norm_outside_a_layernorm_module_has_a_fixed_shape() -> None:

@@ -22,7 +22,7 @@ from torch import fx, nn
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
 from secateurs.errors import UnsupportedOpError
-from secateurs.graph.fixed_sizes import FixedSize, FixedSizeRecorder
+from secateurs.graph.fixed_sizes import FixedSize, FixedSizeRecorder, enclosing_module
 from secateurs.graph.groups import Role
 from secateurs.graph.spaces import (
     Axis,
@@ -154,11 +154,9 @@ class Coupler(FixedSizeRecorder):
     """Runs the coupling rules over ``gm`` in topological order (see module docstring)."""
 
     def __init__(self, gm: fx.GraphModule, shapes: dict[str, Any], flops: dict[str, int], strict: bool,
-                 tensors: set[str] | None = None) -> None:
+                 tensors: set[str]) -> None:
         self.gm = gm
-        # the user's parameters and buffers; gm also holds plain tensor attributes and fx's constants
-        self.tensors = tensors if tensors is not None else {n for n, _ in gm.named_parameters()} | \
-            {n for n, _ in gm.named_buffers()}
+        self.tensors = tensors  # the user's parameters and buffers; gm also holds plain tensors and fx's constants
         self.shapes = shapes
         self.measured = flops
         self.strict = strict
@@ -324,12 +322,10 @@ class Coupler(FixedSizeRecorder):
         """Freeze everything an op without a rule touches; strict mode raises instead, unless the op
         touches no channels at all (``torch.arange``, ``torch.zeros``: nothing to freeze)."""
         name = op_name(node, self._module(node))
-        touched = any(layout_spaces(d) for a in node.all_input_nodes
-                      for d in (self.inf(a) if is_tensor_info(self.inf(a)) else []))
-        if self.strict and touched:
+        inputs = [self.inf(a) for a in node.all_input_nodes]
+        if self.strict and any(layout_spaces(d) for i in inputs if is_tensor_info(i) for d in i):
             raise UnsupportedOpError(node.name, name, why)
         reason = f"unsupported op {name!r} at node '{node.name}'" + (f" ({why})" if why else "")
-        inputs = [self.inf(a) for a in node.all_input_nodes]
         self.freeze(inputs, reason)
         self.flop_const += self.measured.get(node.name, 0)
         return self._opaque_like(self.shapes.get(node.name), reason)
@@ -913,12 +909,7 @@ class Coupler(FixedSizeRecorder):
             self.freeze([x[dim]], reason)
             pieces = [Opaque(reason)] * len(sizes)
         if t not in ("chunk", torch.chunk, "tensor_split"):
-            size = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
-                                                                              node.kwargs.get("split_size"))
-            if isinstance(size, int) and not isinstance(size, bool):
-                self._fix(node, x[dim], size, [], split=True)
-            elif isinstance(size, fx.Node):
-                self._fix(node, x[dim], None, self._dims_of(self._size_reads(size)), split=True)
+            self._record_split(node, x[dim])
         if tied and equal:
             for p in pieces[1:]:
                 self.tie(pieces[0], p, node)
@@ -1028,6 +1019,14 @@ class Coupler(FixedSizeRecorder):
         self._set_roles(w, {0: "producer", 1: "consumer"})
         return out
 
+    def _tie_vectors(self, lay: DimInfo, vectors: Iterable[Any], node: fx.Node) -> DimInfo:
+        """Tie ``lay`` to dim 0 of every per-channel vector argument given (affine, statistics)."""
+        for v in vectors:
+            info = self.inf(v)
+            if is_tensor_info(info):
+                lay = self.tie(lay, info[0], node)
+        return lay
+
     def functional_layer_norm(self, node: fx.Node, shape: Any) -> Info:
         """``F.layer_norm`` over the last dim (timm's and torchvision's LayerNorm2d call it directly)."""
         a, kw = node.args, node.kwargs
@@ -1036,13 +1035,9 @@ class Coupler(FixedSizeRecorder):
         if not is_tensor_info(x) or not isinstance(normalized, (tuple, list, torch.Size)) or len(normalized) != 1:
             return self.unknown(node, "layer_norm over several dims")
         d = len(xs) - 1
-        lay: DimInfo = self.as_layout(x[d], xs[d], node)
-        for p in (a[2] if len(a) > 2 else kw.get("weight"), a[3] if len(a) > 3 else kw.get("bias")):
-            pi = self.inf(p)
-            if is_tensor_info(pi):
-                lay = self.tie(lay, pi[0], node)
-        stack = node.meta.get("nn_module_stack") or {}
-        owner = next(reversed(stack.values()))[1] if stack else None
+        affine = (a[2] if len(a) > 2 else kw.get("weight"), a[3] if len(a) > 3 else kw.get("bias"))
+        lay = self._tie_vectors(self.as_layout(x[d], xs[d], node), affine, node)
+        owner = enclosing_module(node)[1]
         if isinstance(normalized[0], int) and not (isinstance(owner, type) and issubclass(owner, nn.LayerNorm)):
             self._fix(node, lay, normalized[0], [])  # apply re-derives normalized_shape of nn.LayerNorm only
         out = list(x)
@@ -1054,11 +1049,8 @@ class Coupler(FixedSizeRecorder):
         x, xs = self.inf(node.args[0]), self.shp(node.args[0])
         if not is_tensor_info(x) or len(xs) < 2:
             return self.unknown(node, "input is not a batch of channels")
-        lay: DimInfo = self.as_layout(x[1], xs[1], node)
-        for p in node.args[1:5]:  # running_mean, running_var, weight, bias (any may be None)
-            pi = self.inf(p)
-            if is_tensor_info(pi):
-                lay = self.tie(lay, pi[0], node)
+        # running_mean, running_var, weight, bias (any may be None)
+        lay = self._tie_vectors(self.as_layout(x[1], xs[1], node), node.args[1:5], node)
         out = list(x)
         out[1] = lay
         self.const_flops(node, x, "normalisation")

@@ -50,6 +50,15 @@ class FixedSize:
     split: bool = False
 
 
+def enclosing_module(node: fx.Node) -> tuple[str, type | None]:
+    """Path and class of the innermost module whose forward traced ``node`` ('' and None at the top)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "", None
+    path, cls = next(reversed(stack.values()))
+    return (path if isinstance(path, str) else ""), cls
+
+
 class FixedSizeRecorder:
     """The Coupler's half that notes target sizes as it walks reshapes and splits (into ``fixed``)."""
 
@@ -121,9 +130,16 @@ class FixedSizeRecorder:
 
     def _fix(self, node: fx.Node, info: DimInfo, literal: int | None, reads: list[DimInfo], split: bool = False) -> None:
         if layout_spaces(info) or any(layout_spaces(r) for r in reads):
-            stack = node.meta.get("nn_module_stack") or {}
-            module = next(reversed(stack.values()))[0] if stack else ""
-            self.fixed.append(FixedSize(node.name, info, literal, reads, module if isinstance(module, str) else "", split))
+            self.fixed.append(FixedSize(node.name, info, literal, reads, enclosing_module(node)[0], split))
+
+    def _record_split(self, node: fx.Node, info: DimInfo) -> None:
+        """A split by a size (``split(self.n_embd)`` or one computed from shapes) fixes its pieces' width."""
+        size = node.args[1] if len(node.args) > 1 else node.kwargs.get("split_size_or_sections",
+                                                                          node.kwargs.get("split_size"))
+        if isinstance(size, int) and not isinstance(size, bool):
+            self._fix(node, info, size, [], split=True)
+        elif isinstance(size, fx.Node):
+            self._fix(node, info, None, self._dims_of(self._size_reads(size)), split=True)
 
     def _record_targets(self, node: fx.Node, out: list[DimInfo]) -> None:
         """Note every target size of a view/reshape/unflatten that is a literal or read from shapes."""
