@@ -60,7 +60,7 @@ from secateurs.problems.reconstruction import Reconstruction
 from secateurs.report import BudgetLine, GroupReport, PruneReport
 from secateurs.solvers import Deadline, SolveResult, Status, solve
 from secateurs.solvers.reconstruction_greedy import greedy_path
-from secateurs.solvers.registry import specs
+from secateurs.solvers.registry import lookup
 from secateurs.sparsity import density_mask, masked_error, nm_mask, reconstruction_scores, refit_rows
 
 log = logging.getLogger("secateurs")
@@ -220,9 +220,12 @@ def _check_first_batch(model: nn.Module, first: Any) -> None:
 
 def _check_solver(field: str, name: Any, kind: str) -> None:
     """An unknown solver name fails before any work (statistics, curves), naming the registered ones."""
-    names = [spec.name for spec in specs(kind)]
-    if isinstance(name, str) and name not in names:  # solver objects and callables are solve()'s to check
-        raise UnknownSolverError(f"{field}: no solver {name!r} for {kind} problems; registered: {', '.join(names)}")
+    if not isinstance(name, str):  # solver objects and callables are solve()'s to check
+        return
+    try:
+        lookup(name, kind)
+    except UnknownSolverError as e:
+        raise UnknownSolverError(f"{field}: {e}") from None
 
 
 # -- channels ------------------------------------------------------------------------------------

@@ -112,15 +112,19 @@ def specs(kind: str | None = None) -> list[SolverSpec]:
     return [s for key, s in sorted(_REGISTRY.items()) if kind is None or key.startswith(kind + ":")]
 
 
-def get(name: str, problem: Any) -> SolverSpec:
-    """The spec registered as ``name`` for ``problem``'s kind, or a clear error."""
+def lookup(name: str, kind: str) -> SolverSpec:
+    """The spec registered as ``name`` for problems of ``kind``, or an error listing the registered ones."""
     _load_builtin_solvers()
-    kind = _kind_of(problem)
     spec = _REGISTRY.get(f"{kind}:{name}")
     if spec is None:
         names = ", ".join(s.name for s in specs(kind)) or "none"
         raise UnknownSolverError(f"no solver {name!r} for {kind} problems; registered: {names}")
     return spec
+
+
+def get(name: str, problem: Any) -> SolverSpec:
+    """The spec registered as ``name`` for ``problem``'s kind, or a clear error."""
+    return lookup(name, _kind_of(problem))
 
 
 def available(problem: Any) -> list[str]:
