@@ -458,7 +458,9 @@ def _sync_heads(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group]) 
             continue
         if any(m.block > 1 and m.inner_stride != 1 for m in g.producers()):
             continue  # strided units (within-group channels of grouped convs, GroupNorm) are not heads
-        path = common_parent([m.module for m in g.members])
+        # from the producers' parent up: HF's output projection lives beside the attention module
+        # (attention.self.query vs attention.output.dense), whose common parent holds no head count
+        path = common_parent([m.module for m in (g.producers() or g.members)])
         parent = model.get_submodule(path) if path else model
         while path and not any(isinstance(getattr(parent, a, None), int) for a in HEAD_ATTRIBUTES) \
                 and not isinstance(parent, nn.MultiheadAttention):

@@ -39,7 +39,7 @@ class Lockstep:
             arguments.append(_arguments(model, batch))
         if not arguments:
             raise ValidationError("calibration", "no batches: give at least one calibration batch")
-        self.gm = _trace(model, arguments[0][1])
+        self.gm = _trace(model, *arguments[0])
         self.nodes = list(self.gm.graph.nodes)
         self.position = {n: i for i, n in enumerate(self.nodes)}
         self.states = []

@@ -24,9 +24,11 @@ import torch
 from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from secateurs.calibration import forward_batch
 from secateurs.cost import Cost, CostModel, Polynomial
 from secateurs.errors import TraceError, ValidationError
 from secateurs.graph.coupling import Coupler, Info, op_name
+from secateurs.graph.export import export_trace
 from secateurs.graph.fixed_sizes import freeze_fixed_sizes
 from secateurs.graph.groups import Group, Member
 from secateurs.graph.spaces import CouplingError, Layout, Opaque, layout_size, member_maps
@@ -81,22 +83,28 @@ class _Tracer(fx.Tracer):
     proxy_buffer_attributes = True
 
 
-def _trace(model: nn.Module, concrete: dict[str, Any]) -> fx.GraphModule:
+def _trace(model: nn.Module, values: list[Any], concrete: dict[str, Any]) -> fx.GraphModule:
+    """symbolic_trace ``model``; where fx cannot, ``torch.export`` on ``values``, rewritten to the same
+    kind of graph (:mod:`secateurs.graph.export`): HuggingFace transformers models need it."""
     before = set(vars(model))
     try:
         tracer = _Tracer()
         graph = tracer.trace(model, concrete_args=concrete or None)
         return fx.GraphModule(tracer.root, graph, type(model).__name__)
     except Exception as e:  # fx raises many kinds; all mean the same thing to the caller
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise TraceError(
-            f"torch.fx cannot trace {type(model).__name__}: {reason} "
-            "(data-dependent control flow or an untraceable call; see the chained exception)"
-        ) from e
+        fx_error = e
     finally:  # fx stores the tensor constants it meets on the traced root: take them off the user's model
         for name in set(vars(model)) - before:
             if name.startswith("_tensor_constant"):
                 delattr(model, name)
+    reason = str(fx_error).strip().splitlines()[0] if str(fx_error).strip() else type(fx_error).__name__
+    try:
+        return export_trace(model, values, concrete)
+    except TraceError as e:
+        raise TraceError(
+            f"torch.fx cannot trace {type(model).__name__}: {reason} (data-dependent control flow or an "
+            f"untraceable call), and {e}; see the chained exceptions"
+        ) from e
 
 
 def _shape_of(value: Any) -> Any:
@@ -261,7 +269,7 @@ def build(model: nn.Module, example_inputs: Any, *, strict: bool = False) -> Dep
     if not isinstance(model, nn.Module):
         raise ValidationError("model", f"expected an nn.Module, got {type(model).__name__}")
     values, concrete = _arguments(model, example_inputs)
-    gm = _trace(model, concrete)
+    gm = _trace(model, values, concrete)
     shapes, flops = _probe(gm, model, values)
     tensors = {n for n, _ in model.named_parameters(remove_duplicate=False)} | \
         {n for n, _ in model.named_buffers(remove_duplicate=False)}
@@ -484,12 +492,12 @@ def _cost_model(model: nn.Module, c: Coupler, names: dict[int, str], by_root: di
 
 def dense_counts(model: nn.Module, example_inputs: Any) -> Cost:
     """Independent truth: parameter count and FlopCounterMode FLOPs of ``model`` as it is."""
-    values, _ = _arguments(model, example_inputs)
+    _arguments(model, example_inputs)  # the same checks build makes
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with FlopCounterMode(display=False) as fc:
-            model(*values)
+            forward_batch(model, example_inputs)  # the user's arguments only: defaults stay the model's
     finally:
         for m, mode in modes:
             m.training = mode

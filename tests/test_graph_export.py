@@ -1,0 +1,158 @@
+"""The torch.export fallback: models fx cannot trace (HuggingFace transformers) build, prune and apply."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import secateurs
+from secateurs.errors import TraceError
+from secateurs.graph import build, dense_counts
+from secateurs.graph import export as export_module
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+class ListShape(nn.Module):
+    """fx cannot trace ``list(x.shape)`` (a Proxy is not iterable); torch.export can."""
+
+    def __init__(self, width: int = 12) -> None:
+        super().__init__()
+        self.up = nn.Linear(6, width)
+        self.act = nn.GELU()
+        self.down = nn.Linear(width, 6)
+        self.norm = nn.LayerNorm(6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = list(x.shape)
+        shape[-1] = -1
+        h = self.down(self.act(self.up(x))).reshape(shape)
+        return self.norm(F.relu(h) + x)
+
+
+X = torch.randn(3, 5, 6)
+
+
+def _snapshot(m: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+def test_fx_untraceable_model_builds_through_export_with_exact_costs() -> None:
+    model = ListShape().eval()
+    with pytest.raises(Exception):  # noqa: B017 - the premise: fx itself fails on this model
+        torch.fx.symbolic_trace(model)
+    g = build(model, X)
+    assert [gr.name for gr in g.prunable_groups()] == ["up:out"]
+    modules = {str(n.target) for n in g.gm.graph.nodes if n.op == "call_module"}
+    assert {"up", "act", "down", "norm"} <= modules  # leaf layers collapsed back, as symbolic_trace leaves them
+    assert g.cost() == dense_counts(model, X)
+    keep = [0, 3, 4, 9, 11]
+    small = secateurs.apply(model, secateurs.PrunePlan({"up:out": keep}), graph=g)
+    assert g.cost({"up:out": len(keep)}) == dense_counts(small, X)  # the polynomial against a counted model
+
+
+def test_rewritten_graph_runs_other_batch_and_sequence_sizes() -> None:
+    model = ListShape().eval()
+    g = build(model, X)
+    other = torch.randn(7, 2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(g.gm(other)[0], model(other))
+
+
+def test_a_wrong_rewrite_is_caught_by_the_output_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    twins = dict(export_module._TWINS)
+    twins[torch.ops.aten.relu] = export_module._function(torch.tanh)  # a deliberately wrong twin
+    monkeypatch.setattr(export_module, "_TWINS", twins)
+    with pytest.raises(TraceError, match=r"does not reproduce its outputs"):
+        build(ListShape().eval(), X)
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 0:  # a branch on values: neither tracer can follow it
+            return self.fc(x)
+        return x
+
+
+def test_a_model_neither_tracer_follows_names_both() -> None:
+    with pytest.raises(TraceError, match=r"torch\.fx cannot trace DataDependent: .* torch\.export cannot trace "
+                                         r"DataDependent either"):
+        build(DataDependent(), torch.randn(2, 4))
+
+
+def test_prune_through_export_meets_budget_and_leaves_model_alone() -> None:
+    torch.manual_seed(0)
+    model = ListShape(width=32).eval()
+    snap = _snapshot(model)
+    calibration = [torch.randn(8, 5, 6) for _ in range(4)]
+    result = secateurs.prune(model, calibration, secateurs.Budget(flops=0.6), progress=False)
+    assert _snapshot(model).keys() == snap.keys()
+    assert all(torch.equal(v, snap[k]) for k, v in _snapshot(model).items())
+    dense, pruned = dense_counts(model, X), dense_counts(result.model, X)
+    assert pruned.flops <= 0.6 * dense.flops
+    assert result.model.up.out_features < 32
+
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tiny_bert() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.BertModel(config).eval()
+
+
+def _tokens(batch: int, length: int, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, length // 2:] = 0  # one padded sequence: the mask path must stay exact
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_hf_bert_groups_are_heads_and_ffn_neurons_with_exact_costs() -> None:
+    model = _tiny_bert()
+    x = _tokens(2, 12, 0)
+    g = build(model, x)
+    names = sorted(gr.name for gr in g.prunable_groups())
+    assert names == sorted([f"encoder.layer.{i}.attention.self:heads" for i in range(2)]
+                           + [f"encoder.layer.{i}.intermediate.dense:out" for i in range(2)])
+    assert g.group("encoder.layer.0.attention.self:heads").unit_width == 8
+    assert g.cost() == dense_counts(model, x)
+    keep = {"encoder.layer.0.attention.self:heads": [1, 3], "encoder.layer.1.intermediate.dense:out": list(range(0, 64, 3))}
+    small = secateurs.apply(model, secateurs.PrunePlan(keep), graph=g)
+    counts = {k: len(v) for k, v in keep.items()}
+    assert g.cost(counts) == dense_counts(small, x)
+
+
+def test_hf_bert_prunes_to_budget_and_the_pruned_model_runs_any_length() -> None:
+    model = _tiny_bert()
+    snap = _snapshot(model)
+    calibration = [_tokens(8, 16, seed) for seed in range(3)]
+    result = secateurs.prune(model, calibration, secateurs.Budget(flops=0.5), progress=False)
+    assert all(torch.equal(v, snap[k]) for k, v in _snapshot(model).items())
+    x = calibration[0]  # the budget is counted on the example inputs, by default the first batch
+    assert dense_counts(result.model, x).flops <= 0.5 * dense_counts(model, x).flops
+    attention = result.model.encoder.layer[0].attention.self
+    assert attention.num_attention_heads == attention.query.out_features // attention.attention_head_size
+    with torch.no_grad():
+        dense = model(**_tokens(3, 20, 9)).last_hidden_state
+        pruned = result.model(**_tokens(3, 20, 9)).last_hidden_state
+    assert pruned.shape == dense.shape
+    # the refit keeps the output nearer the dense one than dropping the same units without it
+    plain = secateurs.apply(model, result.plan.__class__(result.plan.keep), graph=build(model, x))
+    with torch.no_grad():
+        unrefit = plain(**_tokens(3, 20, 9)).last_hidden_state
+    assert (pruned - dense).norm() < (unrefit - dense).norm()
