@@ -72,6 +72,30 @@ def test_a_wrong_rewrite_is_caught_by_the_output_check(monkeypatch: pytest.Monke
         build(ListShape().eval(), X)
 
 
+class NegativeDims(nn.Module):
+    """Slices and selects on negative dims, which ATen records with the dim as written."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 10)
+        self.out = nn.Linear(10, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(list(x.shape)) != 3:  # list(x.shape): fx cannot trace this model
+            raise ValueError("expected (batch, time, features)")
+        h = self.fc(x)[..., 2:, :]
+        return self.out(h.select(-2, -1))
+
+
+def test_negative_dim_slices_and_selects_rewrite_exactly() -> None:
+    model = NegativeDims().eval()
+    g = build(model, X)  # the output check inside build fails on a slice taken on the wrong dim
+    assert [gr.name for gr in g.prunable_groups()] == ["fc:out"]
+    other = torch.randn(4, 7, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(g.gm(other)[0], model(other))
+
+
 class DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -70,15 +70,22 @@ def _to(a: tuple[Any, ...], k: dict[str, Any]) -> Call:
     return "call_method", "to", a[:3] if len(a) > 1 else a[:1], kwargs
 
 
+def _index_prefix(x: fx.Node, dim: int) -> tuple[slice, ...]:
+    """``[:, :, ...`` up to ``dim`` (negative dims count from the end of ``x``'s rank)."""
+    return (slice(None),) * (dim % x.meta["val"].dim())
+
+
 def _slice(a: tuple[Any, ...], k: dict[str, Any]) -> Call:
-    x, dim, start, end, step = (list(a) + [0, 0, None, None, 1][len(a):])[:5]
-    end = None if isinstance(end, int) and end >= 2**62 else end
-    return "call_function", operator.getitem, (x, (slice(None),) * dim + (slice(start or None, end, step),)), {}
+    """``aten.slice(x, dim, start, end, step)`` as ``x[:, ..., start:end:step]``."""
+    x, dim, start, end, step = (list(a) + [None, 0, None, None, 1][len(a):])[:5]
+    end = None if isinstance(end, int) and end >= 2**62 else end  # aten writes "to the end" as INT64_MAX
+    return "call_function", operator.getitem, (x, (*_index_prefix(x, dim), slice(start or None, end, step))), {}
 
 
 def _select(a: tuple[Any, ...], k: dict[str, Any]) -> Call:
+    """``aten.select(x, dim, index)`` as ``x[:, ..., index]``."""
     x, dim, index = a
-    return "call_function", operator.getitem, (x, (slice(None),) * dim + (index,)), {}
+    return "call_function", operator.getitem, (x, (*_index_prefix(x, dim), index)), {}
 
 
 def _layer_norm(a: tuple[Any, ...], k: dict[str, Any]) -> Call:
