@@ -145,7 +145,7 @@ def main() -> None:
     if args.quick:
         quality(64, 64, [0.5])
     else:
-        quality(256, 256, [0.7, 0.5, 0.3])
+        quality(128, 256, [0.7, 0.5, 0.3])
 
 
 if __name__ == "__main__":
