@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from secateurs.conv1d import is_conv1d
 from secateurs.errors import InvalidPlanError, ValidationError
 from secateurs.graph.groups import HEAD_ATTRIBUTES, INNER_ATTRIBUTES, Group, Member, validate_units
 from secateurs.modules import (
@@ -405,6 +406,8 @@ def _sync_attributes(model: nn.Module) -> None:
                 mod.out_channels, mod.in_channels = w.shape[0], w.shape[1] * mod.groups
         elif isinstance(mod, nn.Linear) and not isinstance(mod, nn.LazyLinear):
             mod.out_features, mod.in_features = mod.weight.shape
+        elif is_conv1d(mod):
+            mod.nx, mod.nf = mod.weight.shape  # forward shapes its output with nf
         elif isinstance(mod, nn.modules.batchnorm._NormBase):
             ref = mod.weight if mod.weight is not None else mod.running_mean
             if ref is not None:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from secateurs.conv1d import is_conv1d
 from secateurs.errors import ValidationError
 
 _CHUNK = 4096  # rows per low-precision product before it is added to the float64 sums
@@ -75,7 +76,7 @@ class GramStatistics:
 
 def layer_rows(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The (rows × p) matrix a layer multiplies by ``weight.reshape(out, -1)ᵀ``."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or is_conv1d(module):
         return x.reshape(-1, x.shape[-1])
     if isinstance(module, nn.Conv2d):  # grouped too: every input channel, as consumers.py indexes it
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=_padding(module, x), stride=module.stride)

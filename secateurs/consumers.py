@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from secateurs.conv1d import input_dim, is_conv1d
 from secateurs.graph.groups import Group, Member
 
 
@@ -60,7 +61,8 @@ class ConsumerColumns:
 
 def supports_reconstruction(module: nn.Module) -> bool:
     """Layers whose input can be unfolded into rows of X with W·x = weight.reshape(out, -1) @ x."""
-    return isinstance(module, nn.Linear) or (isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1)
+    return isinstance(module, nn.Linear) or is_conv1d(module) or (
+        isinstance(module, (nn.Conv1d, nn.Conv2d)) and module.groups == 1)
 
 
 def _grouped(module: nn.Module) -> bool:
@@ -76,7 +78,7 @@ def consumer_columns(model: nn.Module, group: Group) -> tuple[list[ConsumerColum
     for member in group.consumers():
         module = model.get_submodule(member.module)
         grouped = _grouped(module)
-        if member.param != "weight" or member.dim != 1 or not (supports_reconstruction(module) or grouped):
+        if member.param != "weight" or member.dim != input_dim(module) or not (supports_reconstruction(module) or grouped):
             skipped.append(f"{member.module}.{member.param} (dim {member.dim}, {type(module).__name__})")
             continue
         kernel = math.prod(module.kernel_size) if isinstance(module, (nn.Conv1d, nn.Conv2d)) else 1

@@ -46,6 +46,7 @@ from secateurs.apply import apply, mask_in_place
 from secateurs.budget import Budget
 from secateurs.calibration import GramStatistics, collect, layer_rows
 from secateurs.consumers import ConsumerColumns, consumer_columns, supports_reconstruction
+from secateurs.conv1d import is_conv1d, weight_matrix
 from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, UnknownSolverError, ValidationError
 from secateurs.graph import DependencyGraph, build, dense_counts
 from secateurs.graph.build import _arguments
@@ -263,7 +264,7 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
         h = gram[cols][:, cols]
         ridge = 0.01 * float(torch.diagonal(h).mean()) or 1e-8
         eye = ridge * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        weight = model.get_submodule(c.module).weight.detach()
+        weight = weight_matrix(model.get_submodule(c.module)).detach()
         dense = c.weight_block(weight)[:, c.weight_flat().to(weight.device)].to(gram).T  # Ŵ, p x m
         # G = (XᵀX_target + λI)·Ŵ: the target is the dense layer's output on the dense model's inputs
         # when those were recorded (sequential pruning), else on the same inputs (G = HŴ).
@@ -370,7 +371,7 @@ def _write_refit(work_model: nn.Module, work: _GroupWork, support: list[int]) ->
     refits = work.problem.refit(support)
     with torch.no_grad():
         for consumer, new in zip(work.consumers, refits, strict=True):
-            weight = work_model.get_submodule(consumer.module).weight
+            weight = weight_matrix(work_model.get_submodule(consumer.module))
             block = consumer.weight_block(weight)  # a view: writing it writes the weight
             block[:, consumer.weight_flat().to(weight.device)] = new.to(dtype=weight.dtype, device=weight.device)
 
@@ -629,6 +630,12 @@ def _weight_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if supports_reconstruction(module)]
 
 
+def _out_by_in(model: nn.Module, name: str, path: str) -> torch.Tensor:
+    """The weight at ``path`` as (out, in ...): a layer's through :func:`weight_matrix`, an attention
+    projection (a bare parameter, ``name == path``) as it is."""
+    return model.get_parameter(path) if name == path else weight_matrix(model.get_submodule(name))
+
+
 def _functional_owner(model: nn.Module, name: str) -> str:
     """``'attn' (MultiheadAttention)`` when the layer is a submodule of an nn.MultiheadAttention."""
     parts = name.split(".")
@@ -671,7 +678,7 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
     params = {name: f"{name}.weight" for name in layers} | {path: path for path in _attention_projections(model)}
     data = {}
     for name, path in params.items():
-        weight = model.get_parameter(path).detach()
+        weight = _out_by_in(model, name, path).detach()
         flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
         gram = stats[name].gram if name in stats else None
         if gram is None:  # no activations seen: nn.MultiheadAttention runs its projections functionally
@@ -721,9 +728,10 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
     new_weights = {}
     for name in _progress(list(masks), progress, "refit"):
         flat, gram, _ = data[name]
-        weight = model.get_parameter(params[name])
-        new = refit_rows(flat, gram, masks[name]) if refit else flat * masks[name]
-        new_weights[params[name]] = new.reshape(weight.shape).to(weight.dtype)
+        weight = _out_by_in(model, name, params[name])
+        new = (refit_rows(flat, gram, masks[name]) if refit else flat * masks[name]).reshape(weight.shape)
+        transposed = name != params[name] and is_conv1d(model.get_submodule(name))  # stored (in, out)
+        new_weights[params[name]] = (new.T if transposed else new).to(weight.dtype)
         energy = 0.5 * float(torch.einsum("ij,jk,ik->", flat, gram, flat)) or 1.0
         delta = flat - new.to(torch.float64)
         error = 0.5 * float(torch.einsum("ij,jk,ik->", delta, gram, delta)) / energy

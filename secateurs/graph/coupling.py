@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.operator_schemas import get_signature_for_torch_op
 
+from secateurs.conv1d import is_conv1d
 from secateurs.errors import UnsupportedOpError
 from secateurs.graph.fixed_sizes import FixedSize, FixedSizeRecorder, enclosing_module
 from secateurs.graph.groups import Role
@@ -398,6 +399,9 @@ class Coupler(FixedSizeRecorder):
             return self.conv(node, path, mod, x, xs, shape)
         if isinstance(mod, nn.Linear) and is_tensor_info(x):
             return self.linear(node, path, mod.weight, mod.bias is not None, x, xs, shape, "weight", "bias")
+        if is_conv1d(mod) and is_tensor_info(x):
+            return self.linear(node, path, mod.weight, mod.bias is not None, x, xs, shape, "weight", "bias",
+                               transposed=True)
         if isinstance(mod, nn.MultiheadAttention):
             return self.mha(node, path, mod, shape)
         if not is_tensor_info(x) and not isinstance(mod, nn.MultiheadAttention):
@@ -517,13 +521,16 @@ class Coupler(FixedSizeRecorder):
         return lout, wf
 
     def linear(self, node: fx.Node, path: str, weight: torch.Tensor, has_bias: bool, x: list[DimInfo],
-               xs: torch.Size, shape: torch.Size, wname: str, bname: str, wlay: list[DimInfo] | None = None) -> Info:
-        n_out, n_in = weight.shape
+               xs: torch.Size, shape: torch.Size, wname: str, bname: str, wlay: list[DimInfo] | None = None,
+               transposed: bool = False) -> Info:
+        """``x @ weight.T + bias``; ``transposed``: the weight is stored (in, out) (transformers' Conv1D)."""
+        w_in, w_out = (0, 1) if transposed else (1, 0)
+        n_in, n_out = weight.shape[w_in], weight.shape[w_out]
         if wlay is None:
             lin = self.as_layout(x[-1], n_in, node)
-            self.register(node, path, wname, 1, "consumer", lin)
+            self.register(node, path, wname, w_in, "consumer", lin)
             lout = space_layout(self.sp.new(n_out, path), n_out)
-            self.register(node, path, wname, 0, "producer", lout)
+            self.register(node, path, wname, w_out, "producer", lout)
             if has_bias:
                 self.register(node, path, bname, 0, "passthrough", lout)
         else:  # functional linear on get_attr weights: tie the weight's dims

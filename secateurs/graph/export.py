@@ -34,11 +34,13 @@ from torch import fx, nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
+from secateurs.conv1d import is_conv1d
 from secateurs.errors import TraceError
 
 aten = torch.ops.aten
 
-#: Layers that take one tensor and return one: each call is collapsed back into ``call_module``.
+#: Layers that take one tensor and return one: each call is collapsed back into ``call_module``
+#: (so is transformers' Conv1D, recognised by :func:`~secateurs.conv1d.is_conv1d`).
 LEAF_LAYERS: tuple[type, ...] = (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
@@ -172,7 +174,7 @@ def _layer_calls(graph: fx.Graph, model: nn.Module,
             module = model.get_submodule(paths[key])
         except AttributeError:
             continue
-        if not isinstance(module, LEAF_LAYERS) or any(True for _ in module.children()):
+        if not (isinstance(module, LEAF_LAYERS) or is_conv1d(module)) or any(True for _ in module.children()):
             continue
         own = {id(t) for t in [*module.parameters(), *module.buffers()]}
         inside = set(nodes)
