@@ -729,9 +729,10 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
     for name in _progress(list(masks), progress, "refit"):
         flat, gram, _ = data[name]
         weight = _out_by_in(model, name, params[name])
-        new = (refit_rows(flat, gram, masks[name]) if refit else flat * masks[name]).reshape(weight.shape)
+        new = refit_rows(flat, gram, masks[name]) if refit else flat * masks[name]
+        stored = new.reshape(weight.shape)
         transposed = name != params[name] and is_conv1d(model.get_submodule(name))  # stored (in, out)
-        new_weights[params[name]] = (new.T if transposed else new).to(weight.dtype)
+        new_weights[params[name]] = (stored.T if transposed else stored).to(weight.dtype)
         energy = 0.5 * float(torch.einsum("ij,jk,ik->", flat, gram, flat)) or 1.0
         delta = flat - new.to(torch.float64)
         error = 0.5 * float(torch.einsum("ij,jk,ik->", delta, gram, delta)) / energy

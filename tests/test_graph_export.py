@@ -193,15 +193,22 @@ def _ids(seed: int, batch: int = 8, length: int = 16) -> dict[str, torch.Tensor]
     return {"input_ids": torch.randint(0, 100, (batch, length), generator=torch.Generator().manual_seed(seed))}
 
 
-def test_hf_gpt2_conv1d_mlp_is_prunable_with_exact_costs() -> None:
+def test_hf_gpt2_conv1d_heads_and_mlp_are_prunable_with_exact_costs() -> None:
     model, x = _tiny_gpt2(), _ids(0)
     g = build(model, x)
-    assert [gr.name for gr in g.prunable_groups()] == ["h.0.mlp.c_fc:out", "h.1.mlp.c_fc:out"]
+    assert [gr.name for gr in g.prunable_groups()] == ["h.0.attn:heads", "h.0.mlp.c_fc:out", "h.1.attn:heads",
+                                                        "h.1.mlp.c_fc:out"]
     assert g.cost() == dense_counts(model, x)
-    small = secateurs.apply(model, secateurs.PrunePlan({"h.1.mlp.c_fc:out": list(range(0, 128, 4))}), graph=g)
+    keep = {"h.0.attn:heads": [1, 2], "h.1.mlp.c_fc:out": list(range(0, 128, 4))}
+    small = secateurs.apply(model, secateurs.PrunePlan(keep), graph=g)
     assert (small.h[1].mlp.c_fc.nf, small.h[1].mlp.c_proj.nx) == (32, 32)  # the attributes forward reads
     assert small.h[1].mlp.c_fc.weight.shape == (32, 32) and small.h[1].mlp.c_proj.weight.shape == (32, 32)
-    assert g.cost({"h.1.mlp.c_fc:out": 32}) == dense_counts(small, x)
+    # heads 1 and 2 of q, k and v: c_attn keeps 3 x 16 outputs and the split follows them
+    assert small.h[0].attn.c_attn.weight.shape == (32, 48) and small.h[0].attn.split_size == 16
+    masked = secateurs.apply(model, secateurs.PrunePlan(keep), graph=g, mode="mask")
+    with torch.no_grad():  # slicing the fused q/k/v took the right columns: it computes what zeroing them does
+        torch.testing.assert_close(small(**x).last_hidden_state, masked(**x).last_hidden_state, rtol=1e-4, atol=1e-5)
+    assert g.cost({"h.0.attn:heads": 2, "h.1.mlp.c_fc:out": 32}) == dense_counts(small, x)
 
 
 def test_hf_gpt2_prune_refits_conv1d_consumers_to_budget() -> None:

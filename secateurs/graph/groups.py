@@ -18,7 +18,7 @@ from secateurs.errors import ValidationError
 #: heads go, so a ``view(B, T, self.num_heads, head_dim)`` keeps working).
 HEAD_ATTRIBUTES = ("num_heads", "n_heads", "num_attention_heads", "n_head", "heads")
 #: Integer attributes that count heads * head_dim features (updated too; ``head_dim`` itself stays).
-INNER_ATTRIBUTES = ("all_head_size", "inner_dim", "attn_dim")
+INNER_ATTRIBUTES = ("all_head_size", "inner_dim", "attn_dim", "split_size")
 
 Role = Literal["producer", "consumer", "passthrough"]
 
