@@ -139,9 +139,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="64 calibration sequences, one budget")
     parser.add_argument("--skip-coverage", action="store_true")
+    parser.add_argument("--coverage-only", action="store_true")
     args = parser.parse_args()
     if not args.skip_coverage:
         coverage()
+    if args.coverage_only:
+        return
     if args.quick:
         quality(64, 64, [0.5])
     else:
