@@ -96,6 +96,33 @@ def test_negative_dim_slices_and_selects_rewrite_exactly() -> None:
         torch.testing.assert_close(g.gm(other)[0], model(other))
 
 
+class ChannelsFirstNorm(nn.LayerNorm):
+    """A LayerNorm subclass whose forward normalises dim 1 (transformers' ConvNextLayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ConvNormConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.norm = ChannelsFirstNorm(8)
+        self.b = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(list(x.shape)) != 4:  # fx cannot iterate a Proxy: this model goes through export
+            raise ValueError("expected NCHW")
+        return self.b(self.norm(self.a(x)))
+
+
+def test_a_subclassed_layer_with_its_own_forward_is_read_op_by_op() -> None:
+    model, x = ConvNormConv().eval(), torch.randn(2, 3, 5, 6)
+    g = build(model, x)
+    assert "norm" not in {str(n.target) for n in g.gm.graph.nodes if n.op == "call_module"}
+    assert g.cost() == dense_counts(model, x)  # read as nn.LayerNorm, its weight tied to the width (6)
+
+
 class DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -148,6 +148,16 @@ def _is_tensor(node: Any) -> bool:
     return isinstance(node, fx.Node) and isinstance(node.meta.get("val"), torch.Tensor)
 
 
+def _leaf(module: nn.Module) -> bool:
+    """A layer the coupling rules know as a whole. As symbolic_trace does, only torch.nn's own classes:
+    a subclass defined elsewhere may override forward (transformers' ConvNextLayerNorm normalises
+    dim 1 of NCHW), so its ops are kept and read one by one."""
+    if is_conv1d(module):
+        return True
+    own = type(module).__module__.startswith(("torch.nn.", "torch.ao.nn."))
+    return own and isinstance(module, LEAF_LAYERS) and not any(True for _ in module.children())
+
+
 def _layer_calls(graph: fx.Graph, model: nn.Module,
                  owner: dict[str, int]) -> tuple[dict[fx.Node, tuple[str, fx.Node]], set[fx.Node]]:
     """Each collapsible leaf-layer call, as the node that gives its output -> (module path, tensor
@@ -174,7 +184,7 @@ def _layer_calls(graph: fx.Graph, model: nn.Module,
             module = model.get_submodule(paths[key])
         except AttributeError:
             continue
-        if not (isinstance(module, LEAF_LAYERS) or is_conv1d(module)) or any(True for _ in module.children()):
+        if not _leaf(module):
             continue
         own = {id(t) for t in [*module.parameters(), *module.buffers()]}
         inside = set(nodes)
