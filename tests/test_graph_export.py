@@ -259,3 +259,23 @@ def test_hf_gpt2_two_four_runs_along_each_outputs_inputs() -> None:
     weight = result.model.h[0].mlp.c_fc.weight  # (in 32, out 128): blocks of 4 run down dim 0
     blocks = (weight.T.reshape(128, 8, 4) != 0).sum(-1)
     assert int(blocks.max()) <= 2 and int(blocks.sum()) == 128 * 8 * 2
+
+
+def test_hf_t5_position_bias_ties_heads_across_layers_and_costs_stay_exact() -> None:
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                              num_heads=4)).eval()
+    x = _ids(0, batch=2, length=12)
+    g = build(model, x)
+    heads = [gr for gr in g.prunable_groups() if gr.name.endswith(":heads")]
+    # layer 0's relative-position bias (one column per head) is added to both layers' scores: one group
+    assert [gr.name for gr in heads] == ["encoder.block.0.layer.0.SelfAttention:heads"]
+    assert {m.module for m in heads[0].members} >= {"encoder.block.0.layer.0.SelfAttention.relative_attention_bias",
+                                                   "encoder.block.1.layer.0.SelfAttention.q"}
+    assert g.cost() == dense_counts(model, x)  # the attention matmuls counted as dense_counts counts them
+    small = secateurs.apply(model, secateurs.PrunePlan({heads[0].name: [0, 3]}), graph=g)
+    assert g.cost({heads[0].name: 2}) == dense_counts(small, x)
+    result = secateurs.prune(model, [_ids(seed, batch=4, length=12) for seed in range(2)], secateurs.Budget(flops=0.6),
+                             progress=False)
+    assert dense_counts(result.model, _ids(0, batch=4, length=12)).flops <= 0.6 * dense_counts(
+        model, _ids(0, batch=4, length=12)).flops

@@ -136,14 +136,8 @@ class _Probe(fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         before = self.counter.get_total_flops()
-        # nn.MultiheadAttention (alone or inside nn.TransformerEncoderLayer & co.) takes an uncounted
-        # fused fast path without autograd; count the regular path (the one training and
-        # dense_counts run).
-        grad = n.op == "call_module" and any(isinstance(m, nn.MultiheadAttention)
-                                              for m in self.module.get_submodule(n.target).modules())
         try:
-            with torch.set_grad_enabled(grad):
-                result = super().run_node(n)
+            result = super().run_node(n)
         except Exception as e:
             raise _NodeFailed(n) from e
         self.flops[n.name] = self.counter.get_total_flops() - before
@@ -155,7 +149,10 @@ def _probe(gm: fx.GraphModule, model: nn.Module, values: list[Any]) -> tuple[dic
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # no running-statistics updates, no dropout: the model is never changed
     try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        # with autograd on, as training and dense_counts run: without it nn.MultiheadAttention takes
+        # an uncounted fused fast path, and scaled_dot_product_attention picks another kernel than
+        # it does for a mask that needs grad (T5's position bias: counted matmuls, or nothing)
+        with FlopCounterMode(display=False) as counter:
             probe = _Probe(gm, counter)
             probe.run(*values)
     except _NodeFailed as e:

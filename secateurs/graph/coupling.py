@@ -1082,8 +1082,14 @@ class Coupler(FixedSizeRecorder):
         if not all(is_tensor_info(i) for i in (q, k, v)) or len(qs) != 4:
             return self.unknown(node)
         batch = []
+        mask = node.args[3] if len(node.args) > 3 else None
+        mi, ms = self.inf(mask), self.shp(mask)
         for d in range(len(qs) - 2):
             batch.append(self.tie(self.tie(q[d], k[d], node), v[d], node))
+            # an additive mask with a dim per head (T5's relative position bias) is indexed by the heads too
+            m = d - (len(qs) - len(ms)) if is_tensor_info(mi) else -1
+            if m >= 0 and ms[m] != 1:
+                batch[-1] = self.tie(batch[-1], mi[m], node)
             for s in layout_spaces(batch[-1]):
                 self.sp.flag(s, "attn_batch")
         e = self.tie(q[-1], k[-1], node)
