@@ -3,8 +3,8 @@
 torch.fx cannot trace transformers models, so secateurs traces them with torch.export and
 rewrites the graph (``secateurs/graph/export.py``). Two tables:
 
-1. Coverage: small random-weight configs of BERT, DistilBERT, RoBERTa, ViT, Llama and GPT-2
-   (built offline from their config classes): which tracer was needed, build time, groups and
+1. Coverage: small random-weight configs of 16 architectures, text and vision (built offline
+   from their config classes): which tracer was needed, build time, groups and
    prunable groups, whether the cost model equals a FLOPs count of the model, and a prune to 60%
    FLOPs (counted on the pruned model) or the error that stopped it.
 2. Quality: all-MiniLM-L6-v2 loaded with ``transformers.AutoModel`` from the folder the
@@ -62,6 +62,28 @@ def tiny_models() -> dict[str, tuple[nn.Module, dict[str, torch.Tensor]]]:
         "llama": (transformers.LlamaModel(transformers.LlamaConfig(num_key_value_heads=2, **common)), {"input_ids": ids}),
         "gpt2": (transformers.GPT2Model(transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4)),
                  {"input_ids": ids}),
+        "mistral": (transformers.MistralModel(transformers.MistralConfig(num_key_value_heads=4, **common)),
+                    {"input_ids": ids}),
+        "albert": (transformers.AlbertModel(transformers.AlbertConfig(embedding_size=32, **common)), text),
+        "bert-classifier": (transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=3, **common)),
+                            text),
+        "t5-encoder": (transformers.T5EncoderModel(transformers.T5Config(
+            vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4)), {"input_ids": ids}),
+        "bart": (transformers.BartModel(transformers.BartConfig(
+            vocab_size=100, d_model=64, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128)), {"input_ids": ids}),
+        "clip-vision": (transformers.CLIPVisionModel(transformers.CLIPVisionConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=32,
+            patch_size=8)), {"pixel_values": torch.randn(4, 3, 32, 32)}),
+        "swin": (transformers.SwinModel(transformers.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=16, depths=[1, 1], num_heads=[2, 4], window_size=4)),
+            {"pixel_values": torch.randn(4, 3, 32, 32)}),
+        "convnext": (transformers.ConvNextModel(transformers.ConvNextConfig(hidden_sizes=[16, 32], depths=[1, 1],
+                                                                           num_stages=2)),
+                     {"pixel_values": torch.randn(4, 3, 32, 32)}),
+        "resnet": (transformers.ResNetModel(transformers.ResNetConfig(
+            embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic")),
+            {"pixel_values": torch.randn(4, 3, 32, 32)}),
     }
 
 

@@ -16,9 +16,10 @@ leaf layers, ``F.linear``, ``x.view(...)``), so this module rewrites the exporte
 
 A forward with a ``use_cache`` argument the caller left out (transformers decoders) is traced with
 ``use_cache=False``: the cache object is an output export cannot flatten, and the graph is only
-read for its layers. The batch and sequence dims are exported as dynamic (``Dim.AUTO``), so the graph runs on
-calibration batches of other sizes. The rewritten graph is checked against the model's own
-output on the example inputs; a mismatch is a :class:`~secateurs.errors.TraceError`.
+read for its layers. The batch and sequence dims are exported as dynamic (``Dim.AUTO``), so the
+graph runs on calibration batches of other sizes (an image's height and width stay fixed). The
+rewritten graph is checked against the model's own output on the example inputs; a mismatch is a
+:class:`~secateurs.errors.TraceError`.
 """
 
 from __future__ import annotations
@@ -139,6 +140,9 @@ _TWINS: dict[Any, Callable[[tuple[Any, ...], dict[str, Any]], Call]] = {
     aten.detach: _method("detach"), aten.to: _to, aten._to_copy: _to,
     aten.slice: _slice, aten.select: _select, aten.layer_norm: _layer_norm, aten.batch_norm: _batch_norm,
     aten._softmax: _softmax, aten.constant_pad_nd: _pad,
+    # in place (``x += residual``): the tensor methods of the same name
+    **{getattr(aten, name): _method(name) for name in ("add_", "sub_", "mul_", "div_", "relu_", "clamp_", "sigmoid_",
+                                                       "tanh_", "exp_")},
 }
 
 _DROPPED = {aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size}
@@ -254,9 +258,15 @@ def _rewrite(ep: torch.export.ExportedProgram, model: nn.Module, names: list[str
 
 
 def _dynamic(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Every dim of every tensor input is Dim.AUTO: export keeps dynamic what the model allows."""
-    return {name: {d: Dim.AUTO for d in range(v.dim())} if isinstance(v, torch.Tensor) else None
-            for name, v in kwargs.items()}
+    """Dims export may keep symbolic (Dim.AUTO; it makes static what the model pins): the batch, and
+    every dim of token ids, masks and sequences (rank <= 3), whose length calibration varies. An
+    image's height and width stay as given: symbolic sizes through window padding cost Swin 40-110 s
+    of export, and calibration images share one size."""
+    def dims(v: torch.Tensor) -> dict[int, Any]:
+        every = not v.is_floating_point() or v.dim() <= 3
+        return {d: Dim.AUTO for d in range(v.dim() if every else min(v.dim(), 1))}
+
+    return {name: dims(v) if isinstance(v, torch.Tensor) else None for name, v in kwargs.items()}
 
 
 def export_trace(model: nn.Module, values: list[Any], concrete: dict[str, Any]) -> fx.GraphModule:
