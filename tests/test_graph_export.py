@@ -123,6 +123,24 @@ def test_a_subclassed_layer_with_its_own_forward_is_read_op_by_op() -> None:
     assert g.cost() == dense_counts(model, x)  # read as nn.LayerNorm, its weight tied to the width (6)
 
 
+class InPlace(ListShape):
+    """``h *= 2`` and ``h += ...`` on a prunable group (HF ResNet's residual ``+=``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = list(x.shape)
+        h = self.act(self.up(x))
+        h *= 2.0
+        h += self.up(x)
+        return self.down(h).reshape(shape)
+
+
+def test_in_place_ops_keep_their_groups_prunable() -> None:
+    model = InPlace().eval()
+    g = build(model, X)
+    assert [gr.name for gr in g.prunable_groups()] == ["up:out"], [(gr.name, gr.reason) for gr in g.groups]
+    assert g.cost() == dense_counts(model, X)
+
+
 class DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
