@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from torch import Tensor, nn
 
+from secateurs.calibration import forward_batch
 from secateurs.conv1d import is_conv1d
 from secateurs.errors import InvalidPlanError, ValidationError
 from secateurs.graph.groups import HEAD_ATTRIBUTES, INNER_ATTRIBUTES, Group, Member, validate_units
@@ -484,20 +485,12 @@ def _sync_heads(model: nn.Module, plan: PrunePlan, groups: Mapping[str, Group]) 
 # -- the entry point ------------------------------------------------------------------------------
 
 
-def _call(model: nn.Module, inputs: Any) -> Any:
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
 def _verify(model: nn.Module, graph: DependencyGraph, mode: str) -> None:
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
         with torch.no_grad():
-            _call(model, graph.example_inputs)
+            forward_batch(model, graph.example_inputs)
     except Exception as e:  # any failure means the plan did not produce a working model
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InvalidPlanError(f"the {mode}d model fails on the graph's example inputs: {first} "
