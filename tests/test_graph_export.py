@@ -206,6 +206,15 @@ def test_hf_bert_groups_are_heads_and_ffn_neurons_with_exact_costs() -> None:
     assert g.cost(counts) == dense_counts(small, x)
 
 
+def test_hf_bert_builds_in_strict_mode_with_the_same_groups() -> None:
+    # position ids sliced to the run-time length, token types gathered from a buffer: both touch only
+    # frozen spaces, so strict mode (raise at the first op without a rule) has nothing to refuse
+    model, x = _tiny_bert(), _tokens(2, 12, 0)
+    strict, loose = build(model, x, strict=True), build(model, x)
+    assert [(gr.name, gr.size, gr.prunable) for gr in strict.groups] == [(gr.name, gr.size, gr.prunable) for gr in loose.groups]
+    assert len(strict.prunable_groups()) == 4
+
+
 def test_hf_bert_prunes_to_budget_and_the_pruned_model_runs_any_length() -> None:
     model = _tiny_bert()
     snap = _snapshot(model)
@@ -297,3 +306,26 @@ def test_hf_t5_position_bias_ties_heads_across_layers_and_costs_stay_exact() -> 
                              progress=False)
     assert dense_counts(result.model, _ids(0, batch=4, length=12)).flops <= 0.6 * dense_counts(
         model, _ids(0, batch=4, length=12)).flops
+
+
+class GatherTime(nn.Module):
+    """Picks time steps per channel with an index the caller gives: channel c reads index row c."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv1d(3, 8, 3, padding=1)
+        self.b = nn.Conv1d(8, 8, 1)
+        self.c = nn.Conv1d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        h = self.b(torch.relu(self.a(x)))
+        return self.c(torch.gather(h, 2, index))
+
+
+def test_gather_freezes_the_channels_its_index_rows_follow() -> None:
+    model = GatherTime().eval()
+    x, index = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 8, 4))
+    g = build(model, (x, index), strict=True)  # a rule now, so strict mode does not refuse it
+    assert g.group("b:out").reason == "reaches model input 'index'"  # tied to the index's rows, which the caller gives
+    assert g.group("a:out").prunable
+    assert g.cost() == dense_counts(model, (x, index))

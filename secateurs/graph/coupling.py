@@ -644,6 +644,8 @@ class Coupler(FixedSizeRecorder):
             return self.cat(node, shape)
         if not m and t is torch.stack:
             return self.stack(node, shape)
+        if not m and t is torch.gather:
+            return self.gather(node, shape)
         if (m and t in ("split", "chunk", "tensor_split", "unbind")) or (
             not m and t in (torch.split, torch.chunk, torch.unbind)
         ):
@@ -852,6 +854,26 @@ class Coupler(FixedSizeRecorder):
         out.insert(dim, Opaque(None))
         return out
 
+    def gather(self, node: fx.Node, shape: Any) -> Info:
+        """``torch.gather(x, dim, index)``: dim ``dim`` of ``x`` is read at run-time positions (frozen);
+        every other dim is read position for position where index spans it whole, else frozen."""
+        x, dim, index = node.args[0], node.args[1], node.args[2]
+        xi, ii, xs, is_ = self.inf(x), self.inf(index), self.shp(x), self.shp(index)
+        if not (is_tensor_info(xi) and is_tensor_info(ii) and isinstance(dim, int)) or len(xs) != len(is_):
+            return self.unknown(node)
+        dim %= len(xs)
+        out: list[DimInfo] = []
+        for k in range(len(xs)):
+            if k == dim or xs[k] != is_[k]:
+                why = f"gathered at run-time positions at node '{node.name}'" if k == dim else \
+                    f"partly gathered at node '{node.name}'"
+                if not isinstance(xi[k], Opaque):
+                    self.freeze([xi[k]], why)
+                out.append(ii[k])
+            else:
+                out.append(self.tie(xi[k], ii[k], node) if is_[k] != 1 else xi[k])
+        return out
+
     def select(self, info: DimInfo, start: int, stop: int, node: fx.Node) -> DimInfo:
         """The channels ``[start, stop)`` of a dim (cutting a space into a sum where needed)."""
         if isinstance(info, Opaque):
@@ -958,6 +980,12 @@ class Coupler(FixedSizeRecorder):
             elif isinstance(it, int):
                 if not isinstance(src[d], Opaque):
                     self.freeze([src[d]], f"integer index into channels at node '{node.name}'")
+                d += 1
+            elif any(isinstance(b, fx.Node) for b in (it.start, it.stop, it.step)):
+                reason = f"slice with bounds computed at run time at node '{node.name}'"  # x[:, :seq_len]
+                if not isinstance(src[d], Opaque):
+                    self.freeze([src[d]], reason)
+                out.append(Opaque(reason))
                 d += 1
             else:
                 start, stop, step = it.indices(xs[d])
