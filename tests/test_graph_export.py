@@ -329,3 +329,42 @@ def test_gather_freezes_the_channels_its_index_rows_follow() -> None:
     assert g.group("b:out").reason == "reaches model input 'index'"  # tied to the index's rows, which the caller gives
     assert g.group("a:out").prunable
     assert g.cost() == dense_counts(model, (x, index))
+
+
+def test_hf_llama_grouped_query_heads_prune_as_kv_groups() -> None:
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    model, x = transformers.LlamaModel(config).eval(), _ids(0, batch=2, length=12)
+    g = build(model, x)
+    heads = g.group("layers.0.self_attn:heads")
+    assert heads.prunable and heads.size == 2  # a unit is one kv head with the 2 query heads that share it
+    assert g.cost() == dense_counts(model, x)
+    plan = secateurs.PrunePlan({"layers.0.self_attn:heads": [1]})
+    small = secateurs.apply(model, plan, graph=g)
+    attention = small.layers[0].self_attn
+    assert (attention.q_proj.out_features, attention.k_proj.out_features, attention.o_proj.in_features) == (16, 8, 16)
+    assert g.cost({"layers.0.self_attn:heads": 1}) == dense_counts(small, x)
+    masked = secateurs.apply(model, plan, graph=g, mode="mask")
+    with torch.no_grad():  # query heads 2 and 3 go with kv head 1: slicing computes what zeroing the others does
+        torch.testing.assert_close(small(**x).last_hidden_state, masked(**x).last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+class ConstantHeads(nn.Module):
+    """``view(..., 4, -1)`` with 4 a constant: pruning would regroup features silently, so it freezes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(6, 16)
+        self.out = nn.Linear(16, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = list(x.shape)
+        h = torch.softmax(self.fc(x).view(*shape[:-1], 4, -1), dim=-2)
+        return self.out(h.flatten(-2))
+
+
+def test_export_literal_beside_minus_one_still_freezes() -> None:
+    g = build(ConstantHeads().eval(), X)
+    reason = g.group("fc:out").reason
+    assert not g.group("fc:out").prunable and "fixes this size at 4" in reason, reason

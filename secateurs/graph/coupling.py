@@ -1118,8 +1118,9 @@ class Coupler(FixedSizeRecorder):
             m = d - (len(qs) - len(ms)) if is_tensor_info(mi) else -1
             if m >= 0 and ms[m] != 1:
                 batch[-1] = self.tie(batch[-1], mi[m], node)
-            for s in layout_spaces(batch[-1]):
-                self.sp.flag(s, "attn_batch")
+            # atoms: grouped-query attention refines the query heads into kv groups x repeats
+            for atom in {a for s in layout_spaces(batch[-1]) for a in self.sp.atoms(s)}:
+                self.sp.flag(atom, "attn_batch")
         e = self.tie(q[-1], k[-1], node)
         self.tie(k[-2], v[-2], node)
         for dinfo in (q[-1], v[-1]):
@@ -1157,7 +1158,10 @@ class Coupler(FixedSizeRecorder):
             else:
                 if not isinstance(x[d], Opaque):
                     self.freeze([x[d]], f"channels repeated at node '{node.name}'")
-                out.append(Opaque(None))
+                # a dim of its own (frozen), so that a reshape merging it keeps the other dim's channels:
+                # grouped-query attention repeats each kv head for several query heads this way
+                m = shape[lead + d]
+                out.append(space_layout(self.sp.new(m, node.name, frozen=f"repeats made at node '{node.name}'"), m))
         return out
 
 

@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 
 from secateurs.conv1d import is_conv1d
 from secateurs.errors import TraceError
+from secateurs.graph.fixed_sizes import EXPORTED
 
 aten = torch.ops.aten
 
@@ -255,7 +256,9 @@ def _rewrite(ep: torch.export.ExportedProgram, model: nn.Module, names: list[str
         g.erase_node(n)  # the parameters of collapsed layers: only their call_module reads them
     g.lint()
     used = {str(n.target) for n in g.nodes if n.op in ("get_attr", "call_module")}
-    return fx.GraphModule({t: v for t, v in tensors.items() if t in used}, g, type(model).__name__)
+    gm = fx.GraphModule({t: v for t, v in tensors.items() if t in used}, g, type(model).__name__)
+    setattr(gm, EXPORTED, True)
+    return gm
 
 
 def _dynamic(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -31,6 +31,12 @@ from torch import fx, nn
 from secateurs.graph.groups import HEAD_ATTRIBUTES, INNER_ATTRIBUTES
 from secateurs.graph.spaces import DimInfo, Spaces, has_tensor, is_tensor_info, layout_spaces
 
+#: Attribute set on graphs rewritten from torch.export. Export writes a size read from a static dim
+#: (``k.shape[1]``) as a literal, as it writes a constant: it cannot tell them apart. A reshape whose
+#: target has no -1 cannot regroup silently (a wrong constant changes the element count, and apply's
+#: run of the sliced model fails), so its literals are taken as reads of the dims' own sizes.
+EXPORTED = "_secateurs_exported"
+
 
 @dataclass
 class FixedSize:
@@ -147,6 +153,8 @@ class FixedSizeRecorder:
         if found is None:
             return
         start, entries = found
+        if getattr(self.gm, EXPORTED, False) and -1 not in entries:
+            return  # see EXPORTED: with no -1 to absorb a change, a constant would fail apply's check loudly
         total = sum(self._arity(e) for e in entries)
         if start + total > len(out) or (start == 0 and total != len(out)):
             return  # cannot align entries with dims (an unpacked python sequence): nothing to check
