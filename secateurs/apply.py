@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from secateurs.calibration import forward_batch
 from secateurs.conv1d import is_conv1d
-from secateurs.errors import InvalidPlanError, ValidationError
+from secateurs.errors import InvalidPlanError, ValidationError, first_line
 from secateurs.graph.groups import HEAD_ATTRIBUTES, INNER_ATTRIBUTES, Group, Member, validate_units
 from secateurs.modules import (
     PrunedMultiheadAttention,
@@ -492,7 +492,7 @@ def _verify(model: nn.Module, graph: DependencyGraph, mode: str) -> None:
         with torch.no_grad():
             forward_batch(model, graph.example_inputs)
     except Exception as e:  # any failure means the plan did not produce a working model
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise InvalidPlanError(f"the {mode}d model fails on the graph's example inputs: {first} "
                                "(the input model is unchanged)") from e
     finally:

@@ -230,7 +230,7 @@ def test_hf_bert_prunes_to_budget_and_the_pruned_model_runs_any_length() -> None
         pruned = result.model(**_tokens(3, 20, 9)).last_hidden_state
     assert pruned.shape == dense.shape
     # the refit keeps the output nearer the dense one than dropping the same units without it
-    plain = secateurs.apply(model, result.plan.__class__(result.plan.keep), graph=build(model, x))
+    plain = secateurs.apply(model, secateurs.PrunePlan(result.plan.keep), graph=build(model, x))
     with torch.no_grad():
         unrefit = plain(**_tokens(3, 20, 9)).last_hidden_state
     assert (pruned - dense).norm() < (unrefit - dense).norm()

@@ -26,7 +26,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from secateurs.calibration import forward_batch
 from secateurs.cost import Cost, CostModel, Polynomial
-from secateurs.errors import TraceError, ValidationError
+from secateurs.errors import TraceError, ValidationError, first_line
 from secateurs.graph.coupling import Coupler, Info, op_name
 from secateurs.graph.export import export_trace
 from secateurs.graph.fixed_sizes import freeze_fixed_sizes
@@ -97,7 +97,7 @@ def _trace(model: nn.Module, values: list[Any], concrete: dict[str, Any]) -> fx.
         for name in set(vars(model)) - before:
             if name.startswith("_tensor_constant"):
                 delattr(model, name)
-    reason = str(fx_error).strip().splitlines()[0] if str(fx_error).strip() else type(fx_error).__name__
+    reason = first_line(fx_error)
     try:
         return export_trace(model, values, concrete)
     except TraceError as e:
@@ -157,14 +157,14 @@ def _probe(gm: fx.GraphModule, model: nn.Module, values: list[Any]) -> tuple[dic
             probe.run(*values)
     except _NodeFailed as e:
         node, cause = e.node, e.__cause__
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        reason = first_line(cause)
         what = f"{node.target} ({op_name(node, gm.get_submodule(node.target))})" if node.op == "call_module" else \
             op_name(node)
         raise TraceError(f"running {type(model).__name__} on the example inputs failed at node {node.name!r}, "
                          f"{what}: {reason}") from cause
     except Exception as e:
         raise TraceError(f"running {type(model).__name__} on the example inputs failed: "
-                         f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from e
+                         f"{first_line(e)}") from e
     finally:
         for m, mode in modes:
             m.training = mode

@@ -36,7 +36,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from secateurs.conv1d import is_conv1d
-from secateurs.errors import TraceError
+from secateurs.errors import TraceError, first_line
 from secateurs.graph.fixed_sizes import EXPORTED
 
 aten = torch.ops.aten
@@ -292,7 +292,7 @@ def export_trace(model: nn.Module, values: list[Any], concrete: dict[str, Any]) 
         try:
             ep = torch.export.export(model, (), kwargs, dynamic_shapes=_dynamic(kwargs), strict=False)
         except Exception as e:  # export raises many kinds; all mean the same to the caller
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            reason = first_line(e)
             raise TraceError(f"torch.export cannot trace {type(model).__name__} either: {reason}") from e
         gm = _rewrite(ep, model, names)
         with torch.no_grad():
