@@ -43,6 +43,8 @@ from secateurs.errors import InvalidPlanError, ValidationError, first_line
 from secateurs.graph.groups import HEAD_ATTRIBUTES, INNER_ATTRIBUTES, Group, Member, validate_units
 from secateurs.modules import (
     PrunedMultiheadAttention,
+    PrunedTransformerEncoder,
+    PrunedTransformerEncoderLayer,
     ZeroWidthBatchNorm1d,
     ZeroWidthBatchNorm2d,
     ZeroWidthBatchNorm3d,
@@ -425,6 +427,18 @@ def _sync_attributes(model: nn.Module) -> None:
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
         elif isinstance(mod, nn.PReLU):
             mod.num_parameters = mod.weight.numel()
+    _sync_encoders(model)
+
+
+def _sync_encoders(model: nn.Module) -> None:
+    """torch's encoder containers around pruned attention take their slow path (see modules.py)."""
+    for mod in model.modules():
+        if type(mod) is nn.TransformerEncoderLayer and isinstance(mod.self_attn, PrunedMultiheadAttention):
+            mod.__class__ = PrunedTransformerEncoderLayer
+    for mod in model.modules():
+        if type(mod) is nn.TransformerEncoder and any(isinstance(layer, PrunedTransformerEncoderLayer)
+                                                      for layer in mod.layers):
+            mod.__class__ = PrunedTransformerEncoder
 
 
 def _sync_mha(mod: nn.MultiheadAttention) -> None:

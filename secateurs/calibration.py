@@ -8,7 +8,7 @@ input channel c occupies the k·k consecutive columns c·k·k … (c+1)·k·k �
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +19,7 @@ from torch.nn import functional as F
 
 from secateurs.conv1d import is_conv1d
 from secateurs.errors import ValidationError
+from secateurs.modules import attention_heads
 
 _CHUNK = 4096  # rows per low-precision product before it is added to the float64 sums
 
@@ -103,6 +104,48 @@ def _padding(module: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> tuple[int, ...]:
     return tuple(module.padding)
 
 
+@dataclass(frozen=True)
+class InputSource:
+    """Where a layer's input can be seen: the module whose call carries it, and how to read it
+    from that call's arguments (``read(module, args, kwargs)``)."""
+
+    module: str
+    read: Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]
+
+
+def _first_argument(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    return args[0] if args else next(iter(kwargs.values()), None)
+
+
+def _heads_output(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    assert isinstance(module, nn.MultiheadAttention)
+    return attention_heads(module, *args, **kwargs)
+
+
+def input_source(model: nn.Module, name: str) -> InputSource:
+    """The layer's own call, except for ``nn.MultiheadAttention``'s output projection: the attention
+    module runs it functionally, so its input (the heads' outputs side by side) is recomputed from
+    the attention module's arguments."""
+    parent, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(parent)
+    if leaf == "out_proj" and isinstance(owner, nn.MultiheadAttention) and owner.in_proj_weight is not None \
+            and owner.bias_k is None and not owner.add_zero_attn:
+        return InputSource(parent, _heads_output)
+    return InputSource(name, _first_argument)
+
+
+@contextmanager
+def layers_called() -> Iterator[None]:
+    """torch's fused attention fast paths off for the block: they compute a whole encoder layer (or
+    a nested-tensor encoder) in one kernel, so the layers' own calls, which hooks see, never happen."""
+    enabled = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(enabled)
+
+
 def forward_batch(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on a batch given as a tensor, a tuple/list of tensors, or a dict."""
     if isinstance(batch, Mapping):
@@ -155,15 +198,16 @@ def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]
     stats = {name: GramStatistics() for name in names}
     handles = []
     for name in names:
-        module = model.get_submodule(name)
+        layer, source = model.get_submodule(name), input_source(model, name)
 
-        def hook(mod: nn.Module, args: tuple[Any, ...], _name: str = name) -> None:
-            stats[_name].update(layer_rows(mod, args[0]))
+        def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _name: str = name,
+                 _layer: nn.Module = layer, _source: InputSource = source) -> None:
+            stats[_name].update(layer_rows(_layer, _source.read(mod, args, kwargs)))
 
-        handles.append(module.register_forward_pre_hook(hook))
+        handles.append(model.get_submodule(source.module).register_forward_pre_hook(hook, with_kwargs=True))
     count = 0
     try:
-        with evaluating(model):
+        with evaluating(model), layers_called():
             for index, batch in enumerate(calibration):
                 validate_batch(batch, index)
                 try:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from secateurs.calibration import evaluating, validate_batch
+from secateurs.calibration import evaluating, input_source, validate_batch
 from secateurs.errors import ValidationError
 from secateurs.graph.build import _arguments, _trace
 
@@ -54,23 +54,30 @@ class Lockstep:
         self.done = -1  # index of the last node run
 
     def first_call(self, module: str) -> int | None:
-        """Position of the first node that calls ``module`` (None when the trace never calls it)."""
-        nodes = self.calls.get(module)
+        """Position of the first node that calls ``module`` (None when the trace never calls it);
+        for an attention module's output projection, of the attention module's call."""
+        nodes = self.calls.get(input_source(self.model, module).module)
         return self.position[nodes[0]] if nodes else None
 
     def inputs_of(self, module: str) -> list[torch.Tensor] | None:
-        """The first positional input of ``module``'s only call, per batch, if it is computed yet.
+        """The input of ``module``'s only call, per batch, if it can be computed yet
+        (:func:`~secateurs.calibration.input_source` says from which call and how).
 
         None when the module is called more than once (its statistics would mix calls), never,
         or with an input not yet computed or not a tensor.
         """
-        nodes = self.calls.get(module, [])
-        if len(nodes) != 1 or not nodes[0].args or not isinstance(nodes[0].args[0], fx.Node):
+        source = input_source(self.model, module)
+        nodes = self.calls.get(source.module, [])
+        if len(nodes) != 1 or not nodes[0].all_input_nodes:
             return None
-        source = nodes[0].args[0]
-        if self.position[source] > self.done:
+        if any(self.position[n] > self.done for n in nodes[0].all_input_nodes):
             return None
-        values = [state.env[source] for state in self.states]
+        caller = self.model.get_submodule(source.module)
+        values = []
+        with torch.no_grad():
+            for state in self.states:
+                args, kwargs = state.fetch_args_kwargs_from_env(nodes[0])
+                values.append(source.read(caller, tuple(args), dict(kwargs)))
         return values if all(isinstance(v, torch.Tensor) for v in values) else None
 
     def step(self, i: int) -> None:

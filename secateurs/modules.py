@@ -2,6 +2,9 @@
 
 - :class:`PrunedMultiheadAttention`: ``nn.MultiheadAttention`` whose inner width
   (``num_heads * head_dim``) differs from ``embed_dim`` once heads or the stream are pruned.
+- :class:`PrunedTransformerEncoderLayer` and :class:`PrunedTransformerEncoder`: torch's encoder
+  containers that always run their slow path, since the fused kernels assume
+  ``num_heads * head_dim == embed_dim``.
 - Zero-width stand-ins for convs and batch norms, for plans that empty a group (a removed
   residual branch): torch's own layers do not all run at zero width (a conv with 0 output channels
   raises, one with 0 input channels silently returns 0 channels instead of its bias, BatchNorm
@@ -19,8 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from secateurs.errors import ValidationError
+from secateurs.torch_transformer import encoder_forward, encoder_layer_forward
+
 __all__ = [
-    "PrunedMultiheadAttention", "ZeroWidthBatchNorm1d", "ZeroWidthBatchNorm2d", "ZeroWidthBatchNorm3d",
+    "PrunedMultiheadAttention", "PrunedTransformerEncoder", "PrunedTransformerEncoderLayer", "ZeroWidthBatchNorm1d",
+    "ZeroWidthBatchNorm2d", "ZeroWidthBatchNorm3d", "attention_heads",
     "ZeroWidthConv1d", "ZeroWidthConv2d", "ZeroWidthConv3d", "conv_output_size", "runs_at_zero_width",
     "sync_zero_width",
 ]
@@ -52,64 +59,103 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
-        unbatched = query.dim() == 2
-        batch_first = self.batch_first or unbatched
-        if unbatched:
-            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-            if key_padding_mask is not None:
-                key_padding_mask = key_padding_mask.unsqueeze(0)
-        if not batch_first:
-            query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
-        n, tq, _ = query.shape
-        tk = key.shape[1]
-        h, d = self.num_heads, self.head_dim
-        assert self.in_proj_weight is not None  # separate q/k/v weights are never sliced (see apply)
-        wq, wk, wv = self.in_proj_weight.chunk(3)
-        bq, bk, bv = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None, None, None)
-        q = F.linear(query, wq, bq).reshape(n, tq, h, d).transpose(1, 2)
-        k = F.linear(key, wk, bk).reshape(n, tk, h, d).transpose(1, 2)
-        v = F.linear(value, wv, bv).reshape(n, tk, h, d).transpose(1, 2)
-        bias = self._additive_mask(q, n, tq, tk, key_padding_mask, attn_mask, is_causal)
-        weights: Tensor | None = None
-        if need_weights:  # the stock module's explicit path (bmm + softmax), which also returns weights
-            scores = torch.matmul(q * d**-0.5, k.transpose(-2, -1))
-            if bias is not None:
-                scores = scores + bias
-            weights = torch.softmax(scores, dim=-1)
-            out = torch.matmul(F.dropout(weights, self.dropout, self.training), v)
-        else:  # the stock module's scaled_dot_product_attention path
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                 dropout_p=self.dropout if self.training else 0.0)
-        out = F.linear(out.transpose(1, 2).reshape(n, tq, h * d), self.out_proj.weight, self.out_proj.bias)
-        if not batch_first:
-            out = out.transpose(0, 1)
+        heads, weights = _heads(self, query, key, value, key_padding_mask, need_weights, attn_mask, is_causal)
+        out = F.linear(heads, self.out_proj.weight, self.out_proj.bias)
         if weights is not None and average_attn_weights:
-            weights = weights.mean(dim=1)
-        if unbatched:
-            out = out.squeeze(0)
-            weights = weights.squeeze(0) if weights is not None else None
+            weights = weights.mean(dim=-3)
         return out, weights
 
-    def _additive_mask(self, q: Tensor, n: int, tq: int, tk: int, key_padding_mask: Tensor | None,
-                       attn_mask: Tensor | None, is_causal: bool) -> Tensor | None:
-        """One float mask of shape broadcastable to (n, heads, tq, tk), as the stock module merges them."""
 
-        def additive(m: Tensor) -> Tensor:
-            if m.dtype == torch.bool:
-                return torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(m, float("-inf"))
-            return m.to(q.dtype)
+def attention_heads(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor,
+                    key_padding_mask: Tensor | None = None, need_weights: bool = True,
+                    attn_mask: Tensor | None = None, average_attn_weights: bool = True,
+                    is_causal: bool = False) -> Tensor:
+    """The input of ``mha.out_proj`` for a call ``mha(query, key, value, ...)``: the heads' outputs
+    side by side, in the layout of the module's output.
 
-        bias: Tensor | None = None
-        if attn_mask is not None:
-            m = attn_mask.view(1, 1, tq, tk) if attn_mask.dim() == 2 else attn_mask.view(n, self.num_heads, tq, tk)
-            bias = additive(m)
-        elif is_causal:
-            causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(1)
-            bias = additive(causal.view(1, 1, tq, tk))
+    The stock module runs its output projection functionally, so no hook sees this tensor;
+    calibration recomputes it from the call's arguments (the module's packed q/k/v projection).
+    """
+    if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+        raise ValidationError("module", "separate q/k/v projections, bias_k/bias_v or add_zero_attn: "
+                                        "the heads' output is not recomputed")
+    return _heads(mha, query, key, value, key_padding_mask, False, attn_mask, is_causal)[0]
+
+
+def _heads(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None,
+           need_weights: bool, attn_mask: Tensor | None, is_causal: bool) -> tuple[Tensor, Tensor | None]:
+    """Attention up to the output projection, explicitly (per-head weights too when asked)."""
+    unbatched = query.dim() == 2
+    batch_first = mha.batch_first or unbatched
+    if unbatched:
+        query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
         if key_padding_mask is not None:
-            kp = additive(key_padding_mask.view(n, 1, 1, tk))
-            bias = kp if bias is None else bias + kp
-        return bias
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    if not batch_first:
+        query, key, value = query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1)
+    n, tq, _ = query.shape
+    tk = key.shape[1]
+    h, d = mha.num_heads, mha.head_dim
+    assert mha.in_proj_weight is not None  # separate q/k/v weights are never sliced (see apply)
+    wq, wk, wv = mha.in_proj_weight.chunk(3)
+    bq, bk, bv = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
+    q = F.linear(query, wq, bq).reshape(n, tq, h, d).transpose(1, 2)
+    k = F.linear(key, wk, bk).reshape(n, tk, h, d).transpose(1, 2)
+    v = F.linear(value, wv, bv).reshape(n, tk, h, d).transpose(1, 2)
+    bias = _additive_mask(q, h, n, tq, tk, key_padding_mask, attn_mask, is_causal)
+    dropout = mha.dropout if mha.training else 0.0
+    weights: Tensor | None = None
+    if need_weights:  # the stock module's explicit path (bmm + softmax), which also returns weights
+        scores = torch.matmul(q * d**-0.5, k.transpose(-2, -1))
+        if bias is not None:
+            scores = scores + bias
+        weights = torch.softmax(scores, dim=-1)
+        out = torch.matmul(F.dropout(weights, dropout, mha.training), v)
+    else:  # the stock module's scaled_dot_product_attention path
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
+    out = out.transpose(1, 2).reshape(n, tq, h * d)
+    if not batch_first:
+        out = out.transpose(0, 1)
+    if unbatched:
+        out = out.squeeze(0)
+        weights = weights.squeeze(0) if weights is not None else None
+    return out, weights
+
+
+def _additive_mask(q: Tensor, heads: int, n: int, tq: int, tk: int, key_padding_mask: Tensor | None,
+                   attn_mask: Tensor | None, is_causal: bool) -> Tensor | None:
+    """One float mask of shape broadcastable to (n, heads, tq, tk), as the stock module merges them."""
+
+    def additive(m: Tensor) -> Tensor:
+        if m.dtype == torch.bool:
+            return torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(m, float("-inf"))
+        return m.to(q.dtype)
+
+    bias: Tensor | None = None
+    if attn_mask is not None:
+        m = attn_mask.view(1, 1, tq, tk) if attn_mask.dim() == 2 else attn_mask.view(n, heads, tq, tk)
+        bias = additive(m)
+    elif is_causal:
+        causal = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(1)
+        bias = additive(causal.view(1, 1, tq, tk))
+    if key_padding_mask is not None:
+        kp = additive(key_padding_mask.view(n, 1, 1, tk))
+        bias = kp if bias is None else bias + kp
+    return bias
+
+
+class PrunedTransformerEncoderLayer(nn.TransformerEncoderLayer):
+    """``nn.TransformerEncoderLayer`` around a :class:`PrunedMultiheadAttention`: the stock forward's
+    fused kernel (eval, no grad) assumes the heads span ``embed_dim`` and fails or miscomputes."""
+
+    forward = encoder_layer_forward  # type: ignore[assignment]
+
+
+class PrunedTransformerEncoder(nn.TransformerEncoder):
+    """``nn.TransformerEncoder`` over pruned layers: its nested-tensor fast path would hand them
+    nested tensors, which :class:`PrunedMultiheadAttention` does not take."""
+
+    forward = encoder_forward  # type: ignore[assignment]
 
 
 # -- zero-width layers ----------------------------------------------------------------------------

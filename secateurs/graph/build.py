@@ -14,8 +14,9 @@ The three steps are kept apart so each can be checked on its own:
 
 from __future__ import annotations
 
+import functools
 import inspect
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from secateurs.graph.export import export_trace
 from secateurs.graph.fixed_sizes import freeze_fixed_sizes
 from secateurs.graph.groups import Group, Member
 from secateurs.graph.spaces import CouplingError, Layout, Opaque, layout_size, member_maps
+from secateurs.torch_transformer import slow_forward
 
 Mono = tuple[str, ...]
 Poly = dict[Mono, float]
@@ -81,6 +83,15 @@ class _Tracer(fx.Tracer):
     anonymous constants that no plan can slice."""
 
     proxy_buffer_attributes = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # torch's Transformer containers are traced through to their layers (which have rules)
+        return slow_forward(m) is None and super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        slow = slow_forward(m)
+        return super().call_module(m, forward if slow is None else functools.partial(slow, m), args, kwargs)
 
 
 def _trace(model: nn.Module, values: list[Any], concrete: dict[str, Any]) -> fx.GraphModule:

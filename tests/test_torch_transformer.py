@@ -1,0 +1,193 @@
+"""torch.nn's Transformer containers: traced through to their layers, pruned, and run correctly."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import secateurs
+from secateurs.calibration import collect, input_source
+from secateurs.errors import ValidationError
+from secateurs.graph import build, dense_counts
+from secateurs.modules import PrunedMultiheadAttention, PrunedTransformerEncoderLayer, attention_heads
+from secateurs.torch_transformer import slow_forward
+
+
+class Encoder(nn.Module):
+    """A sequence classifier on nn.TransformerEncoder, as users write one."""
+
+    def __init__(self, norm_first: bool = False, activation: str = "relu", layers: int = 2) -> None:
+        super().__init__()
+        self.emb = nn.Linear(8, 32)
+        layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first,
+                                           activation=activation)
+        self.enc = nn.TransformerEncoder(layer, layers, norm=nn.LayerNorm(32), enable_nested_tensor=False)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+class Seq2Seq(nn.Module):
+    """nn.Transformer (encoder and decoder, cross-attention) between two linear embeddings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.src = nn.Linear(6, 32)
+        self.tgt = nn.Linear(6, 32)
+        self.core = nn.Transformer(32, 4, 1, 1, 48, dropout=0.0, batch_first=True)
+        self.out = nn.Linear(32, 6)
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+        return self.out(self.core(self.src(src), self.tgt(tgt)))
+
+
+def _batches(n: int, seed: int, length: int = 7) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(6, length, 8, generator=gen) for _ in range(n)]
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_slow_forwards_compute_what_the_stock_fused_paths_compute(norm_first: bool, activation: str) -> None:
+    torch.manual_seed(0)
+    enc = Encoder(norm_first, activation).enc.eval()
+    x = torch.randn(3, 9, 32)
+    padding = torch.zeros(3, 9, dtype=torch.bool)
+    padding[1, 6:] = True
+    causal = nn.Transformer.generate_square_subsequent_mask(9)
+    with torch.no_grad():  # eval and no grad: the stock modules take their fused kernels
+        for kwargs in ({}, {"src_key_padding_mask": padding}, {"mask": causal}):
+            assert torch.allclose(slow_forward(enc)(enc, x, **kwargs), enc(x, **kwargs), atol=1e-5)
+        layer = enc.layers[0]
+        assert torch.allclose(slow_forward(layer)(layer, x), layer(x), atol=1e-5)
+
+
+def test_slow_transformer_forward_matches_with_masks() -> None:
+    torch.manual_seed(0)
+    core = Seq2Seq().core.eval()
+    src, tgt = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        assert torch.allclose(slow_forward(core)(core, src, tgt, tgt_mask=mask), core(src, tgt, tgt_mask=mask),
+                              atol=1e-5)
+
+
+def test_a_subclass_with_its_own_forward_is_traced_as_written() -> None:
+    class Mine(nn.TransformerEncoderLayer):
+        def forward(self, src: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:  # type: ignore[override]
+            return self.linear2(F.relu(self.linear1(src)))
+
+    assert slow_forward(Mine(8, 2, 16)) is None
+    assert slow_forward(nn.TransformerEncoderLayer(8, 2, 16)) is not None
+    assert slow_forward(nn.Linear(2, 2)) is None
+
+
+def test_encoder_groups_are_heads_ffn_and_stream_with_exact_costs() -> None:
+    model, x = Encoder().eval(), _batches(1, 0)[0]
+    g = build(model, x)
+    names = {gr.name for gr in g.prunable_groups()}
+    assert {"enc.layers.0.self_attn:heads", "enc.layers.1.self_attn:heads", "enc.layers.0.linear1:out",
+            "enc.layers.1.linear1:out", "emb:out"} == names
+    assert g.cost() == dense_counts(model, x)
+    heads = next(gr for gr in g.groups if gr.name == "enc.layers.0.self_attn:heads")
+    assert (heads.size, heads.unit_width) == (4, 8)
+    keep = {"enc.layers.0.self_attn:heads": [1, 3], "enc.layers.1.linear1:out": list(range(0, 64, 3))}
+    small = secateurs.apply(model, secateurs.PrunePlan(keep), graph=g)
+    assert g.cost({k: len(v) for k, v in keep.items()}) == dense_counts(small, x)
+
+
+def test_seq2seq_cross_attention_heads_prune_and_costs_stay_exact() -> None:
+    torch.manual_seed(0)
+    model = Seq2Seq().eval()
+    src, tgt = torch.randn(4, 7, 6), torch.randn(4, 5, 6)
+    g = build(model, (src, tgt))
+    names = {gr.name for gr in g.prunable_groups()}
+    for attn in ("core.encoder.layers.0.self_attn", "core.decoder.layers.0.self_attn",
+                 "core.decoder.layers.0.multihead_attn"):
+        assert f"{attn}:heads" in names
+    assert g.cost() == dense_counts(model, (src, tgt))
+    keep = {"core.decoder.layers.0.multihead_attn:heads": [0, 2], "core.encoder.layers.0.self_attn:heads": [3]}
+    small = secateurs.apply(model, secateurs.PrunePlan(keep), graph=g)
+    assert g.cost({k: len(v) for k, v in keep.items()}) == dense_counts(small, (src, tgt))
+    masked = secateurs.apply(model, secateurs.PrunePlan(keep), graph=g, mode="mask")
+    with torch.no_grad():  # slicing removes exactly what masking zeroes
+        assert torch.allclose(small(src, tgt), masked(src, tgt), atol=1e-5)
+
+
+def test_pruned_encoder_runs_its_slow_path_and_equals_the_masked_model() -> None:
+    """The stock fused kernel would reject (or miscompute) heads narrower than embed_dim."""
+    torch.manual_seed(0)
+    model, x = Encoder().eval(), _batches(1, 1)[0]
+    g = build(model, x)
+    plan = secateurs.PrunePlan({"enc.layers.0.self_attn:heads": [0, 2], "enc.layers.1.self_attn:heads": [1]})
+    small = secateurs.apply(model, plan, graph=g)
+    masked = secateurs.apply(model, plan, graph=g, mode="mask")
+    layer = small.enc.layers[0]
+    assert isinstance(layer, PrunedTransformerEncoderLayer) and isinstance(layer.self_attn, PrunedMultiheadAttention)
+    assert type(model.enc.layers[0]) is nn.TransformerEncoderLayer  # the input model is untouched
+    padding = torch.zeros(x.shape[:2], dtype=torch.bool)
+    padding[0, 4:] = True
+    with torch.no_grad():
+        assert torch.allclose(small(x), masked(x), atol=1e-5)
+        assert torch.allclose(small.enc(small.emb(x), src_key_padding_mask=padding),
+                              masked.enc(masked.emb(x), src_key_padding_mask=padding), atol=1e-5)
+
+
+def test_out_proj_statistics_are_the_heads_output_the_stock_module_projects() -> None:
+    """The Gram of out_proj's input, against the heads' output taken from the stock functional path
+    with an identity output projection (so its output is its input)."""
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    batches = _batches(2, 2)
+    name = "enc.layers.1.self_attn.out_proj"
+    assert input_source(model, name).module == "enc.layers.1.self_attn"
+    stats = collect(model, batches, [name])[name]
+    mha = model.enc.layers[1].self_attn
+    seen: list[torch.Tensor] = []
+    hook = mha.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    hook.remove()
+    expected = torch.zeros(32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        for h in seen:
+            heads = F.multi_head_attention_forward(
+                h.transpose(0, 1), h.transpose(0, 1), h.transpose(0, 1), 32, 4, mha.in_proj_weight, mha.in_proj_bias,
+                None, None, False, 0.0, torch.eye(32), torch.zeros(32), need_weights=False)[0]
+            rows = heads.reshape(-1, 32).double()
+            expected += rows.T @ rows
+    assert stats.rows == sum(h.shape[0] * h.shape[1] for h in seen)
+    assert torch.allclose(stats.gram, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_heads_refuses_modules_it_cannot_recompute() -> None:
+    mha = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
+    x = torch.randn(1, 3, 8)
+    with pytest.raises(ValidationError, match="bias_k"):
+        attention_heads(mha, x, x, x)
+
+
+def test_prune_encoder_to_budget_with_head_statistics() -> None:
+    """Heads get calibration statistics (OSSCAR solves and refit), the budget is met by an
+    independent count, the pruned model stays close to the dense one and the input model is unchanged."""
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    before = copy.deepcopy(model.state_dict())
+    calibration, held = _batches(6, 3), _batches(2, 4)
+    result = secateurs.prune(model, calibration, secateurs.Budget(flops=0.6), progress=False)
+    assert dense_counts(result.model, held[0]).flops <= 0.6 * dense_counts(model, held[0]).flops
+    rows = {r.name: r for r in result.report.groups}
+    heads = [rows[f"enc.layers.{layer}.self_attn:heads"] for layer in (0, 1)]
+    assert not any("magnitude" in row.note for row in heads)
+    assert any(row.kept < row.total and row.relative_error > 0 and row.solver == "local_search" for row in heads)
+    with torch.no_grad():
+        for x in held:
+            dense, pruned = model(x), result.model(x)
+            assert (pruned - dense).norm() < 0.5 * dense.norm()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
