@@ -3,52 +3,60 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import importlib.util
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from secateurs.errors import SecateursError, ValidationError
+from secateurs.calibration import validate_batch
+from secateurs.errors import SecateursError, ValidationError, first_line
 
 _DTYPES = {"float": torch.float32, "float32": torch.float32, "long": torch.long, "int64": torch.long,
            "int": torch.long, "bool": torch.bool}
 
 
-def load_factory(spec: str) -> Callable[[], nn.Module]:
-    """``package.module:factory`` or ``path/to/file.py:factory`` -> the factory callable."""
+def _import_callable(spec: str, field: str, expected: str) -> Callable[..., Any]:
+    """``package.module:name`` or ``path/to/file.py:name`` -> that callable; errors name ``field``."""
     target, sep, attr = spec.rpartition(":")
     if not sep or not target or not attr:
-        raise ValidationError("model", f"expected MODULE:FACTORY or FILE.py:FACTORY, got {spec!r}")
+        raise ValidationError(field, f"expected {expected}, got {spec!r}")
     if target.endswith(".py") or "/" in target:
         path = Path(target)
         if not path.is_file():
-            raise ValidationError("model", f"no such file {target!r}")
+            raise ValidationError(field, f"no such file {target!r}")
         mod_spec = importlib.util.spec_from_file_location(path.stem, path)
         if mod_spec is None or mod_spec.loader is None:
-            raise ValidationError("model", f"cannot import {target!r}")
+            raise ValidationError(field, f"cannot import {target!r}")
         module = importlib.util.module_from_spec(mod_spec)
         sys.modules.setdefault(path.stem, module)
         try:
             mod_spec.loader.exec_module(module)
         except Exception as e:  # a syntax error or a failing import in the user's file
-            raise ValidationError("model", f"importing {target!r} failed: {type(e).__name__}: {e}") from e
+            raise ValidationError(field, f"importing {target!r} failed: {type(e).__name__}: {e}") from e
     else:
         if "" not in sys.path and str(Path.cwd()) not in sys.path:  # as `python -m` does: modules beside you import
             sys.path.insert(0, str(Path.cwd()))
         try:
             module = importlib.import_module(target)
         except ImportError as e:
-            raise ValidationError("model", f"cannot import module {target!r}: {e}") from e
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ValidationError("model", f"{target!r} has no callable {attr!r}")
-    return factory
+            raise ValidationError(field, f"cannot import module {target!r}: {e}") from e
+    found = getattr(module, attr, None)
+    if not callable(found):
+        raise ValidationError(field, f"{target!r} has no callable {attr!r}")
+    return found
+
+
+def load_factory(spec: str) -> Callable[[], nn.Module]:
+    """``package.module:factory`` or ``path/to/file.py:factory`` -> the factory callable."""
+    return _import_callable(spec, "model", "MODULE:FACTORY or FILE.py:FACTORY")
 
 
 def build_model(spec: str) -> nn.Module:
@@ -61,6 +69,82 @@ def build_model(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise ValidationError("model", f"{spec} returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+_DATA_FILES = (".pt", ".pth")
+
+
+def _data_source(spec: str) -> Any:
+    """What ``--data`` names, unchecked: the loaded ``.pt`` file or what the user's function returns."""
+    if Path(spec).suffix in _DATA_FILES:
+        if not Path(spec).is_file():
+            raise ValidationError("--data", f"no such file {spec!r}")
+        try:
+            return torch.load(spec, weights_only=True)
+        except Exception as e:  # not a torch file, or objects weights_only refuses to unpickle
+            raise ValidationError("--data", f"cannot load {spec!r}: {type(e).__name__}: {first_line(e)}") from e
+    fn = _import_callable(spec, "--data", "MODULE:FN, FILE.py:FN or FILE.pt")
+    try:
+        return fn()
+    except Exception as e:  # the user's code, reported as such
+        raise ValidationError("--data", f"{spec}() failed: {type(e).__name__}: {first_line(e)}") from e
+
+
+def _as_batches(data: Any, spec: str) -> list[Any]:
+    """The batches in ``data`` as a list (a generator is read once), each checked as calibration checks it."""
+    if isinstance(data, (torch.Tensor, dict)):
+        raise ValidationError("--data", f"{spec} gave one {type(data).__name__}, not a list of batches "
+                                        f"(wrap it: [batch], or list(x.split(64)) for a tensor)")
+    if isinstance(data, (str, bytes)) or not hasattr(data, "__iter__"):
+        raise ValidationError("--data", f"{spec} gave a {type(data).__name__}, not an iterable of batches")
+    try:
+        batches = list(data)
+    except Exception as e:  # a generator that fails part way
+        raise ValidationError("--data", f"reading the batches of {spec} failed: {type(e).__name__}: {first_line(e)}") from e
+    if not batches:
+        raise ValidationError("--data", f"{spec} gave no batches")
+    for i, batch in enumerate(batches):
+        if isinstance(batch, (tuple, list)) and any(isinstance(t, (tuple, list, dict)) for t in batch):
+            raise ValidationError("--data", f"batch {i} nests containers; a batch is a tensor, a tuple of tensors "
+                                            f"or a dict of tensors")
+        try:
+            validate_batch(batch, i)
+        except ValidationError as e:
+            raise ValidationError("--data", f"{spec}: {str(e).removeprefix(f'{e.field}: ')}") from e
+        if _leading(batch).dim() == 0:
+            raise ValidationError("--data", f"{spec}: batch {i} starts with a scalar; batches have a batch dimension")
+    return batches
+
+
+def _take_samples(batches: list[Any], limit: int) -> list[Any]:
+    """The first ``limit`` samples along the batch dimension; the batch where the limit falls is cut."""
+    taken: list[Any] = []
+    count = 0
+    for batch in batches:
+        if count >= limit:
+            break
+        size = _batch_size(batch)
+        taken.append(batch if count + size <= limit else _head(batch, limit - count, size))
+        count += size
+    return taken
+
+
+def _head(batch: Any, n: int, size: int) -> Any:
+    """The first ``n`` rows of every tensor in ``batch`` whose leading dimension is the batch's ``size``."""
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[:n] if t.dim() > 0 and t.shape[0] == size else t
+
+    if isinstance(batch, torch.Tensor):
+        return cut(batch)
+    if isinstance(batch, dict):
+        return {k: cut(v) for k, v in batch.items()}
+    return type(batch)(cut(t) for t in batch)
+
+
+def load_data(spec: str, limit: int | None) -> list[Any]:
+    """``--data``: the user's calibration batches, checked, at most ``limit`` samples (all when None)."""
+    batches = _as_batches(_data_source(spec), spec)
+    return batches if limit is None else _take_samples(batches, limit)
 
 
 def check_out_folder(folder: str) -> Path:
@@ -148,67 +232,282 @@ def _before_after(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
+def _leading(inputs: Any) -> torch.Tensor:
+    """The first tensor of a batch (a tensor, a tuple of them or a dict of them): the one counted."""
+    return inputs if isinstance(inputs, torch.Tensor) else next(iter(
+        inputs.values() if isinstance(inputs, dict) else inputs))
+
+
 def _batch_size(inputs: Any) -> int:
     """The leading dimension of a batch (a tensor, a tuple of them or a dict of them)."""
-    first = inputs if isinstance(inputs, torch.Tensor) else next(iter(
-        inputs.values() if isinstance(inputs, dict) else inputs))
-    return int(first.shape[0])
+    return int(_leading(inputs).shape[0])
+
+
+Rows = list[tuple[str, str, str]]
+
+HELD_OUT_EVERY = 5
+"""With ``--text FILE``, every fifth distinct paragraph is held out to measure the pruned embeddings."""
+
+HELD_OUT_MAX = 64
+"""Held-out paragraphs the embedding rows are measured on (as for the zoo's MiniLM)."""
+
+
+@dataclass
+class _Job:
+    """What one prune run works on, whatever the model's source: model, calibration, how to judge it."""
+
+    model: nn.Module
+    calibration: list[Any]
+    quality: Callable[[nn.Module], Rows]  # rows comparing a pruned model to ``model`` (may be none)
+    timing_inputs: Any  # what the latency rows time
+    rebuild: str  # the factory to pass to secateurs.load for a saved model, as Python text
+
+
+def _random_like(base: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Fresh random values of ``base``'s shape and kind: floats, token ids below 100, or an all-true mask."""
+    if base.is_floating_point():
+        return torch.randn(base.shape, generator=gen)
+    if base.dtype == torch.bool:
+        return torch.ones(base.shape, dtype=torch.bool)
+    return torch.randint(0, 100, base.shape, generator=gen)
+
+
+def random_batches(shapes: Sequence[str], samples: int) -> list[Any]:
+    """About ``samples`` random inputs (counted along the first input's batch dim) for the ``--input-shape`` list.
+
+    One shape gives tensor batches; several give tuples, one tensor per positional input.
+    """
+    bases = [parse_input_shape(s) for s in shapes]
+    gen = torch.Generator().manual_seed(1)
+    batches = [tuple(_random_like(b, gen) for b in bases) for _ in range(max(1, samples // bases[0].shape[0]))]
+    return [b[0] if len(b) == 1 else b for b in batches]
+
+
+def _check_flags(args: argparse.Namespace, kind: str) -> None:
+    """Refuse flags the model's kind (zoo, user, hf) would silently ignore."""
+    if kind != "hf":
+        for flag, value in (("--text", args.text), ("--seq-len", args.seq_len)):
+            if value is not None:
+                raise ValidationError(flag, "only for --model hf:DIR")
+    if kind == "hf" and args.data is not None:
+        raise ValidationError("--data", "not for hf: models, which calibrate on text (--text FILE)")
+    if args.input_shape and (kind != "user" or args.data is not None):
+        why = "the batches of --data are the inputs" if args.data is not None else f"a {kind} model brings its own inputs"
+        raise ValidationError("--input-shape", f"not used here: {why}")
+    if args.seq_len is not None and args.seq_len < 2:
+        raise ValidationError("--seq-len", f"must be at least 2 (room for the special tokens), got {args.seq_len}")
+
+
+def _data_note(spec: str, batches: list[Any]) -> list[Any]:
+    """Say what was read from ``--data``, then pass the batches on."""
+    print(f"calibrating on {sum(_batch_size(b) for b in batches)} samples in {len(batches)} batches from {spec}")
+    return batches
+
+
+def _zoo_job(args: argparse.Namespace) -> _Job:
+    """A zoo model with its own calibration data (or ``--data``) and its own quality measure."""
+    from secateurs import models
+    from secateurs.measure import embeddings
+
+    model, info = models.load(args.model)
+    if args.data is not None:
+        calibration = _data_note(args.data, load_data(args.data, args.calibration))
+    else:
+        calibration = info.calibration(args.calibration or 512, args.batch_size)
+    quality: Callable[[nn.Module], Rows] = _no_rows
+    timing_inputs = calibration[0]
+    if info.task == "classification":
+        split = info.test_split()
+        timing_inputs = split.x_test  # a whole test set: compute, not per-call overhead, is timed
+        quality = functools.partial(_accuracy_rows, split, models.accuracy(model, split.x_test, split.y_test))
+    elif args.model == "minilm":
+        held = models.text_batches(64, 32, split="test")
+        quality = functools.partial(_agreement_rows, embeddings(model, held), held)
+    return _Job(model, calibration, quality, timing_inputs, f"lambda: secateurs.models.zoo.load({args.model!r})[0]")
+
+
+def _user_job(args: argparse.Namespace) -> _Job:
+    """A user factory calibrated on ``--data``, or on random inputs shaped by ``--input-shape``."""
+    model = build_model(args.model)
+    if args.data is not None:
+        calibration = _data_note(args.data, load_data(args.data, args.calibration))
+    elif not args.input_shape:
+        raise ValidationError("--input-shape", "a user model needs --data, or --input-shape for random calibration inputs")
+    else:
+        calibration = random_batches(args.input_shape, args.calibration or 512)
+        print("note: calibrating on random inputs (no --data given)")
+    return _Job(model, calibration, _no_rows, calibration[0], f"your factory ({args.model})")
+
+
+def _no_rows(pruned: nn.Module) -> Rows:
+    """No task measure: a user model's quality is the user's to judge."""
+    return []
+
+
+def _accuracy_rows(split: Any, dense_accuracy: float, pruned: nn.Module) -> Rows:
+    """A classifier's test accuracy, dense (measured once) and pruned."""
+    from secateurs.models import accuracy
+
+    return [("test accuracy", f"{dense_accuracy:.4f}", f"{accuracy(pruned, split.x_test, split.y_test):.4f}")]
+
+
+def _agreement_rows(dense: torch.Tensor, held: list[dict[str, torch.Tensor]], pruned: nn.Module) -> Rows:
+    """How close a sentence encoder's embeddings stay to the dense ones (computed once) on held-out text."""
+    from secateurs.measure import embedding_agreement
+
+    agreement = embedding_agreement(dense, pruned, held)
+    return [("embedding cosine to dense", "1.0000", f"{agreement['cosine']:.4f}"),
+            ("top-1 retrieval agreement", "1.0000", f"{agreement['top1_agreement']:.4f}")]
+
+
+def _hf_agreement_rows(dense: torch.Tensor, held: list[dict[str, torch.Tensor]], pruned: nn.Module) -> Rows:
+    """:func:`_agreement_rows` for a pruned HF encoder, read through :class:`MeanPooled`."""
+    return _agreement_rows(dense, held, MeanPooled(pruned))
+
+
+def load_hf(folder: str) -> tuple[nn.Module, Any]:
+    """``--model hf:DIR``: the folder's AutoModel (eval mode) and AutoTokenizer, never downloading."""
+    if not folder:
+        raise ValidationError("--model", "hf: needs a folder, e.g. hf:./my-bert")
+    if not Path(folder).is_dir():
+        raise ValidationError("--model", f"no such folder {folder!r}")
+    try:
+        import transformers
+    except ImportError as e:
+        raise ValidationError("--model", "hf: models need the 'transformers' package") from e
+    loaded: list[Any] = []
+    for what, auto in (("model", transformers.AutoModel), ("tokenizer", transformers.AutoTokenizer)):
+        try:
+            loaded.append(auto.from_pretrained(folder, local_files_only=True))
+        except Exception as e:  # no config.json, unknown architecture, missing or broken weights...
+            raise ValidationError("--model", f"transformers cannot load a {what} from {folder!r}: "
+                                             f"{type(e).__name__}: {first_line(e)}") from e
+    model, tokenizer = loaded
+    if not isinstance(model, nn.Module):
+        raise ValidationError("--model", f"{folder!r} loads as {type(model).__name__}, not a PyTorch model")
+    return model.eval(), tokenizer
+
+
+def text_splits(path: str | None) -> tuple[list[str], list[str], str]:
+    """Calibration and held-out paragraphs, disjoint, and where they come from.
+
+    By default the train and test splits of the text that ships with Python (the help topics, as
+    MiniLM's zoo entry uses); with ``--text FILE`` the file's distinct non-empty lines, every
+    :data:`HELD_OUT_EVERY`-th held out.
+    """
+    from secateurs.models import text_paragraphs
+
+    if path is None:
+        return text_paragraphs("train"), text_paragraphs("test"), "Python's help topics"
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValidationError("--text", f"cannot read {path!r}: {getattr(e, 'strerror', None) or e}") from e
+    lines = list(dict.fromkeys(line.strip() for line in text.splitlines() if line.strip()))
+    held = lines[HELD_OUT_EVERY - 1::HELD_OUT_EVERY]
+    if len(held) < 2:
+        raise ValidationError("--text", f"{path!r} has {len(lines)} distinct non-empty lines; it needs at least "
+                                        f"{2 * HELD_OUT_EVERY} (every {HELD_OUT_EVERY}th is held out to measure quality)")
+    calibration = [line for i, line in enumerate(lines) if (i + 1) % HELD_OUT_EVERY]
+    return calibration, held, repr(path)
+
+
+def _sample(texts: list[str], n: int) -> list[str]:
+    """``n`` of ``texts`` (all when fewer) in a seeded order, so a sorted file is not read topic by topic."""
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))[:n]
+    return [texts[int(i)] for i in order]
+
+
+def tokenise(tokenizer: Any, texts: list[str], seq_len: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """One paragraph per sequence, truncated or padded to ``seq_len`` tokens, in dict batches.
+
+    The keys are those of ``input_ids``, ``attention_mask`` and ``token_type_ids`` the tokenizer
+    gives; a tokenizer without a padding token pads with its end-of-sequence token (GPT-2's custom).
+    """
+    if getattr(tokenizer, "pad_token", None) is None:
+        if getattr(tokenizer, "eos_token", None) is None:
+            raise ValidationError("--model", "the tokenizer has neither a padding nor an end-of-sequence token")
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        encoded = tokenizer(texts, padding="max_length", truncation=True, max_length=seq_len, return_tensors="pt")
+    except Exception as e:  # a tokenizer that cannot pad or truncate
+        raise ValidationError("--model", f"the tokenizer failed: {type(e).__name__}: {first_line(e)}") from e
+    tensors = {k: encoded[k].to(torch.int64) for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded}
+    return [{k: v[i:i + batch_size] for k, v in tensors.items()} for i in range(0, len(texts), batch_size)]
+
+
+class MeanPooled(nn.Module):
+    """A HF encoder seen as a sentence encoder: ``last_hidden_state`` mean-pooled over real tokens, unit norm.
+
+    :func:`secateurs.measure.embedding_agreement` compares models that return (B, H) embeddings;
+    HF models return an output object, so the dense and the pruned model are both read through
+    this view (the pooling sentence-transformers applies to MiniLM). Only measuring uses it: what
+    is pruned and saved is the HF model itself.
+    """
+
+    def __init__(self, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        from secateurs.models.minilm import mean_pool
+
+        out = self.encoder(**batch)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return torch.nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), p=2.0, dim=1)
+
+
+def _hf_job(args: argparse.Namespace) -> _Job:
+    """A local HF folder, calibrated on tokenised text and judged by its embeddings on held-out text."""
+    from secateurs.measure import embeddings
+
+    folder = args.model.removeprefix("hf:")
+    model, tokenizer = load_hf(folder)
+    seq_len = args.seq_len or 128
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and seq_len > positions:
+        raise ValidationError("--seq-len", f"{seq_len} exceeds the model's {positions} positions")
+    train, test, source = text_splits(args.text)
+    calibration = tokenise(tokenizer, _sample(train, args.calibration or 512), seq_len, args.batch_size)
+    held = tokenise(tokenizer, _sample(test, HELD_OUT_MAX), seq_len, args.batch_size)
+    print(f"calibrating on {sum(_batch_size(b) for b in calibration)} paragraphs of {source} ({seq_len} tokens "
+          f"each); embeddings compared on {sum(_batch_size(b) for b in held)} held-out paragraphs")
+    quality = functools.partial(_hf_agreement_rows, embeddings(MeanPooled(model), held), held)
+    return _Job(model, calibration, quality, calibration[0],
+                f"lambda: transformers.AutoModel.from_pretrained({folder!r})")
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    """Prune a zoo model (or a user factory) and print a before/after table."""
+    """Prune a zoo model, a user factory or a local HF folder and print a before/after table."""
     from secateurs import models, save
     from secateurs.budget import Budget
     from secateurs.graph import dense_counts
-    from secateurs.measure import compare_latency, embedding_agreement
+    from secateurs.measure import compare_latency
     from secateurs.oneshot import prune
 
     for flag, value in (("--calibration", args.calibration), ("--batch-size", args.batch_size)):
-        if value < 1:
+        if value is not None and value < 1:
             raise ValidationError(flag, f"must be at least 1, got {value}")
+    kind = "hf" if args.model.startswith("hf:") else "zoo" if args.model in models.names() else "user"
+    _check_flags(args, kind)
     out = check_out_folder(args.out) if args.out else None
-    if args.model in models.names():
-        model, info = models.load(args.model)
-        calibration = info.calibration(args.calibration, args.batch_size)
-        example = calibration[0]
-    else:
-        model = build_model(args.model)
-        if not args.input_shape:
-            raise ValidationError("--input-shape", "a user model needs --input-shape for its (random) calibration inputs")
-        info = None
-        base = parse_input_shape(args.input_shape)
-        gen = torch.Generator().manual_seed(1)
-        calibration = [torch.randn(base.shape, generator=gen) if base.is_floating_point()
-                       else torch.randint(0, 100, base.shape, generator=gen)
-                       for _ in range(max(1, args.calibration // base.shape[0]))]
-        example = calibration[0]
-        print("note: calibrating on random inputs (a user model brings no data)")
+    job = {"hf": _hf_job, "zoo": _zoo_job, "user": _user_job}[kind](args)
+    model, example = job.model, job.calibration[0]
     budget = Budget(sparsity=args.sparsity) if args.structure == "unstructured" else (
         None if args.structure == "n:m" else Budget(flops=args.flops, params=args.params, latency=args.latency))
-    result = prune(model, calibration, budget, reconstruction=args.solver, allocation=args.allocation,
+    result = prune(model, job.calibration, budget, reconstruction=args.solver, allocation=args.allocation,
                    structure=args.structure, sequential=not args.no_sequential, progress=not args.quiet,
                    time_limit=args.time_limit, channel_multiple=args.channel_multiple)
     before, after = dense_counts(model, example), dense_counts(result.model, example)
-    timing_inputs = example
-    rows = [("", "dense", "pruned")]
-    if info is not None and info.task == "classification":
-        split = info.test_split()
-        timing_inputs = split.x_test  # a whole test set: compute, not per-call overhead, is timed
-        rows.append(("test accuracy", f"{models.accuracy(model, split.x_test, split.y_test):.4f}",
-                     f"{models.accuracy(result.model, split.x_test, split.y_test):.4f}"))
-    elif args.model == "minilm":
-        held = models.text_batches(64, 32, split="test")
-        agreement = embedding_agreement(model, result.model, held)
-        rows.append(("embedding cosine to dense", "1.0000", f"{agreement['cosine']:.4f}"))
-        rows.append(("top-1 retrieval agreement", "1.0000", f"{agreement['top1_agreement']:.4f}"))
+    rows = [("", "dense", "pruned"), *job.quality(result.model)]
     nonzero = "nonzero params" if args.structure != "channels" else "params"
     dense_nz = sum(int((p != 0).sum()) for p in model.parameters())
     pruned_nz = sum(int((p != 0).sum()) for p in result.model.parameters())
     rows.append((nonzero, f"{dense_nz if args.structure != 'channels' else before.params:,.0f}",
                  f"{pruned_nz if args.structure != 'channels' else after.params:,.0f}"))
     rows.append((f"FLOPs (batch of {_batch_size(example)})", f"{before.flops:,.0f}", f"{after.flops:,.0f}"))
-    timed = compare_latency(model, result.model, timing_inputs)
-    batch = _batch_size(timing_inputs)
+    timed = compare_latency(model, result.model, job.timing_inputs)
+    batch = _batch_size(job.timing_inputs)
     rows.append((f"CPU latency (ms, batch of {batch})", f"{1e3 * timed.dense:.2f}", f"{1e3 * timed.pruned:.2f}"))
     rows.append(("speedup (alternating rounds)", "1.00x", f"{timed.speedup:.2f}x"))
     print(result.report.table())
@@ -219,6 +518,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         result.report.to_json(out / "report.json")
         result.report.plot(out)
         print(f"saved the pruned model, report.json and plots to {out}")
+        print(f"load it with secateurs.load({str(out / 'model')!r}, {job.rebuild})")
     return 0
 
 
@@ -234,7 +534,13 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prune", help="prune a model to a budget and print a before/after table")
     p.add_argument("--model", default="mnist1d_cnn",
-                   help="a zoo model (mnist1d_cnn, digits_cnn, minilm) or MODULE:FACTORY / FILE.py:FACTORY")
+                   help="a zoo model (mnist1d_cnn, digits_cnn, minilm), MODULE:FACTORY / FILE.py:FACTORY returning "
+                        "an nn.Module, or hf:DIR, a local HuggingFace folder (config.json, weights, tokenizer files) "
+                        "loaded offline with AutoModel/AutoTokenizer and calibrated on text (see --text)")
+    p.add_argument("--data", default=None, metavar="SPEC",
+                   help="calibration data for a zoo or user model: MODULE:FN / FILE.py:FN returning an iterable of "
+                        "batches (tensors, tuples of tensors or dicts of tensors: what the model's forward takes), "
+                        "or a FILE.pt holding a list of them (read with torch.load(weights_only=True))")
     p.add_argument("--flops", type=float, default=None, help="keep this fraction (<= 1) or number of FLOPs")
     p.add_argument("--params", type=float, default=None, help="keep this fraction (<= 1) or number of parameters")
     p.add_argument("--latency", type=float, default=None,
@@ -245,13 +551,25 @@ def make_parser() -> argparse.ArgumentParser:
                    help="keep a multiple of this many channels per layer (the CPU's vector width: 16 on AVX-512)")
     p.add_argument("--solver", default="local_search", help="reconstruction solver (per group)")
     p.add_argument("--allocation", default="dp", help="allocation solver (keep level per group)")
-    p.add_argument("--calibration", type=int, default=512, help="number of calibration samples")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--input-shape", default=None, help="for a user model: one input shape, e.g. 8,3,32,32")
+    p.add_argument("--calibration", type=int, default=None, metavar="N",
+                   help="calibration samples, counted along the batch dim (default 512; with --data, the first N "
+                        "of yours, the batch where N falls cut short; default all of them)")
+    p.add_argument("--batch-size", type=int, default=64, help="calibration batch size (zoo and hf: models)")
+    p.add_argument("--input-shape", action="append", default=None, metavar="SHAPE[:DTYPE]",
+                   help="a user model without --data calibrates on random inputs of this shape, e.g. 8,3,32,32 or "
+                        "8,16:long (token ids); repeat for several positional inputs")
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help="hf: models: calibration text, one paragraph per non-empty line; every 5th line is held out "
+                        "to compare embeddings (default: the help-topic text that ships with Python)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="hf: models: tokens per sequence, each paragraph truncated or padded (default 128)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run")
     p.add_argument("--no-sequential", action="store_true",
                    help="solve every group on the dense model's statistics (streaming, less memory)")
-    p.add_argument("--out", default=None, help="folder for the pruned model, report.json and plots")
+    p.add_argument("--out", default=None,
+                   help="folder for the pruned model (DIR/model: plan and weights for secateurs.load, which rebuilds "
+                        "the dense model with a factory, for hf: models lambda: AutoModel.from_pretrained(HF_DIR); "
+                        "not a HuggingFace folder), report.json and plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prune)
     return parser
