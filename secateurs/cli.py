@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import importlib
 import importlib.util
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -365,26 +366,50 @@ def _hf_agreement_rows(dense: torch.Tensor, held: list[dict[str, torch.Tensor]],
     return _agreement_rows(dense, held, MeanPooled(pruned))
 
 
-def load_hf(folder: str) -> tuple[nn.Module, Any]:
+@contextlib.contextmanager
+def _transformers_quiet(quiet: bool) -> Iterator[None]:
+    """Without transformers' progress bars and warnings while loading, when ``--quiet`` asks for it."""
+    from transformers.utils import logging as hf_logging
+
+    if not quiet:
+        yield
+        return
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_hf(folder: str, *, quiet: bool = False) -> tuple[nn.Module, Any]:
     """``--model hf:DIR``: the folder's AutoModel (eval mode) and AutoTokenizer, never downloading."""
     if not folder:
         raise ValidationError("--model", "hf: needs a folder, e.g. hf:./my-bert")
     if not Path(folder).is_dir():
         raise ValidationError("--model", f"no such folder {folder!r}")
+    if not (Path(folder) / "config.json").is_file():
+        raise ValidationError("--model", f"{folder!r} has no config.json: not a HuggingFace model folder")
     try:
         import transformers
     except ImportError as e:
         raise ValidationError("--model", "hf: models need the 'transformers' package") from e
     loaded: list[Any] = []
-    for what, auto in (("model", transformers.AutoModel), ("tokenizer", transformers.AutoTokenizer)):
-        try:
-            loaded.append(auto.from_pretrained(folder, local_files_only=True))
-        except Exception as e:  # no config.json, unknown architecture, missing or broken weights...
-            raise ValidationError("--model", f"transformers cannot load a {what} from {folder!r}: "
-                                             f"{type(e).__name__}: {first_line(e)}") from e
+    with _transformers_quiet(quiet):
+        for what, auto in (("model", transformers.AutoModel), ("tokenizer", transformers.AutoTokenizer)):
+            try:
+                loaded.append(auto.from_pretrained(folder, local_files_only=True))
+            except Exception as e:  # unknown architecture, missing or broken weights or vocabulary...
+                raise ValidationError("--model", f"transformers cannot load a {what} from {folder!r}: "
+                                                 f"{type(e).__name__}: {first_line(e)}") from e
     model, tokenizer = loaded
     if not isinstance(model, nn.Module):
         raise ValidationError("--model", f"{folder!r} loads as {type(model).__name__}, not a PyTorch model")
+    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 builds one from config.json alone
+        raise ValidationError("--model", f"{folder!r} has no tokenizer files (its vocabulary is only special tokens)")
     return model.eval(), tokenizer
 
 
@@ -462,10 +487,11 @@ def _hf_job(args: argparse.Namespace) -> _Job:
     from secateurs.measure import embeddings
 
     folder = args.model.removeprefix("hf:")
-    model, tokenizer = load_hf(folder)
-    seq_len = args.seq_len or 128
+    model, tokenizer = load_hf(folder, quiet=args.quiet)
     positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(positions, int) and seq_len > positions:
+    positions = positions if isinstance(positions, int) and positions > 1 else None
+    seq_len = args.seq_len or min(128, positions or 128)
+    if positions is not None and seq_len > positions:
         raise ValidationError("--seq-len", f"{seq_len} exceeds the model's {positions} positions")
     train, test, source = text_splits(args.text)
     calibration = tokenise(tokenizer, _sample(train, args.calibration or 512), seq_len, args.batch_size)
@@ -562,7 +588,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="hf: models: calibration text, one paragraph per non-empty line; every 5th line is held out "
                         "to compare embeddings (default: the help-topic text that ships with Python)")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="hf: models: tokens per sequence, each paragraph truncated or padded (default 128)")
+                   help="hf: models: tokens per sequence, each paragraph truncated or padded (default 128, or the "
+                        "model's max_position_embeddings when fewer)")
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run")
     p.add_argument("--no-sequential", action="store_true",
                    help="solve every group on the dense model's statistics (streaming, less memory)")

@@ -231,3 +231,15 @@ def test_flags_a_user_model_cannot_use_are_refused(flags: list[str], expected: s
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prune", "--model", f"{user_file}:mlp", *flags, "--quiet"]) == 2
     assert re.search(expected, _error(capsys))
+
+
+def test_a_zoo_model_calibrates_on_data_given_to_it(tmp_path: Path, seen: Callable[[bool], list[list[Any]]],
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    images = [torch.rand(10, 1, 8, 8, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    torch.save(images, tmp_path / "digits.pt")
+    calls = seen(False)
+    with pytest.raises(Stop):
+        main(["prune", "--model", "digits_cnn", "--data", str(tmp_path / "digits.pt"), "--calibration", "25",
+              "--quiet"])
+    assert [b.shape[0] for b in calls[0]] == [10, 10, 5] and torch.equal(calls[0][2], images[2][:5])
+    assert "calibrating on 25 samples in 3 batches" in capsys.readouterr().out
