@@ -106,8 +106,8 @@ def _as_batches(data: Any, spec: str) -> list[Any]:
         raise ValidationError("--data", f"{spec} gave no batches")
     for i, batch in enumerate(batches):
         if isinstance(batch, (tuple, list)) and any(isinstance(t, (tuple, list, dict)) for t in batch):
-            raise ValidationError("--data", f"batch {i} nests containers; a batch is a tensor, a tuple of tensors "
-                                            f"or a dict of tensors")
+            raise ValidationError("--data", f"{spec}: batch {i} nests containers; a batch is a tensor, a tuple "
+                                            f"of tensors or a dict of tensors")
         try:
             validate_batch(batch, i)
         except ValidationError as e:
@@ -437,14 +437,34 @@ def text_splits(path: str | None) -> tuple[list[str], list[str], str]:
     return calibration, held, repr(path)
 
 
-def _sample(texts: list[str], n: int) -> list[str]:
-    """``n`` of ``texts`` (all when fewer) in a seeded order, so a sorted file is not read topic by topic."""
-    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))[:n]
+def _shuffled(texts: list[str]) -> list[str]:
+    """``texts`` in a seeded order, so a sorted file is not read topic by topic."""
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(0))
     return [texts[int(i)] for i in order]
 
 
+def packed(tokenizer: Any, texts: list[str], seq_len: int) -> list[str]:
+    """Consecutive paragraphs joined until each text fills ``seq_len`` tokens; a short remainder is dropped.
+
+    Calibration rows are then real tokens, not padding (Python's help paragraphs are 39 tokens at the
+    median: padded to 128, 62% of the rows would be padding). A text longer than ``seq_len`` is cut
+    when tokenised. A single paragraph is kept even when short, so a small file still calibrates.
+    """
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    chunks: list[str] = []
+    current: list[str] = []
+    filled = 0
+    for text, length in zip(texts, lengths, strict=True):
+        current.append(text)
+        filled += length
+        if filled >= seq_len:
+            chunks.append(" ".join(current))
+            current, filled = [], 0
+    return chunks or [" ".join(current)]
+
+
 def tokenise(tokenizer: Any, texts: list[str], seq_len: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
-    """One paragraph per sequence, truncated or padded to ``seq_len`` tokens, in dict batches.
+    """One text per sequence, truncated or padded to ``seq_len`` tokens, in dict batches.
 
     The keys are those of ``input_ids``, ``attention_mask`` and ``token_type_ids`` the tokenizer
     gives; a tokenizer without a padding token pads with its end-of-sequence token (GPT-2's custom).
@@ -494,10 +514,11 @@ def _hf_job(args: argparse.Namespace) -> _Job:
     if positions is not None and seq_len > positions:
         raise ValidationError("--seq-len", f"{seq_len} exceeds the model's {positions} positions")
     train, test, source = text_splits(args.text)
-    calibration = tokenise(tokenizer, _sample(train, args.calibration or 512), seq_len, args.batch_size)
-    held = tokenise(tokenizer, _sample(test, HELD_OUT_MAX), seq_len, args.batch_size)
-    print(f"calibrating on {sum(_batch_size(b) for b in calibration)} paragraphs of {source} ({seq_len} tokens "
-          f"each); embeddings compared on {sum(_batch_size(b) for b in held)} held-out paragraphs")
+    texts = packed(tokenizer, _shuffled(train), seq_len)[:args.calibration or 512]
+    calibration = tokenise(tokenizer, texts, seq_len, args.batch_size)
+    held = tokenise(tokenizer, _shuffled(test)[:HELD_OUT_MAX], seq_len, args.batch_size)
+    print(f"calibrating on {len(texts)} sequences of {seq_len} tokens from {source}; "
+          f"embeddings compared on {sum(_batch_size(b) for b in held)} held-out paragraphs")
     quality = functools.partial(_hf_agreement_rows, embeddings(MeanPooled(model), held), held)
     return _Job(model, calibration, quality, calibration[0],
                 f"lambda: transformers.AutoModel.from_pretrained({folder!r})")
@@ -585,11 +606,12 @@ def make_parser() -> argparse.ArgumentParser:
                    help="a user model without --data calibrates on random inputs of this shape, e.g. 8,3,32,32 or "
                         "8,16:long (token ids); repeat for several positional inputs")
     p.add_argument("--text", default=None, metavar="FILE",
-                   help="hf: models: calibration text, one paragraph per non-empty line; every 5th line is held out "
-                        "to compare embeddings (default: the help-topic text that ships with Python)")
+                   help="hf: models: calibration text, one paragraph per non-empty line, short ones joined to fill "
+                        "--seq-len; every 5th line is held out to compare embeddings (default: the help-topic text "
+                        "that ships with Python)")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="hf: models: tokens per sequence, each paragraph truncated or padded (default 128, or the "
-                        "model's max_position_embeddings when fewer)")
+                   help="hf: models: tokens per sequence (default 128, or the model's max_position_embeddings "
+                        "when fewer); held-out paragraphs are truncated or padded to it")
     p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run")
     p.add_argument("--no-sequential", action="store_true",
                    help="solve every group on the dense model's statistics (streaming, less memory)")

@@ -206,6 +206,7 @@ def test_bad_data_functions_are_one_line_before_any_pruning(
     (b"not a torch file", r"--data: cannot load '.*missing.pt': UnpicklingError"),
     ({"x": 1}, r"gave one dict, not a list of batches"),
     ([1, 2], r"batch 0 holds a int, expected tensors"),
+    ([(torch.ones(2, 3), [torch.ones(2, 4)])], r"missing.pt: batch 0 nests containers"),
 ])
 def test_bad_data_files_are_one_line_before_any_pruning(
         content: Any, expected: str, user_file: Path, tmp_path: Path,

@@ -65,19 +65,34 @@ def _pooled(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def test_hf_folder_prunes_on_a_text_file_within_budget_and_reports_held_out_agreement(
-        bert_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    lines = text_paragraphs("train")[:40]
+        bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    lines = [f"item {i}: {text}" for i, text in enumerate(text_paragraphs("train")[:40])]  # distinct first tokens
     (tmp_path / "corpus.txt").write_text("\n\n".join(lines) + "\n", encoding="utf-8")  # blank lines are skipped
     out = tmp_path / "out"
+    seen: list[list[dict[str, torch.Tensor]]] = []
+    real = secateurs.oneshot.prune
+
+    def spy(model: torch.nn.Module, calibration: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(list(calibration))
+        return real(model, seen[-1], *args, **kwargs)
+
+    monkeypatch.setattr(secateurs.oneshot, "prune", spy)
     assert main(["prune", "--model", f"hf:{bert_dir}", "--text", str(tmp_path / "corpus.txt"), "--seq-len", "16",
                  "--calibration", "16", "--batch-size", "8", "--flops", "0.6", "--quiet", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "calibrating on 16 paragraphs of" in printed and "compared on 8 held-out paragraphs" in printed
+    assert f"calibrating on 16 sequences of 16 tokens from {str(tmp_path / 'corpus.txt')!r}" in printed
+    assert "compared on 8 held-out paragraphs" in printed
     assert "random" not in printed and f"AutoModel.from_pretrained('{bert_dir}')" in printed
+
+    # calibration rows start with the file's lines, never with a held-out (every fifth) one
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(bert_dir), local_files_only=True)
+    starts = [ids[:10] for ids in tokenizer(lines, add_special_tokens=False)["input_ids"]]
+    rows = [r[1:].tolist() for b in seen[0] for r in b["input_ids"]]  # without [CLS]
+    first = [{i for i, start in enumerate(starts) if row[:len(start)] == start} for row in rows]
+    assert len(rows) == 16 and all(len(f) == 1 and f.pop() % 5 != 4 for f in first)
 
     # the budget, counted again on the saved model rebuilt from the folder
     dense, pruned = _auto(bert_dir)(), secateurs.load(out / "model", _auto(bert_dir))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(bert_dir), local_files_only=True)
     held = dict(tokenizer(lines[4::5], padding="max_length", truncation=True, max_length=16, return_tensors="pt"))
     example = {k: v[:8] for k, v in held.items()}
     dense_flops, pruned_flops = (int(v.replace(",", "")) for v in _row(printed, "FLOPs (batch of 8)"))
@@ -112,18 +127,16 @@ def test_hf_default_text_is_pythons_help_topics_train_split(bert_dir: Path, monk
     with pytest.raises(Stop):
         main(["prune", "--model", f"hf:{bert_dir}", "--seq-len", "12", "--calibration", "20", "--batch-size", "8",
               "--quiet"])
-    assert "calibrating on 20 paragraphs of Python's help topics (12 tokens each)" in capsys.readouterr().out
+    assert "calibrating on 20 sequences of 12 tokens from Python's help topics" in capsys.readouterr().out
     batches = seen[0]
     assert [b["input_ids"].shape for b in batches] == [(8, 12), (8, 12), (4, 12)]
     assert all(b.keys() == {"input_ids", "attention_mask", "token_type_ids"} for b in batches)
+    assert all(bool(b["attention_mask"].all()) for b in batches)  # packed: every row is real tokens
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(bert_dir), local_files_only=True)
-
-    def rows(split: str) -> set[tuple[int, ...]]:
-        ids = tokenizer(text_paragraphs(split), padding="max_length", truncation=True, max_length=12)["input_ids"]
-        return {tuple(r) for r in ids}
-
-    used = {tuple(r.tolist()) for b in batches for r in b["input_ids"]}
-    assert len(used) == 20 and used <= rows("train") and not used & rows("test")
+    train = tokenizer(text_paragraphs("train"), add_special_tokens=False)["input_ids"]
+    starts = {tuple(ids[:4]) for ids in train}
+    rows = [r[1:-1].tolist() for b in batches for r in b["input_ids"]]  # without [CLS] and [SEP]
+    assert len({tuple(r) for r in rows}) == 20 and all(tuple(r[:4]) in starts for r in rows)
 
 
 @pytest.mark.parametrize(("make", "flags", "expected"), [
