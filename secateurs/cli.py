@@ -408,7 +408,7 @@ def load_hf(folder: str, *, quiet: bool = False) -> tuple[nn.Module, Any]:
     model, tokenizer = loaded
     if not isinstance(model, nn.Module):
         raise ValidationError("--model", f"{folder!r} loads as {type(model).__name__}, not a PyTorch model")
-    if len(tokenizer) <= len(set(tokenizer.all_special_ids)):  # transformers 5 builds one from config.json alone
+    if len(tokenizer) <= len(set(getattr(tokenizer, "all_special_ids", []))):  # v5 builds one from config alone
         raise ValidationError("--model", f"{folder!r} has no tokenizer files (its vocabulary is only special tokens)")
     return model.eval(), tokenizer
 
