@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from secateurs.errors import ValidationError
-from secateurs.torch_transformer import encoder_forward, encoder_layer_forward
+from secateurs.torch_transformer import encoder_layer_forward, packed_encoder_forward
 
 __all__ = [
     "PrunedMultiheadAttention", "PrunedTransformerEncoder", "PrunedTransformerEncoderLayer", "ZeroWidthBatchNorm1d",
@@ -153,9 +153,10 @@ class PrunedTransformerEncoderLayer(nn.TransformerEncoderLayer):
 
 class PrunedTransformerEncoder(nn.TransformerEncoder):
     """``nn.TransformerEncoder`` over pruned layers: its nested-tensor fast path would hand them
-    nested tensors, which :class:`PrunedMultiheadAttention` does not take."""
+    nested tensors, which :class:`PrunedMultiheadAttention` does not take. It skips padding by
+    packing real tokens instead (:func:`~secateurs.torch_transformer.packed_encoder_forward`)."""
 
-    forward = encoder_forward  # type: ignore[assignment]
+    forward = packed_encoder_forward  # type: ignore[assignment]
 
 
 # -- zero-width layers ----------------------------------------------------------------------------

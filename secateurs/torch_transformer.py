@@ -18,9 +18,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["decoder_forward", "encoder_forward", "encoder_layer_forward", "slow_forward", "transformer_forward"]
+__all__ = ["decoder_forward", "encoder_forward", "encoder_layer_forward", "packed_encoder_forward", "slow_forward",
+           "transformer_forward"]
 
 
 def encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Tensor, src_mask: Tensor | None = None,
@@ -41,6 +44,58 @@ def encoder_forward(encoder: nn.TransformerEncoder, src: Tensor, mask: Tensor | 
     for layer in encoder.layers:
         output = layer(output, src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=bool(is_causal))
     return encoder.norm(output) if encoder.norm is not None else output
+
+
+def packed_encoder_forward(encoder: nn.TransformerEncoder, src: Tensor, mask: Tensor | None = None,
+                           src_key_padding_mask: Tensor | None = None, is_causal: bool | None = None) -> Tensor:
+    """:func:`encoder_forward` that computes only the real tokens of a padded batch.
+
+    The stock encoder skips padding with nested tensors, which pruned layers cannot take. Here
+    every token-wise op (norms, projections, FFN) runs on the real tokens packed into one
+    matrix; only attention scatters them back into the padded batch, masked as usual. Padding
+    positions come out as zeros, as from the stock nested path. Other calls (no bool padding
+    mask, an attention mask, unbatched or sequence-first input) go to :func:`encoder_forward`.
+    """
+    layers = list(encoder.layers)
+    first = layers[0].self_attn if layers else None
+    if (src_key_padding_mask is None or src_key_padding_mask.dtype != torch.bool or mask is not None or is_causal
+            or src.dim() != 3 or first is None or not first.batch_first
+            or any(type(layer).forward not in (encoder_layer_forward, nn.TransformerEncoderLayer.forward)
+                   or layer.self_attn.in_proj_weight is None or layer.self_attn.bias_k is not None
+                   or layer.self_attn.add_zero_attn for layer in layers)):
+        return encoder_forward(encoder, src, mask, src_key_padding_mask, is_causal)
+    n, t, _ = src.shape
+    real = (~src_key_padding_mask).flatten().nonzero().squeeze(1)
+    bias = torch.zeros(n, 1, 1, t, dtype=src.dtype, device=src.device).masked_fill(
+        src_key_padding_mask.view(n, 1, 1, t), float("-inf"))
+    x = src.flatten(0, 1)[real]
+    for layer in layers:
+        x = _packed_layer(layer, x, real, bias)
+    out = x.new_zeros(n * t, x.shape[-1])
+    out[real] = x
+    out = out.view(n, t, -1)
+    return encoder.norm(out) if encoder.norm is not None else out
+
+
+def _packed_layer(layer: nn.TransformerEncoderLayer, x: Tensor, real: Tensor, bias: Tensor) -> Tensor:
+    """One encoder layer on packed real tokens ``x`` (tokens, features)."""
+
+    def attend(h: Tensor) -> Tensor:
+        mha = layer.self_attn
+        n, t = bias.shape[0], bias.shape[-1]
+        heads, width = mha.num_heads, mha.head_dim
+        qkv = h.new_zeros(n * t, 3 * heads * width)
+        qkv[real] = F.linear(h, mha.in_proj_weight, mha.in_proj_bias)
+        q, k, v = qkv.view(n, t, 3, heads, width).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=mha.dropout if mha.training else 0.0)
+        out = out.transpose(1, 2).reshape(n * t, heads * width)[real]
+        return layer.dropout1(F.linear(out, mha.out_proj.weight, mha.out_proj.bias))
+
+    if layer.norm_first:
+        x = x + attend(layer.norm1(x))
+        return x + layer._ff_block(layer.norm2(x))
+    x = layer.norm1(x + attend(x))
+    return layer.norm2(x + layer._ff_block(x))
 
 
 def decoder_forward(decoder: nn.TransformerDecoder, tgt: Tensor, memory: Tensor, tgt_mask: Tensor | None = None,
@@ -76,11 +131,14 @@ _SLOW: dict[type, Callable[..., Any]] = {
     nn.Transformer: transformer_forward,
 }
 
+# forwards that compute what a slow forward computes, but not traceably: traced as the slow one
+_SAME_GRAPH: dict[Callable[..., Any], tuple[Callable[..., Any], ...]] = {encoder_forward: (packed_encoder_forward,)}
+
 
 def slow_forward(module: nn.Module) -> Callable[..., Any] | None:
     """The traceable forward of a torch Transformer container (``None`` for other modules, and for
     subclasses with a forward of their own, which fx traces as written)."""
     for cls, forward in _SLOW.items():
-        if isinstance(module, cls) and type(module).forward in (cls.forward, forward):
+        if isinstance(module, cls) and type(module).forward in (cls.forward, forward, *_SAME_GRAPH.get(forward, ())):
             return forward
     return None

@@ -14,7 +14,7 @@ from secateurs.calibration import collect, input_source
 from secateurs.errors import ValidationError
 from secateurs.graph import build, dense_counts
 from secateurs.modules import PrunedMultiheadAttention, PrunedTransformerEncoderLayer, attention_heads
-from secateurs.torch_transformer import slow_forward
+from secateurs.torch_transformer import encoder_forward, packed_encoder_forward, slow_forward
 
 
 class Encoder(nn.Module):
@@ -132,10 +132,32 @@ def test_pruned_encoder_runs_its_slow_path_and_equals_the_masked_model() -> None
     assert type(model.enc.layers[0]) is nn.TransformerEncoderLayer  # the input model is untouched
     padding = torch.zeros(x.shape[:2], dtype=torch.bool)
     padding[0, 4:] = True
+    real = ~padding
     with torch.no_grad():
         assert torch.allclose(small(x), masked(x), atol=1e-5)
-        assert torch.allclose(small.enc(small.emb(x), src_key_padding_mask=padding),
-                              masked.enc(masked.emb(x), src_key_padding_mask=padding), atol=1e-5)
+        assert torch.allclose(small.enc(small.emb(x), src_key_padding_mask=padding)[real],
+                              masked.enc(masked.emb(x), src_key_padding_mask=padding)[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_packed_encoder_equals_the_stock_nested_fast_path(norm_first: bool) -> None:
+    """Real tokens packed into one matrix give what torch's nested-tensor path gives (zeros at the
+    padding before the final norm), and what the slow path gives at the real tokens."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first)
+    enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32)).eval()
+    x = torch.randn(4, 9, 32)
+    padding = torch.arange(9)[None, :] >= torch.tensor([9, 3, 6, 1])[:, None]
+    with torch.no_grad():
+        packed = packed_encoder_forward(enc, x, src_key_padding_mask=padding)
+        if not norm_first:  # torch's encoder turns its nested path off for norm_first layers
+            assert torch.allclose(packed, enc(x, src_key_padding_mask=padding), atol=1e-5)
+        slow = encoder_forward(enc, x, src_key_padding_mask=padding)
+        assert torch.allclose(packed[~padding], slow[~padding], atol=1e-5)
+        assert torch.allclose(packed[padding], enc.norm(torch.zeros(32)).expand(int(padding.sum()), 32))
+        # calls it cannot pack go to the slow path unchanged
+        causal = nn.Transformer.generate_square_subsequent_mask(9)
+        assert torch.equal(packed_encoder_forward(enc, x, mask=causal), encoder_forward(enc, x, mask=causal))
 
 
 def test_out_proj_statistics_are_the_heads_output_the_stock_module_projects() -> None:
