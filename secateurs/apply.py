@@ -431,7 +431,8 @@ def _sync_attributes(model: nn.Module) -> None:
 
 
 def _sync_encoders(model: nn.Module) -> None:
-    """torch's encoder containers around pruned attention take their slow path (see modules.py)."""
+    """torch's encoder containers around pruned attention take their slow path (see modules.py);
+    nn.Transformer's ``d_model`` follows its (possibly pruned) width."""
     for mod in model.modules():
         if type(mod) is nn.TransformerEncoderLayer and isinstance(mod.self_attn, PrunedMultiheadAttention):
             mod.__class__ = PrunedTransformerEncoderLayer
@@ -439,6 +440,8 @@ def _sync_encoders(model: nn.Module) -> None:
         if type(mod) is nn.TransformerEncoder and any(isinstance(layer, PrunedTransformerEncoderLayer)
                                                       for layer in mod.layers):
             mod.__class__ = PrunedTransformerEncoder
+        if isinstance(mod, nn.Transformer) and len(mod.encoder.layers):  # its forward checks inputs against d_model
+            mod.d_model = mod.encoder.layers[0].self_attn.embed_dim
 
 
 def _sync_mha(mod: nn.MultiheadAttention) -> None:

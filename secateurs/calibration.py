@@ -156,7 +156,7 @@ def forward_batch(model: nn.Module, batch: Any) -> Any:
 
 
 def validate_batch(batch: Any, index: int) -> None:
-    """Reject empty or non-finite calibration batches, naming the batch."""
+    """Reject empty calibration batches, or ones holding NaN or +inf, naming the batch."""
     tensors: Sequence[Any]
     if isinstance(batch, Mapping):
         tensors = list(batch.values())
@@ -171,7 +171,8 @@ def validate_batch(batch: Any, index: int) -> None:
             raise ValidationError("calibration", f"batch {index} holds a {type(t).__name__}, expected tensors")
         if t.numel() == 0:
             raise ValidationError("calibration", f"batch {index} has an empty tensor of shape {tuple(t.shape)}")
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        # -inf is how additive attention masks say "never" (nn.Transformer.generate_square_subsequent_mask)
+        if t.is_floating_point() and (torch.isnan(t).any() or torch.isposinf(t).any()):
             raise ValidationError("calibration", f"batch {index} contains NaN or infinite values")
 
 

@@ -213,3 +213,31 @@ def test_prune_encoder_to_budget_with_head_statistics() -> None:
             dense, pruned = model(x), result.model(x)
             assert (pruned - dense).norm() < 0.5 * dense.norm()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+class MaskedSeq2Seq(Seq2Seq):
+    """The causal mask is an input, in torch's own additive form (0 and -inf)."""
+
+    def forward(self, src: torch.Tensor, tgt: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.out(self.core(self.src(src), self.tgt(tgt), tgt_mask=mask))
+
+
+def test_seq2seq_prunes_its_width_on_calibration_with_an_additive_causal_mask() -> None:
+    """-inf in a calibration batch is a mask, not bad data; nn.Transformer's d_model check follows
+    the pruned width."""
+    torch.manual_seed(0)
+    model = MaskedSeq2Seq().eval()
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    calibration = [(torch.randn(4, 7, 6), torch.randn(4, 5, 6), mask) for _ in range(4)]
+    g = build(model, calibration[0])
+    width = next(gr for gr in g.prunable_groups() if gr.name == "src:out")
+    plan = secateurs.PrunePlan({width.name: list(range(0, 32, 2))})
+    small = secateurs.apply(model, plan, graph=g)
+    assert small.core.d_model == 16 and model.core.d_model == 32
+    # a LayerNorm over fewer channels is not the masked one, so the check is the counted cost
+    assert g.cost({width.name: 16}) == dense_counts(small, calibration[1])
+    result = secateurs.prune(model, calibration, secateurs.Budget(flops=0.5), progress=False)
+    assert dense_counts(result.model, calibration[0]).flops <= 0.5 * dense_counts(model, calibration[0]).flops
+    with pytest.raises(ValidationError, match="batch 0 contains NaN or infinite"):
+        secateurs.prune(model, [(calibration[0][0], calibration[0][1], -mask)], secateurs.Budget(flops=0.5),
+                        progress=False)
