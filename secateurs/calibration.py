@@ -122,16 +122,34 @@ def _heads_output(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     return attention_heads(module, *args, **kwargs)
 
 
+def _self_attention_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The query of a self-attention call (query, key and value one tensor), else None."""
+    q, k, v = (args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(("query", "key", "value")))
+    return q if q is k is v else None
+
+
 def input_source(model: nn.Module, name: str) -> InputSource:
-    """The layer's own call, except for ``nn.MultiheadAttention``'s output projection: the attention
-    module runs it functionally, so its input (the heads' outputs side by side) is recomputed from
-    the attention module's arguments."""
+    """The layer's own call, except inside ``nn.MultiheadAttention``, which runs its projections
+    functionally: its output projection's input (the heads' outputs side by side) is recomputed
+    from the attention module's arguments, and its packed ``in_proj_weight`` reads the query of a
+    self-attention call (a cross-attention's q and k/v rows read different inputs: none)."""
     parent, _, leaf = name.rpartition(".")
     owner = model.get_submodule(parent)
-    if leaf == "out_proj" and isinstance(owner, nn.MultiheadAttention) and owner.in_proj_weight is not None \
+    if isinstance(owner, nn.MultiheadAttention) and owner.in_proj_weight is not None \
             and owner.bias_k is None and not owner.add_zero_attn:
-        return InputSource(parent, _heads_output)
+        if leaf == "out_proj":
+            return InputSource(parent, _heads_output)
+        if leaf == "in_proj_weight":
+            return InputSource(parent, _self_attention_input)
     return InputSource(name, _first_argument)
+
+
+def rows_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
+    """:func:`layer_rows` of the layer ``name``; an attention module's packed projection (a
+    parameter, not a layer) multiplies the last dim, as a Linear does."""
+    if name.endswith(".in_proj_weight") or name == "in_proj_weight":
+        return x.reshape(-1, x.shape[-1])
+    return layer_rows(model.get_submodule(name), x)
 
 
 @contextmanager
@@ -191,7 +209,8 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
 
 
 def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]) -> dict[str, GramStatistics]:
-    """Run ``calibration`` through ``model`` (eval mode, no grad) accumulating XᵀX per module.
+    """Run ``calibration`` through ``model`` (eval mode, no grad) accumulating XᵀX per module (or
+    per packed ``in_proj_weight`` of an attention module; see :func:`input_source`).
 
     The model's train/eval mode is restored afterwards and hooks are always removed.
     """
@@ -199,11 +218,13 @@ def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]
     stats = {name: GramStatistics() for name in names}
     handles = []
     for name in names:
-        layer, source = model.get_submodule(name), input_source(model, name)
+        source = input_source(model, name)
 
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _name: str = name,
-                 _layer: nn.Module = layer, _source: InputSource = source) -> None:
-            stats[_name].update(layer_rows(_layer, _source.read(mod, args, kwargs)))
+                 _source: InputSource = source) -> None:
+            x = _source.read(mod, args, kwargs)
+            if x is not None:  # None: this call does not show the input (a cross-attention's packed projection)
+                stats[_name].update(rows_of(model, _name, x))
 
         handles.append(model.get_submodule(source.module).register_forward_pre_hook(hook, with_kwargs=True))
     count = 0

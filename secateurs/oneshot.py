@@ -670,20 +670,24 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
     if not layers:
         raise ValidationError("model", "no Linear or Conv layer to prune")
     start = clock.elapsed()
-    stats = collect(model, _progress(calibration, progress, "calibration"), layers)
+    projections = _attention_projections(model)
+    packed = [path for path in projections if path.rpartition(".")[2] == "in_proj_weight"]
+    stats = collect(model, _progress(calibration, progress, "calibration"), layers + packed)
     report.stages["statistics"] = clock.elapsed() - start
 
     start = clock.elapsed()
-    # entry name -> its weight's parameter path: the layers, then attention projections no hook sees
-    params = {name: f"{name}.weight" for name in layers} | {path: path for path in _attention_projections(model)}
+    # entry name -> its weight's parameter path: the layers, then nn.MultiheadAttention's projections
+    params = {name: f"{name}.weight" for name in layers} | {path: path for path in projections}
     data = {}
     for name, path in params.items():
         weight = _out_by_in(model, name, path).detach()
         flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
         gram = stats[name].gram if name in stats else None
-        if gram is None:  # no activations seen: nn.MultiheadAttention runs its projections functionally
+        if gram is None:  # no activations seen: separate q/k/v weights, or a cross-attention's packed ones
             owner = _functional_owner(model, name)
-            why = f"called functionally inside {owner}" if owner else "never called on the calibration data"
+            why = ("never called on the calibration data" if not owner else
+                   f"its query and key/value differ inside {owner}" if name in packed else
+                   f"called functionally inside {owner}")
             report.notes.append(f"{name}: {why}, so no calibration signal; pruned by magnitude")
             gram = torch.eye(flat.shape[1], dtype=torch.float64)
         data[name] = (flat, gram, reconstruction_scores(flat, gram))

@@ -9,6 +9,7 @@ import torch
 
 from secateurs.apply import apply
 from secateurs.budget import Budget
+from secateurs.calibration import collect
 from secateurs.errors import InfeasibleBudgetError, SolverError, UnknownSolverError, ValidationError
 from secateurs.graph import dense_counts
 from secateurs.models import zoo
@@ -218,24 +219,42 @@ class AttentionNet(torch.nn.Module):
         return self.out(self.attn(h, h, h)[0].mean(1))
 
 
-def test_unstructured_prunes_attention_projections_by_magnitude_and_says_so() -> None:
-    """MHA runs in_proj_weight inside F.multi_head_attention_forward (no hook fires): it is pruned
-    by magnitude, said in a note, and the sparsity holds over every matrix weight. out_proj's input
-    is recomputed from the attention call, so it has a calibration signal and no such note."""
+def test_unstructured_prunes_attention_projections_on_calibration_statistics() -> None:
+    """MHA runs out_proj and in_proj_weight inside F.multi_head_attention_forward (no hook on
+    them fires): their inputs come from the attention call, so both have a calibration signal,
+    and the sparsity holds over every matrix weight."""
     torch.manual_seed(0)
     model, x = AttentionNet().eval(), [torch.randn(8, 5, 6) for _ in range(2)]
+    stats = collect(model, x, ["attn.in_proj_weight"])["attn.in_proj_weight"]
+    with torch.no_grad():  # the packed projection of a self-attention reads its one input: emb's output
+        h = torch.cat([model.emb(b).reshape(-1, 16) for b in x]).double()
+    assert torch.allclose(stats.gram, h.T @ h, atol=1e-6)
     result = prune(model, x, Budget(sparsity=0.5), structure="unstructured", progress=False)
     weights = {n: p for n, p in result.model.named_parameters() if p.dim() == 2}
     assert set(weights) == {"emb.weight", "attn.in_proj_weight", "attn.out_proj.weight", "out.weight"}
     nonzero = sum(int((w != 0).sum()) for w in weights.values())
     assert nonzero <= 0.5 * sum(w.numel() for w in weights.values()) + 1
     assert (weights["attn.out_proj.weight"] == 0).any() and (weights["attn.in_proj_weight"] == 0).any()
-    assert any(n.startswith("attn.in_proj_weight: called functionally inside 'attn'") and "magnitude" in n
-               for n in result.report.notes)
-    assert not any(n.startswith("attn.out_proj") for n in result.report.notes)
-    assert not any("not pruned" in n for n in result.report.notes)
+    assert not result.report.notes
     nonzeros = next(line for line in result.report.totals if line.name == "nonzeros")
     assert nonzeros.dense == sum(w.numel() for w in weights.values()) and nonzeros.achieved == nonzero
+
+
+class CrossAttentionNet(AttentionNet):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        return self.out(self.attn(h, h.flip(1), h.flip(1))[0].mean(1))
+
+
+def test_unstructured_cross_attention_projection_falls_back_to_magnitude_and_says_so() -> None:
+    """q rows and k/v rows of a cross-attention read different inputs: one Gram cannot score them."""
+    torch.manual_seed(0)
+    model, x = CrossAttentionNet().eval(), [torch.randn(8, 5, 6) for _ in range(2)]
+    result = prune(model, x, Budget(sparsity=0.5), structure="unstructured", progress=False)
+    assert [n for n in result.report.notes if n.startswith("attn.")] == [
+        "attn.in_proj_weight: its query and key/value differ inside 'attn' (MultiheadAttention), so no "
+        "calibration signal; pruned by magnitude"]
+    assert (result.model.attn.in_proj_weight == 0).any()
 
 
 def test_unstructured_removes_what_is_asked_when_removing_more_would_cost_nothing() -> None:
