@@ -9,7 +9,8 @@ copied into ``nn.TransformerEncoderLayer(384, 12, 1536, activation="gelu", norm_
 ``src_key_padding_mask``. The dense model reproduces secateurs' MiniLM's embeddings (the
 difference is printed), so the two pruned models can be compared on the same calibration:
 
-- FLOPs kept (counted on the pruned model), mean cosine of pruned to dense sentence embeddings on
+- FLOPs kept (counted on the pruned model, on an unpadded calibration batch: on padded text the
+  pruned encoder computes only the real tokens and counts fewer), mean cosine of pruned to dense sentence embeddings on
   held-out paragraphs, top-1 retrieval agreement and wall time, at 70/50/30% FLOPs;
 - measured CPU latency of the pruned torch-native model (slow path) against the dense one
   (torch's fused encoder kernels), one thread, 32 paragraphs of up to 128 tokens.
@@ -72,7 +73,7 @@ def quality(n_cal: int, n_held: int, budgets: list[float]) -> None:
     print(f"dense nn.TransformerEncoder vs secateurs MiniLM: max |embedding difference| "
           f"{float((reference - check).abs().max()):.2e}; {n_cal} calibration sequences of 128 tokens, "
           f"{n_held} held-out paragraphs", flush=True)
-    example = held[0]
+    example = calibration[0]  # unpadded: the pruned encoder skips padding, so a padded batch would count less
     rows = []
     for flops in budgets:
         for label, model in (("nn.TransformerEncoder", native), ("secateurs MiniLM", ours)):
