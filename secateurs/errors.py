@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import numbers
+
 
 def first_line(error: BaseException) -> str:
     """The first line of ``error``'s message (its class name when empty): what a one-line error quotes."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+def require_numbers(**values: object) -> None:
+    """A ``ValidationError`` naming the first argument that is not a real number (a string, a bool),
+    before a comparison with it would raise a bare TypeError. ``None`` passes: optional arguments."""
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+            raise ValidationError(name, f"expected a number, got {type(value).__name__} {value!r}")
 
 
 class SecateursError(Exception):

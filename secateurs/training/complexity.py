@@ -59,7 +59,7 @@ from torch.utils.hooks import RemovableHandle
 
 from secateurs.apply import cut_tensor, narrow, runs_at_zero_width, widen
 from secateurs.cost import CostModel
-from secateurs.errors import InvalidPlanError, ValidationError
+from secateurs.errors import InvalidPlanError, ValidationError, require_numbers
 from secateurs.graph.groups import Group, check_channel_multiple, unit_multiple
 from secateurs.plan import PrunePlan
 from secateurs.problems.projection import Projection
@@ -150,6 +150,8 @@ class ComplexityAware:
         channel_multiple: int = 1,
         inplace: bool = False,
     ) -> None:
+        require_numbers(strength=strength, flops_priority=flops_priority, layer_balance=layer_balance, lr=lr,
+                        flatten=flatten, init=init)
         for name, value in (("flops_priority", flops_priority), ("layer_balance", layer_balance), ("init", init)):
             if not 0.0 <= value <= 1.0:
                 raise ValidationError(name, f"must be in [0, 1], got {value!r}")

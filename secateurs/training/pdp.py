@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from secateurs.errors import ValidationError
+from secateurs.errors import ValidationError, require_numbers
 from secateurs.plan import PrunePlan
 
 Structure = Literal["unstructured", "n:m"]
@@ -124,6 +124,7 @@ class PDP:
         modules: Iterable[str] | None = None,
         inplace: bool = False,
     ) -> None:
+        require_numbers(density=density, n=n, m=m, tau=tau, tau_final=tau_final)
         if structure not in ("unstructured", "n:m"):
             raise ValidationError("structure", f"expected 'unstructured' or 'n:m', got {structure!r}")
         if structure == "n:m":

@@ -34,7 +34,7 @@ from torch.nn.utils import parametrize
 
 from secateurs.apply import member_tensor
 from secateurs.cost import CostModel
-from secateurs.errors import InvalidPlanError, ValidationError
+from secateurs.errors import InvalidPlanError, ValidationError, require_numbers
 from secateurs.graph.groups import Group, check_channel_multiple, unit_multiple
 from secateurs.plan import PrunePlan
 from secateurs.training.gating import UnitScales, fold_scales
@@ -80,6 +80,7 @@ class ChannelPDP:
                  cost_model: CostModel | None = None, budget: Mapping[str, float] | None = None,
                  tau: float = 0.05, tau_final: float | None = 0.002, schedule: DensitySchedule | None = None,
                  channel_multiple: int = 1, inplace: bool = False) -> None:
+        require_numbers(density=density, tau=tau, tau_final=tau_final)
         self.budget = check_budget(budget)
         if (density is None) == (not self.budget):
             raise ValidationError("density", "give exactly one of density= or budget=")

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from secateurs.cost import CostModel
-from secateurs.errors import ValidationError
+from secateurs.errors import ValidationError, require_numbers
 from secateurs.graph.groups import Group, check_channel_multiple, unit_multiple
 from secateurs.plan import PrunePlan
 from secateurs.problems.projection import Projection
@@ -136,12 +136,16 @@ class SoftCoefficients:
         if self.budget and cost_model is None:
             raise ValidationError("cost_model", "a flops/params budget needs the graph's cost model")
         check_reachable(self.groups, cost_model, self.budget, multiples=self.multiples)
+        require_numbers(lr=lr, flatten=flatten)
         if keep is None:
             fractions: dict[str, float] = {}
-        elif isinstance(keep, (int, float)):
+        elif not isinstance(keep, Mapping):
+            require_numbers(keep=keep)
             fractions = {c: float(keep) for c in names}
         else:
-            fractions = {str(c): float(v) for c, v in dict(keep).items()}
+            for c, v in keep.items():
+                require_numbers(**{f"keep[{c!r}]": v})
+            fractions = {str(c): float(v) for c, v in keep.items()}
             for c in names:
                 if c not in fractions:
                     raise ValidationError("keep", f"no keep fraction for component {c!r} (components: {names})")
