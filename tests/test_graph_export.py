@@ -368,3 +368,72 @@ def test_export_literal_beside_minus_one_still_freezes() -> None:
     g = build(ConstantHeads().eval(), X)
     reason = g.group("fc:out").reason
     assert not g.group("fc:out").prunable and "fixes this size at 4" in reason, reason
+
+
+class BiasTableAttention(nn.Module):
+    """Swin-style attention: a learned bias per (relative position, head), read by a position index."""
+
+    def __init__(self, width: int = 16, heads: int = 4, length: int = 5) -> None:
+        super().__init__()
+        self.heads, self.head_dim = heads, width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.table = nn.Parameter(torch.randn((2 * length - 1), heads))
+        pos = torch.arange(length)
+        self.register_buffer("index", (pos[:, None] - pos[None, :] + length - 1).flatten())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).view(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        bias = self.table[self.index].view(t, t, -1).permute(2, 0, 1)
+        scores = (q @ k.transpose(-2, -1)) + bias.unsqueeze(0)
+        return self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, t, -1))
+
+
+def test_a_bias_table_read_by_a_position_index_prunes_with_its_heads() -> None:
+    """x[idx] (aten.index under export) keeps the table's head column tied to the heads."""
+    torch.manual_seed(0)
+    model, x = BiasTableAttention().eval(), torch.randn(2, 5, 16)
+    g = build(model, x, strict=True)
+    heads = next(gr for gr in g.prunable_groups() if gr.unit_width == 4)
+    assert heads.size == 4 and ("", "table") in {(m.module, m.param) for m in heads.members}
+    assert g.group("table:out").reason.startswith("tensor index into channels at node 'getitem")  # positions
+    keep = [0, 2]
+    small = secateurs.apply(model, secateurs.PrunePlan({heads.name: keep}), graph=g)
+    masked = secateurs.apply(model, secateurs.PrunePlan({heads.name: keep}), graph=g, mode="mask")
+    assert small.table.shape == (9, 2)
+    with torch.no_grad():  # a masked head's q, k, v and bias column are zero: it adds nothing
+        assert torch.allclose(small(x), masked(x), atol=1e-5)
+    assert g.cost({heads.name: 2}) == dense_counts(small, x)
+
+
+def test_a_boolean_mask_index_stays_frozen() -> None:
+    class Masked(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.a(x)[x[:, 0] > 0].sum(0)  # as many rows as the data says: no fixed cost
+
+    x = torch.randn(6, 4)
+    x[:, 0] = torch.tensor([1.0, -1.0, 2.0, -2.0, 3.0, -3.0])
+    g = build(Masked().eval(), x)
+    assert not g.group("a:out").prunable
+    assert "a mask" in g.group("a:out").reason
+
+
+def test_hf_swin_heads_prune_through_its_bias_table() -> None:
+    torch.manual_seed(0)
+    model = transformers.SwinModel(transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                           num_heads=[2, 4], window_size=4)).eval()
+    x = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    g = build(model, x)
+    heads = sorted(gr.name for gr in g.prunable_groups() if gr.name.endswith(":heads"))
+    assert heads == ["encoder.layers.0.blocks.0.attention:heads", "encoder.layers.1.blocks.0.attention:heads"]
+    assert g.cost() == dense_counts(model, x)
+    plan = secateurs.PrunePlan({heads[1]: [1, 2]})
+    small = secateurs.apply(model, plan, graph=g)
+    table = small.encoder.layers[1].blocks[0].attention.relative_position_bias.relative_position_bias_table
+    assert table.shape[1] == 2
+    assert g.cost({heads[1]: 2}) == dense_counts(small, x)

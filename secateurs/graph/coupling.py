@@ -965,7 +965,9 @@ class Coupler(FixedSizeRecorder):
             return None
         xs = self.shp(node.args[0])
         items = list(idx) if isinstance(idx, tuple) else [idx]
-        if any(isinstance(i, fx.Node) or not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in items):
+        if any(isinstance(i, fx.Node) for i in items):
+            return self.tensor_index(node, src, xs, items, shape)
+        if any(not isinstance(i, (int, slice, type(None), type(Ellipsis))) for i in items):
             return self.unknown(node, "tensor indexing")
         n_real = sum(1 for i in items if i is not None and i is not Ellipsis)
         out: list[DimInfo] = []
@@ -1008,6 +1010,22 @@ class Coupler(FixedSizeRecorder):
                 d += 1
         out.extend(src[d:])
         return out
+
+    def tensor_index(self, node: fx.Node, src: list[DimInfo], xs: Any, items: list[Any], shape: Any) -> Info:
+        """``x[:, ..., idx]`` with one integer index tensor after full slices (a relative-position
+        bias table read by a position index): the indexed dim freezes, the dims before and after it
+        pass through, and the index's own dims take its place."""
+        position = next(i for i, it in enumerate(items) if isinstance(it, fx.Node))
+        before, index = items[:position], items[position]
+        if any(it != slice(None) for it in before) or any(it != slice(None) for it in items[position + 1:]):
+            return self.unknown(node, "tensor indexing beside other indices")
+        ii, ishape = self.inf(index), self.shp(index)
+        expected = (*xs[:position], *(ishape or ()), *xs[position + 1:])
+        if not is_tensor_info(ii) or not isinstance(shape, torch.Size) or tuple(shape) != expected:
+            return self.unknown(node, "tensor indexing (a mask, or an index of another shape)")
+        if not isinstance(src[position], Opaque):
+            self.freeze([src[position]], f"tensor index into channels at node '{node.name}'")
+        return [*src[:position], *ii, *src[position + 1:]]
 
     def matmul(self, node: fx.Node, shape: Any) -> Info:
         """Batched matmul: batch dims and the contraction tie; rows from A, columns from B."""

@@ -92,6 +92,12 @@ def _select(a: tuple[Any, ...], k: dict[str, Any]) -> Call:
     return "call_function", operator.getitem, (x, (*_index_prefix(x, dim), index)), {}
 
 
+def _index(a: tuple[Any, ...], k: dict[str, Any]) -> Call:
+    """``aten.index(x, [None, idx])`` (advanced indexing) as ``x[:, idx]``."""
+    x, indices = a
+    return "call_function", operator.getitem, (x, tuple(slice(None) if i is None else i for i in indices)), {}
+
+
 def _layer_norm(a: tuple[Any, ...], k: dict[str, Any]) -> Call:
     return "call_function", F.layer_norm, a[:5], {}  # drops cudnn_enable
 
@@ -140,7 +146,7 @@ _TWINS: dict[Any, Callable[[tuple[Any, ...], dict[str, Any]], Call]] = {
     aten.view: _method("view"), aten._unsafe_view: _method("view"), aten.expand: _method("expand", 2),
     aten.sym_size: _method("size"), aten.contiguous: _method("contiguous", 1), aten.clone: _method("clone", 1),
     aten.detach: _method("detach"), aten.to: _to, aten._to_copy: _to,
-    aten.slice: _slice, aten.select: _select, aten.layer_norm: _layer_norm, aten.batch_norm: _batch_norm,
+    aten.slice: _slice, aten.select: _select, aten.index: _index, aten.layer_norm: _layer_norm, aten.batch_norm: _batch_norm,
     aten._softmax: _softmax, aten.constant_pad_nd: _pad,
     # in place (``x += residual``): the tensor methods of the same name
     **{getattr(aten, name): _method(name) for name in ("add_", "sub_", "mul_", "div_", "relu_", "clamp_", "sigmoid_",
