@@ -386,7 +386,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from secateurs import models, save
     from secateurs.budget import Budget
     from secateurs.graph import dense_counts
-    from secateurs.measure import compare_latency
+    from secateurs.measure import compare_latency_within
     from secateurs.oneshot import prune
 
     for flag, value in (("--calibration", args.calibration), ("--batch-size", args.batch_size)):
@@ -410,10 +410,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     rows.append((nonzero, f"{dense_nz if args.structure != 'channels' else before.params:,.0f}",
                  f"{pruned_nz if args.structure != 'channels' else after.params:,.0f}"))
     rows.append((f"FLOPs (batch of {_batch_size(example)})", f"{before.flops:,.0f}", f"{after.flops:,.0f}"))
-    timed = compare_latency(model, result.model, job.timing_inputs)
+    timed = compare_latency_within(model, result.model, job.timing_inputs)
     batch = _batch_size(job.timing_inputs)
     rows.append((f"CPU latency (ms, batch of {batch})", f"{1e3 * timed.dense:.2f}", f"{1e3 * timed.pruned:.2f}"))
-    rows.append(("speedup (alternating rounds)", "1.00x", f"{timed.speedup:.2f}x"))
+    rows.append((f"speedup ({timed.rounds} alternating rounds)", "1.00x", f"{timed.speedup:.2f}x"))
     print(result.report.table())
     print()
     print(_before_after(rows))

@@ -48,6 +48,8 @@ class LatencyComparison:
     dense: float  # seconds, fastest round's median forward
     pruned: float
     speedup: float  # median over rounds of dense / pruned, each pair from the same time window
+    rounds: int = 0
+    repeats: int = 0
 
 
 def compare_latency(dense: nn.Module, pruned: nn.Module, inputs: Any, *, rounds: int = 15, repeats: int = 5,
@@ -64,7 +66,21 @@ def compare_latency(dense: nn.Module, pruned: nn.Module, inputs: Any, *, rounds:
     for _ in range(rounds):
         d.append(latency(dense, inputs, repeats=repeats, warmup=1, clock=clock))
         p.append(latency(pruned, inputs, repeats=repeats, warmup=1, clock=clock))
-    return LatencyComparison(min(d), min(p), statistics.median(a / b for a, b in zip(d, p, strict=True)))
+    return LatencyComparison(min(d), min(p), statistics.median(a / b for a, b in zip(d, p, strict=True)), rounds,
+                             repeats)
+
+
+def compare_latency_within(dense: nn.Module, pruned: nn.Module, inputs: Any, *, seconds: float = 20.0,
+                           clock: Callable[[], float] = time.perf_counter) -> LatencyComparison:
+    """:func:`compare_latency` with the rounds (3 to 15) and repeats (1 to 5) that fit in about
+    ``seconds``: a transformer's forward on a batch takes a second on a CPU, and 15 rounds of 5
+    repeats of both models would take minutes. One dense forward, timed first, sets the pace."""
+    if not seconds > 0:
+        raise ValidationError("seconds", f"must be positive, got {seconds!r}")
+    once = max(latency(dense, inputs, repeats=1, warmup=1, clock=clock), 1e-9)
+    repeats = max(1, min(5, int(0.5 / once)))  # about half a second per model and round
+    rounds = max(3, min(15, int(seconds / (2 * (repeats + 1) * once))))  # both models, warm-up included
+    return compare_latency(dense, pruned, inputs, rounds=rounds, repeats=repeats, clock=clock)
 
 
 def embeddings(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:

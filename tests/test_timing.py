@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from secateurs.errors import ValidationError
-from secateurs.measure import compare_latency
+from secateurs.measure import compare_latency, compare_latency_within
 from secateurs.timing import seconds, steady_allocator
 
 PROBE = """
@@ -81,3 +81,28 @@ def test_compare_latency_times_both_models_in_alternating_rounds() -> None:
     assert timed.speedup > 4  # each round's ratio, dense over pruned
     with pytest.raises(ValidationError, match="rounds: must be at least 1"):
         compare_latency(slow, fast, torch.zeros(2), rounds=0)
+
+
+class _Ticks(torch.nn.Module):
+    """Advances a shared fake clock by ``cost`` seconds per forward: timing without waiting."""
+
+    def __init__(self, now: list[float], cost: float) -> None:
+        super().__init__()
+        self.now, self.cost = now, cost
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.now[0] += self.cost
+        return x
+
+
+@pytest.mark.parametrize(("cost", "rounds", "repeats"), [(0.001, 15, 5), (0.2, 15, 2), (1.25, 4, 1), (30.0, 3, 1)])
+def test_compare_latency_within_fits_rounds_and_repeats_to_the_time_given(cost: float, rounds: int,
+                                                                          repeats: int) -> None:
+    now = [0.0]
+    dense, pruned = _Ticks(now, cost), _Ticks(now, cost / 2)
+    timed = compare_latency_within(dense, pruned, torch.zeros(2), seconds=20.0, clock=lambda: now[0])
+    assert (timed.rounds, timed.repeats) == (rounds, repeats)
+    assert timed.speedup == pytest.approx(2.0) and timed.dense == pytest.approx(cost)
+    spent = now[0] - 2 * cost  # after the first (warm-up and timed) dense forward
+    assert spent == pytest.approx(rounds * (repeats + 1) * 1.5 * cost)
+    assert spent <= 20.0 or rounds == 3  # within the time given, unless the floor of 3 rounds exceeds it
