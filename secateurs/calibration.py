@@ -186,7 +186,7 @@ def validate_batch(batch: Any, index: int) -> None:
         raise ValidationError("calibration", f"batch {index} is empty")
     for t in tensors:
         if not isinstance(t, torch.Tensor):
-            raise ValidationError("calibration", f"batch {index} holds a {type(t).__name__}, expected tensors")
+            raise ValidationError("calibration", f"batch {index} holds a value of type {type(t).__name__}, expected tensors")
         if t.numel() == 0:
             raise ValidationError("calibration", f"batch {index} has an empty tensor of shape {tuple(t.shape)}")
         # -inf is how additive attention masks say "never" (nn.Transformer.generate_square_subsequent_mask)

@@ -184,7 +184,7 @@ def test_several_input_shapes_give_tuple_batches(user_file: Path, seen: Callable
     ("def data():\n    return []\n", r"--data: .*:data gave no batches$"),
     ("def data():\n    return None\n", r"gave a NoneType, not an iterable of batches$"),
     ("import torch\ndef data():\n    return torch.ones(4, 8)\n", r"gave one Tensor, not a list of batches"),
-    ("def data():\n    return ['abc']\n", r"batch 0 holds a str, expected tensors$"),
+    ("def data():\n    return ['abc']\n", r"batch 0 holds a value of type str, expected tensors$"),
     ("import torch\ndef data():\n    return [torch.ones(4, 4), torch.full((4, 4), float('nan'))]\n",
      r"batch 1 contains NaN or infinite values$"),
     ("import torch\ndef data():\n    return [torch.tensor(1.0)]\n", r"batch 0 starts with a scalar"),
@@ -205,7 +205,7 @@ def test_bad_data_functions_are_one_line_before_any_pruning(
     (None, r"--data: no such file '.*missing.pt'$"),
     (b"not a torch file", r"--data: cannot load '.*missing.pt': UnpicklingError"),
     ({"x": 1}, r"gave one dict, not a list of batches"),
-    ([1, 2], r"batch 0 holds a int, expected tensors"),
+    ([1, 2], r"batch 0 holds a value of type int, expected tensors"),
     ([(torch.ones(2, 3), [torch.ones(2, 4)])], r"missing.pt: batch 0 nests containers"),
 ])
 def test_bad_data_files_are_one_line_before_any_pruning(
