@@ -53,13 +53,12 @@ def packed_encoder_forward(encoder: nn.TransformerEncoder, src: Tensor, mask: Te
     The stock encoder skips padding with nested tensors, which pruned layers cannot take. Here
     every token-wise op (norms, projections, FFN) runs on the real tokens packed into one
     matrix; only attention scatters them back into the padded batch, masked as usual. Padding
-    positions come out as zeros, as from the stock nested path. Other calls (no bool padding
-    mask, an attention mask, unbatched or sequence-first input) go to :func:`encoder_forward`.
+    positions come out as zeros, as from the stock nested path. Packing is taken exactly where
+    the stock encoder takes its nested path (:func:`_stock_nests`), so the padding positions hold
+    what the dense model would give; every other call goes to :func:`encoder_forward`.
     """
     layers = list(encoder.layers)
-    first = layers[0].self_attn if layers else None
-    if (src_key_padding_mask is None or src_key_padding_mask.dtype != torch.bool or mask is not None or is_causal
-            or src.dim() != 3 or first is None or not first.batch_first
+    if (not _stock_nests(encoder, src, mask, src_key_padding_mask) or is_causal
             or any(type(layer).forward not in (encoder_layer_forward, nn.TransformerEncoderLayer.forward)
                    or layer.self_attn.in_proj_weight is None or layer.self_attn.bias_k is not None
                    or layer.self_attn.add_zero_attn for layer in layers)):
@@ -75,6 +74,22 @@ def packed_encoder_forward(encoder: nn.TransformerEncoder, src: Tensor, mask: Te
     out[real] = x
     out = out.view(n, t, -1)
     return encoder.norm(out) if encoder.norm is not None else out
+
+
+def _stock_nests(encoder: nn.TransformerEncoder, src: Tensor, mask: Tensor | None,
+                 padding: Tensor | None) -> bool:
+    """Whether ``nn.TransformerEncoder.forward`` would run this call on nested tensors (zeros at
+    the padding) rather than its slow path (values computed at the padding), by its own checks."""
+    if padding is None or padding.dtype != torch.bool or mask is not None or src.dim() != 3 or not len(encoder.layers):
+        return False
+    first = encoder.layers[0]
+    if not (getattr(encoder, "use_nested_tensor", False) and torch.backends.mha.get_fastpath_enabled()
+            and first.self_attn.batch_first and not first.training and not torch.is_autocast_enabled()):
+        return False  # use_nested_tensor: the stock layer-config checks, made once at construction
+    if torch.is_grad_enabled() and (src.requires_grad or any(p.requires_grad for p in first.parameters())):
+        return False
+    real = (~padding).to(torch.int8)
+    return not getattr(encoder, "mask_check", True) or bool((real[:, 1:] <= real[:, :-1]).all())  # padded at the end
 
 
 def _packed_layer(layer: nn.TransformerEncoderLayer, x: Tensor, real: Tensor, bias: Tensor) -> Tensor:

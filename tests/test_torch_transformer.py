@@ -140,9 +140,11 @@ def test_pruned_encoder_runs_its_slow_path_and_equals_the_masked_model() -> None
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_packed_encoder_equals_the_stock_nested_fast_path(norm_first: bool) -> None:
-    """Real tokens packed into one matrix give what torch's nested-tensor path gives (zeros at the
-    padding before the final norm), and what the slow path gives at the real tokens."""
+def test_packed_encoder_gives_what_the_stock_encoder_gives(norm_first: bool) -> None:
+    """Packing is taken where torch's encoder takes its nested path (zeros at the padding before
+    the final norm), and the slow path where torch's does (norm_first layers, padding at the start,
+    autograd on trainable weights, an attention mask): the padding positions hold what the dense
+    model gives, and the real tokens what the slow path gives."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=norm_first)
     enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(32)).eval()
@@ -150,14 +152,19 @@ def test_packed_encoder_equals_the_stock_nested_fast_path(norm_first: bool) -> N
     padding = torch.arange(9)[None, :] >= torch.tensor([9, 3, 6, 1])[:, None]
     with torch.no_grad():
         packed = packed_encoder_forward(enc, x, src_key_padding_mask=padding)
-        if not norm_first:  # torch's encoder turns its nested path off for norm_first layers
-            assert torch.allclose(packed, enc(x, src_key_padding_mask=padding), atol=1e-5)
+        assert torch.allclose(packed, enc(x, src_key_padding_mask=padding), atol=1e-5)
         slow = encoder_forward(enc, x, src_key_padding_mask=padding)
         assert torch.allclose(packed[~padding], slow[~padding], atol=1e-5)
-        assert torch.allclose(packed[padding], enc.norm(torch.zeros(32)).expand(int(padding.sum()), 32))
-        # calls it cannot pack go to the slow path unchanged
+        zeros = torch.allclose(packed[padding], enc.norm(torch.zeros(32)).expand(int(padding.sum()), 32))
+        assert zeros == (not norm_first)  # torch's encoder turns its nested path off for norm_first layers
+        left = padding.flip(1)  # padded at the start: torch's mask check takes the slow path
+        assert torch.allclose(packed_encoder_forward(enc, x, src_key_padding_mask=left),
+                              enc(x, src_key_padding_mask=left), atol=1e-5)
         causal = nn.Transformer.generate_square_subsequent_mask(9)
         assert torch.equal(packed_encoder_forward(enc, x, mask=causal), encoder_forward(enc, x, mask=causal))
+    with torch.enable_grad():  # trainable weights under autograd: torch's slow path, and so here
+        assert torch.allclose(packed_encoder_forward(enc, x, src_key_padding_mask=padding),
+                              enc(x, src_key_padding_mask=padding), atol=1e-5)
 
 
 def test_out_proj_statistics_are_the_heads_output_the_stock_module_projects() -> None:
