@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from secateurs.conv1d import input_dim, is_conv1d
+from secateurs.conv1d import input_dim, is_conv1d, weight_matrix
 from secateurs.graph.groups import Group, Member
 
 
@@ -71,12 +71,32 @@ def _grouped(module: nn.Module) -> bool:
             and module.in_channels // module.groups > 1)
 
 
+def _packed_projection(module: nn.Module, member: Member) -> bool:
+    """The input side of nn.MultiheadAttention's packed q/k/v weight: a consumer whose rows are
+    the attention call's query (for a self-attention; see ``calibration.input_source``)."""
+    return (isinstance(module, nn.MultiheadAttention) and member.param == "in_proj_weight" and member.dim == 1
+            and module.bias_k is None and not module.add_zero_attn)
+
+
+def consumer_weight(model: nn.Module, name: str) -> torch.Tensor:
+    """A consumer's weight as (out, in ...): a layer's through :func:`weight_matrix`; a packed
+    attention projection (``name`` is then its parameter path) as it is stored."""
+    if name.rpartition(".")[2] == "in_proj_weight":
+        return model.get_parameter(name)
+    return weight_matrix(model.get_submodule(name))
+
+
 def consumer_columns(model: nn.Module, group: Group) -> tuple[list[ConsumerColumns], list[str]]:
     """Columns per reconstructable consumer of ``group``, and the consumers that were skipped (why)."""
     found: list[ConsumerColumns] = []
     skipped: list[str] = []
     for member in group.consumers():
         module = model.get_submodule(member.module)
+        if _packed_projection(module, member):
+            path = f"{member.module}.{member.param}" if member.module else member.param
+            found.append(ConsumerColumns(path, member, torch.tensor([member.indices([u]) for u in range(group.size)],
+                                                                    dtype=torch.long)))
+            continue
         grouped = _grouped(module)
         if member.param != "weight" or member.dim != input_dim(module) or not (supports_reconstruction(module) or grouped):
             skipped.append(f"{member.module}.{member.param} (dim {member.dim}, {type(module).__name__})")

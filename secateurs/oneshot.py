@@ -44,8 +44,8 @@ from tqdm.auto import tqdm
 
 from secateurs.apply import apply, mask_in_place
 from secateurs.budget import Budget
-from secateurs.calibration import GramStatistics, collect, layer_rows
-from secateurs.consumers import ConsumerColumns, consumer_columns, supports_reconstruction
+from secateurs.calibration import GramStatistics, collect, rows_of
+from secateurs.consumers import ConsumerColumns, consumer_columns, consumer_weight, supports_reconstruction
 from secateurs.conv1d import is_conv1d, weight_matrix
 from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, UnknownSolverError, ValidationError
 from secateurs.graph import DependencyGraph, build, dense_counts
@@ -264,7 +264,7 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
         h = gram[cols][:, cols]
         ridge = 0.01 * float(torch.diagonal(h).mean()) or 1e-8
         eye = ridge * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        weight = weight_matrix(model.get_submodule(c.module)).detach()
+        weight = consumer_weight(model, c.module).detach()
         dense = c.weight_block(weight)[:, c.weight_flat().to(weight.device)].to(gram).T  # Ŵ, p x m
         # G = (XᵀX_target + λI)·Ŵ: the target is the dense layer's output on the dense model's inputs
         # when those were recorded (sequential pruning), else on the same inputs (G = HŴ).
@@ -371,7 +371,7 @@ def _write_refit(work_model: nn.Module, work: _GroupWork, support: list[int]) ->
     refits = work.problem.refit(support)
     with torch.no_grad():
         for consumer, new in zip(work.consumers, refits, strict=True):
-            weight = weight_matrix(work_model.get_submodule(consumer.module))
+            weight = consumer_weight(work_model, consumer.module)
             block = consumer.weight_block(weight)  # a view: writing it writes the weight
             block[:, consumer.weight_flat().to(weight.device)] = new.to(dtype=weight.dtype, device=weight.device)
 
@@ -569,10 +569,9 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
             for name in dict.fromkeys(c.module for c in work.consumers):
                 inputs, dense_inputs = lock.inputs_of(name), reference.inputs_of(name)
                 if inputs is not None and dense_inputs is not None:
-                    module = work_model.get_submodule(name)
                     fresh[name] = GramStatistics()
                     for x, y in zip(inputs, dense_inputs, strict=True):
-                        fresh[name].update(layer_rows(module, x), layer_rows(module, y))
+                        fresh[name].update(rows_of(work_model, name, x), rows_of(work_model, name, y))
                     refreshed += sum(c.module == name for c in work.consumers)
             problem, consumers, _ = _group_problem(model, work.group, fresh)
             if problem is not None and refreshed:
@@ -614,7 +613,9 @@ def _consumer_tensors(pruned: nn.Module, works: list[_GroupWork], keep: dict[str
     for work in works:
         if work.group.name in keep:
             for consumer in work.consumers:
-                out[f"{consumer.module}.weight"] = pruned.get_submodule(consumer.module).weight.detach().clone()
+                packed = consumer.module.rpartition(".")[2] == "in_proj_weight"  # the parameter's own path
+                path = consumer.module if packed else f"{consumer.module}.weight"
+                out[path] = pruned.get_parameter(path).detach().clone()
     return out
 
 

@@ -248,3 +248,45 @@ def test_seq2seq_prunes_its_width_on_calibration_with_an_additive_causal_mask() 
     with pytest.raises(ValidationError, match="batch 0 contains NaN or infinite"):
         secateurs.prune(model, [(calibration[0][0], calibration[0][1], -mask)], secateurs.Budget(flops=0.5),
                         progress=False)
+
+
+class WideStream(nn.Module):
+    """A wide residual stream and a narrow FFN: a FLOPs budget has to prune the stream, which every
+    layer's packed q/k/v projection reads."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Linear(8, 64)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(64, 2, 16, dropout=0.0, batch_first=True), 2,
+                                         enable_nested_tensor=False)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.emb(x)).mean(1))
+
+
+def test_the_stream_refits_each_layers_packed_projection() -> None:
+    """in_proj_weight is a consumer of the stream (its input is the self-attention's query): the
+    plan refits it, and the refit lowers the output error against the same plan without it."""
+    torch.manual_seed(0)
+    model = WideStream().eval()
+    gen = torch.Generator().manual_seed(0)
+    basis = torch.randn(4, 8, generator=gen)  # low-rank inputs: the stream has redundancy to remove
+
+    def batch() -> torch.Tensor:
+        return torch.randn(6, 7, 4, generator=gen) @ basis + 0.05 * torch.randn(6, 7, 8, generator=gen)
+
+    calibration, held = [batch() for _ in range(6)], [batch() for _ in range(2)]
+    result = secateurs.prune(model, calibration, secateurs.Budget(flops=0.5), progress=False)
+    stream = next(g for g in result.report.groups if g.name == "emb:out")
+    assert stream.kept < stream.total and "in_proj_weight" not in stream.note
+    assert {"enc.layers.0.self_attn.in_proj_weight", "enc.layers.1.self_attn.in_proj_weight"} <= set(result.plan.refit)
+    unrefit = secateurs.PrunePlan(result.plan.keep, refit={k: v for k, v in result.plan.refit.items()
+                                                            if not k.endswith("in_proj_weight")})
+    plain = secateurs.apply(model, unrefit, graph=build(model, calibration[0]))
+
+    def error(pruned: nn.Module) -> float:
+        with torch.no_grad():
+            return sum(float((pruned(x) - model(x)).norm() / model(x).norm()) for x in held)
+
+    assert error(result.model) < error(plain)
