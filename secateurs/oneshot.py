@@ -249,7 +249,9 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
     notes = [f"not refit: {s}" for s in skipped]
     usable = [c for c in found if stats[c.module].rows > 0]
     if len(usable) < len(found):
-        notes.append("consumers never called on the calibration data are not refit")
+        unseen = sorted({c.module for c in found if stats[c.module].rows == 0})
+        notes.append(f"not refit, no input seen on the calibration data (never called, or a cross-attention's "
+                     f"packed projection): {', '.join(unseen)}")
     widths = sorted({c.width for c in usable})
     if len(widths) > 1:  # one problem needs one unit width; keep the consumers of the first
         notes.append(f"consumers of widths {widths[1:]} are pruned but not refit")
