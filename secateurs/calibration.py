@@ -20,6 +20,7 @@ from torch.nn import functional as F
 from secateurs.conv1d import is_conv1d
 from secateurs.errors import ValidationError
 from secateurs.modules import attention_heads
+from secateurs.torch_transformer import is_projection, packed_attention
 
 _CHUNK = 4096  # rows per low-precision product before it is added to the float64 sums
 
@@ -135,8 +136,7 @@ def input_source(model: nn.Module, name: str) -> InputSource:
     self-attention call (a cross-attention's q and k/v rows read different inputs: none)."""
     parent, _, leaf = name.rpartition(".")
     owner = model.get_submodule(parent)
-    if isinstance(owner, nn.MultiheadAttention) and owner.in_proj_weight is not None \
-            and owner.bias_k is None and not owner.add_zero_attn:
+    if isinstance(owner, nn.MultiheadAttention) and packed_attention(owner):
         if leaf == "out_proj":
             return InputSource(parent, _heads_output)
         if leaf == "in_proj_weight":
@@ -144,12 +144,13 @@ def input_source(model: nn.Module, name: str) -> InputSource:
     return InputSource(name, _first_argument)
 
 
-def rows_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
-    """:func:`layer_rows` of the layer ``name``; an attention module's packed projection (a
+def row_reader(model: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+    """:func:`layer_rows` for the layer ``name``, looked up once; an attention projection (a
     parameter, not a layer) multiplies the last dim, as a Linear does."""
-    if name.endswith(".in_proj_weight") or name == "in_proj_weight":
-        return x.reshape(-1, x.shape[-1])
-    return layer_rows(model.get_submodule(name), x)
+    if is_projection(name):
+        return lambda x: x.reshape(-1, x.shape[-1])
+    layer = model.get_submodule(name)
+    return lambda x: layer_rows(layer, x)
 
 
 @contextmanager
@@ -218,13 +219,13 @@ def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]
     stats = {name: GramStatistics() for name in names}
     handles = []
     for name in names:
-        source = input_source(model, name)
+        source, rows = input_source(model, name), row_reader(model, name)
 
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _name: str = name,
-                 _source: InputSource = source) -> None:
+                 _source: InputSource = source, _rows: Callable[[torch.Tensor], torch.Tensor] = rows) -> None:
             x = _source.read(mod, args, kwargs)
             if x is not None:  # None: this call does not show the input (a cross-attention's packed projection)
-                stats[_name].update(rows_of(model, _name, x))
+                stats[_name].update(_rows(x))
 
         handles.append(model.get_submodule(source.module).register_forward_pre_hook(hook, with_kwargs=True))
     count = 0

@@ -22,6 +22,7 @@ from torch import nn
 
 from secateurs.conv1d import input_dim, is_conv1d, weight_matrix
 from secateurs.graph.groups import Group, Member
+from secateurs.torch_transformer import is_projection, packed_attention
 
 
 @dataclass(frozen=True)
@@ -75,13 +76,13 @@ def _packed_projection(module: nn.Module, member: Member) -> bool:
     """The input side of nn.MultiheadAttention's packed q/k/v weight: a consumer whose rows are
     the attention call's query (for a self-attention; see ``calibration.input_source``)."""
     return (isinstance(module, nn.MultiheadAttention) and member.param == "in_proj_weight" and member.dim == 1
-            and module.bias_k is None and not module.add_zero_attn)
+            and packed_attention(module))
 
 
 def consumer_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """A consumer's weight as (out, in ...): a layer's through :func:`weight_matrix`; a packed
-    attention projection (``name`` is then its parameter path) as it is stored."""
-    if name.rpartition(".")[2] == "in_proj_weight":
+    """A consumer's weight as (out, in ...): a layer's through :func:`weight_matrix`; an attention
+    projection (``name`` is then its parameter path) as it is stored."""
+    if is_projection(name):
         return model.get_parameter(name)
     return weight_matrix(model.get_submodule(name))
 

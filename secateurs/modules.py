@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from secateurs.errors import ValidationError
-from secateurs.torch_transformer import encoder_layer_forward, packed_encoder_forward
+from secateurs.torch_transformer import encoder_layer_forward, packed_attention, packed_encoder_forward
 
 __all__ = [
     "PrunedMultiheadAttention", "PrunedTransformerEncoder", "PrunedTransformerEncoderLayer", "ZeroWidthBatchNorm1d",
@@ -76,7 +76,7 @@ def attention_heads(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, valu
     The stock module runs its output projection functionally, so no hook sees this tensor;
     calibration recomputes it from the call's arguments (the module's packed q/k/v projection).
     """
-    if mha.in_proj_weight is None or mha.bias_k is not None or mha.add_zero_attn:
+    if not packed_attention(mha):
         raise ValidationError("module", "separate q/k/v projections, bias_k/bias_v or add_zero_attn: "
                                         "the heads' output is not recomputed")
     return _heads(mha, query, key, value, key_padding_mask, False, attn_mask, is_causal)[0]

@@ -44,9 +44,9 @@ from tqdm.auto import tqdm
 
 from secateurs.apply import apply, mask_in_place
 from secateurs.budget import Budget
-from secateurs.calibration import GramStatistics, collect, rows_of
+from secateurs.calibration import GramStatistics, collect, row_reader
 from secateurs.consumers import ConsumerColumns, consumer_columns, consumer_weight, supports_reconstruction
-from secateurs.conv1d import is_conv1d, weight_matrix
+from secateurs.conv1d import is_conv1d
 from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, UnknownSolverError, ValidationError
 from secateurs.graph import DependencyGraph, build, dense_counts
 from secateurs.graph.build import _arguments
@@ -63,6 +63,7 @@ from secateurs.solvers import Deadline, SolveResult, Status, solve
 from secateurs.solvers.reconstruction_greedy import greedy_path
 from secateurs.solvers.registry import lookup
 from secateurs.sparsity import density_mask, masked_error, nm_mask, reconstruction_scores, refit_rows
+from secateurs.torch_transformer import PROJECTIONS, is_projection
 
 log = logging.getLogger("secateurs")
 
@@ -571,9 +572,9 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
             for name in dict.fromkeys(c.module for c in work.consumers):
                 inputs, dense_inputs = lock.inputs_of(name), reference.inputs_of(name)
                 if inputs is not None and dense_inputs is not None:
-                    fresh[name] = GramStatistics()
+                    fresh[name], rows = GramStatistics(), row_reader(work_model, name)
                     for x, y in zip(inputs, dense_inputs, strict=True):
-                        fresh[name].update(rows_of(work_model, name, x), rows_of(work_model, name, y))
+                        fresh[name].update(rows(x), rows(y))
                     refreshed += sum(c.module == name for c in work.consumers)
             problem, consumers, _ = _group_problem(model, work.group, fresh)
             if problem is not None and refreshed:
@@ -615,8 +616,7 @@ def _consumer_tensors(pruned: nn.Module, works: list[_GroupWork], keep: dict[str
     for work in works:
         if work.group.name in keep:
             for consumer in work.consumers:
-                packed = consumer.module.rpartition(".")[2] == "in_proj_weight"  # the parameter's own path
-                path = consumer.module if packed else f"{consumer.module}.weight"
+                path = consumer.module if is_projection(consumer.module) else f"{consumer.module}.weight"
                 out[path] = pruned.get_parameter(path).detach().clone()
     return out
 
@@ -633,12 +633,6 @@ def _weight_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if supports_reconstruction(module)]
 
 
-def _out_by_in(model: nn.Module, name: str, path: str) -> torch.Tensor:
-    """The weight at ``path`` as (out, in ...): a layer's through :func:`weight_matrix`, an attention
-    projection (a bare parameter, ``name == path``) as it is."""
-    return model.get_parameter(path) if name == path else weight_matrix(model.get_submodule(name))
-
-
 def _functional_owner(model: nn.Module, name: str) -> str:
     """``'attn' (MultiheadAttention)`` when the layer is a submodule of an nn.MultiheadAttention."""
     parts = name.split(".")
@@ -653,7 +647,7 @@ def _attention_projections(model: nn.Module) -> list[str]:
     """Parameter paths of nn.MultiheadAttention's packed (or separate q/k/v) input projections."""
     return [f"{path}.{attr}" if path else attr for path, mod in model.named_modules()
             if isinstance(mod, nn.MultiheadAttention)
-            for attr in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+            for attr in PROJECTIONS
             if isinstance(getattr(mod, attr, None), nn.Parameter)]
 
 
@@ -682,8 +676,8 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
     # entry name -> its weight's parameter path: the layers, then nn.MultiheadAttention's projections
     params = {name: f"{name}.weight" for name in layers} | {path: path for path in projections}
     data = {}
-    for name, path in params.items():
-        weight = _out_by_in(model, name, path).detach()
+    for name in params:
+        weight = consumer_weight(model, name).detach()
         flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
         gram = stats[name].gram if name in stats else None
         if gram is None:  # no activations seen: separate q/k/v weights, or a cross-attention's packed ones
@@ -735,7 +729,7 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
     new_weights = {}
     for name in _progress(list(masks), progress, "refit"):
         flat, gram, _ = data[name]
-        weight = _out_by_in(model, name, params[name])
+        weight = consumer_weight(model, name)
         new = refit_rows(flat, gram, masks[name]) if refit else flat * masks[name]
         stored = new.reshape(weight.shape)
         transposed = name != params[name] and is_conv1d(model.get_submodule(name))  # stored (in, out)

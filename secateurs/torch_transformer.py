@@ -22,8 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["decoder_forward", "encoder_forward", "encoder_layer_forward", "packed_encoder_forward", "slow_forward",
-           "transformer_forward"]
+__all__ = ["PROJECTIONS", "decoder_forward", "encoder_forward", "encoder_layer_forward", "is_projection",
+           "packed_attention", "packed_encoder_forward", "slow_forward", "transformer_forward"]
+
+#: nn.MultiheadAttention's input projections: parameters it applies functionally, not layers.
+PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def is_projection(name: str) -> bool:
+    """Whether ``name`` is the path of an attention projection parameter (see :data:`PROJECTIONS`),
+    which stands where a layer's name would, since no layer of its own carries it."""
+    return name.rpartition(".")[2] in PROJECTIONS
+
+
+def packed_attention(mha: nn.MultiheadAttention) -> bool:
+    """One packed q/k/v projection and nothing appended to the keys (``bias_k``, ``add_zero_attn``):
+    the attention secateurs recomputes up to its output projection and packs tokens for."""
+    return mha.in_proj_weight is not None and mha.bias_k is None and not mha.add_zero_attn
 
 
 def encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Tensor, src_mask: Tensor | None = None,
@@ -60,8 +75,7 @@ def packed_encoder_forward(encoder: nn.TransformerEncoder, src: Tensor, mask: Te
     layers = list(encoder.layers)
     if (not _stock_nests(encoder, src, mask, src_key_padding_mask) or is_causal
             or any(type(layer).forward not in (encoder_layer_forward, nn.TransformerEncoderLayer.forward)
-                   or layer.self_attn.in_proj_weight is None or layer.self_attn.bias_k is not None
-                   or layer.self_attn.add_zero_attn for layer in layers)):
+                   or not packed_attention(layer.self_attn) for layer in layers)):
         return encoder_forward(encoder, src, mask, src_key_padding_mask, is_causal)
     n, t, _ = src.shape
     real = (~src_key_padding_mask).flatten().nonzero().squeeze(1)
