@@ -18,9 +18,17 @@ measured, in three parts:
    CNNs this is a third of the time, and without it a latency budget looked unreachable.
 
 The rest of the forward (frozen layers, per-op overhead) is a constant. The model is first
-order across groups outside the layer tables, and every part is measured: the report shows
-the measured latency of the pruned model next to the modelled one. Timings go through
-:mod:`secateurs.timing`, which keeps the allocator from page-faulting every forward.
+order across groups outside the layer tables, and at full width it gives the measured time
+exactly (rates that claim more than the time outside the tables holds are shrunk to it); far
+from full width, savings on small models add up to less than their sum, which
+:func:`secateurs.prune` corrects by timing the allocated widths.
+Every part is measured: the report shows the measured latency of the pruned model next to the
+modelled one.
+
+Models with torch attention are timed as they will run once pruned
+(:func:`~secateurs.apply.pruned_implementation`): pruned heads leave torch's fused kernels,
+which call no Linear a hook could time. Timings go through :mod:`secateurs.timing`, which
+keeps the allocator from page-faulting every forward.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from scipy.interpolate import RegularGridInterpolator
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.apply import apply
+from secateurs.apply import apply, pruned_implementation
 from secateurs.calibration import evaluating, forward_batch
 from secateurs.errors import InvalidPlanError, ValidationError
 from secateurs.graph.groups import Group
@@ -258,12 +266,14 @@ def _layer_table(model: nn.Module, layer: _Layer, levels: Mapping[str, Sequence[
     return _Table(layer, grids, table)
 
 
-def _rest_rate(model: nn.Module, group: Group, window: Window, tables: Sequence[_Table], grid: np.ndarray) -> float:
+def _rest_rate(model: nn.Module, group: Group, window: Window, tables: Sequence[_Table], grid: np.ndarray,
+               full: float) -> float:
     """Seconds per unit of ``group`` spent outside its weight layers (norms, activations, pooling...).
 
-    The whole model is timed with only ``group`` narrowed; what the layer tables do not explain
-    is fitted as ``rate · (k − size)`` by least squares (elementwise work on a group's channels
-    is linear in them). Never negative: noise must not make units look free to keep.
+    The whole model is timed with only ``group`` narrowed; what the layer tables do not explain,
+    against ``full`` (the model at full width, in window seconds), is fitted as
+    ``rate · (k − size)`` by least squares (elementwise work on a group's channels is linear in
+    them). Never negative: noise must not make units look free to keep.
     """
     xs, ys = [], []
     for k in grid[:-1]:
@@ -273,7 +283,7 @@ def _rest_rate(model: nn.Module, group: Group, window: Window, tables: Sequence[
             continue  # a width the model cannot take alone (GroupNorm divisibility...): no sample
         explained = sum(t.at(group.name, k) - t.at(group.name, float(group.size)) for t in tables)
         xs.append(k - group.size)
-        ys.append(window.model_seconds(sliced) - window.dense - explained)
+        ys.append(window.model_seconds(sliced) - full - explained)
     if not xs:
         return 0.0
     x, y = np.asarray(xs), np.asarray(ys)
@@ -289,30 +299,38 @@ def measure(model: nn.Module, groups: Sequence[Group], example_inputs: Any, leve
     Returns
     -------
     (Latency, Window)
-        The modelled latency (seconds of the window; its value at full width equals the measured
-        dense latency, ``window.dense``) and the window, to time pruned models in the same unit.
+        The modelled latency (seconds of the window; its value at full width is the measured
+        dense latency, ``window.dense``, or for a model with torch attention the time of its
+        :func:`~secateurs.apply.pruned_implementation`) and the window, to time pruned models in
+        the same unit.
     """
     window = Window(model, example_inputs)
-    dense = window.dense
+    timed = pruned_implementation(model)  # pruned attention leaves torch's fused kernels: price that
+    full = window.dense if timed is model else window.model_seconds(timed)
     allocated = {g.name: g for g in groups if g.name in levels}
-    layers = _layers(model, list(allocated.values()), example_inputs)
-    inside, whole = module_seconds(model, example_inputs, [layer.module for layer in layers])
-    to_window = dense / whole if whole > 0 else 1.0
-    tables = [_layer_table(model, layer, levels, points, min_run_time, to_window * inside[layer.module])
+    layers = _layers(timed, list(allocated.values()), example_inputs)
+    inside, whole = module_seconds(timed, example_inputs, [layer.module for layer in layers])
+    to_window = full / whole if whole > 0 else 1.0
+    tables = [_layer_table(timed, layer, levels, points, min_run_time, to_window * inside[layer.module])
               for layer in tqdm(layers, desc="latency: layer tables", leave=False, disable=not progress)]
     terms = [t.term(levels) for t in tables]
-    constant = dense - sum(float(t.table[-1, -1]) for t in tables)
-    for g in tqdm(allocated.values(), desc="latency: group rates", leave=False, disable=not progress):
-        mine = [t for t in tables if g in (t.layer.input, t.layer.output)]
-        rate = _rest_rate(model, g, window, mine, _grid(levels[g.name], g.size, _REST_WIDTHS + 1))
+    rest = max(full - sum(float(t.table[-1, -1]) for t in tables), 0.0)
+    rates = {g.name: _rest_rate(timed, g, window, [t for t in tables if g in (t.layer.input, t.layer.output)],
+                                _grid(levels[g.name], g.size, _REST_WIDTHS + 1), full)
+             for g in tqdm(allocated.values(), desc="latency: group rates", leave=False, disable=not progress)}
+    credit = sum(rate * allocated[g].size for g, rate in rates.items())
+    # Fitted one group at a time, rates can claim more than the time outside the tables holds
+    # (attention's in-projection is bilinear in heads and stream: each rate counts it): shrink
+    # them to what it holds, so that the model still gives the measured full-width time.
+    shrink = min(1.0, rest / credit) if credit > 0 else 1.0
+    for g, rate in rates.items():
         if rate > 0:
-            lv = np.asarray(sorted(levels[g.name]), dtype=np.float64)
-            terms.append(LatencyTerm(rate * lv, output=g.name, output_levels=lv))
-            constant -= rate * g.size
+            lv = np.asarray(sorted(levels[g]), dtype=np.float64)
+            terms.append(LatencyTerm(shrink * rate * lv, output=g, output_levels=lv))
     if not terms:
         raise ValidationError("budget.latency", "no Linear/Conv layer reads or writes a prunable group: "
                                                 "there is no latency to trade")
-    return Latency(terms, constant=max(constant, 0.0)), window
+    return Latency(terms, constant=rest - shrink * credit), window
 
 
 __all__ = ["Window", "measure", "model_seconds", "module_seconds", "seconds"]

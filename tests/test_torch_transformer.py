@@ -10,10 +10,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import secateurs
+from secateurs.apply import pruned_implementation
 from secateurs.calibration import collect, input_source
 from secateurs.errors import ValidationError
 from secateurs.graph import build, dense_counts
-from secateurs.modules import PrunedMultiheadAttention, PrunedTransformerEncoderLayer, attention_heads
+from secateurs.modules import (
+    PrunedMultiheadAttention,
+    PrunedTransformerEncoder,
+    PrunedTransformerEncoderLayer,
+    attention_heads,
+)
 from secateurs.torch_transformer import encoder_forward, packed_encoder_forward, slow_forward
 
 
@@ -290,3 +296,27 @@ def test_the_stream_refits_each_layers_packed_projection() -> None:
             return sum(float((pruned(x) - model(x)).norm() / model(x).norm()) for x in held)
 
     assert error(result.model) < error(plain)
+
+
+def test_pruned_implementation_computes_the_same_through_the_pruned_classes() -> None:
+    """The copy a latency budget times: every packed attention as PrunedMultiheadAttention, its
+    layers and encoder on their slow, packing paths, at full width; the outputs those of the model
+    (padding included, where torch's encoder nests), the model untouched, a model without attention
+    returned as it is."""
+    torch.manual_seed(0)
+    model = Encoder().eval()
+    model.enc.enable_nested_tensor = model.enc.use_nested_tensor = True  # torch nests padded batches here
+    twin = pruned_implementation(model)
+    assert all(type(layer) is PrunedTransformerEncoderLayer and type(layer.self_attn) is PrunedMultiheadAttention
+               for layer in twin.enc.layers)
+    assert type(twin.enc) is PrunedTransformerEncoder
+    assert type(model.enc.layers[0].self_attn) is nn.MultiheadAttention and type(model.enc) is nn.TransformerEncoder
+    x = _batches(1, 2)[0]
+    padding = torch.arange(x.shape[1])[None, :] >= torch.tensor([7, 3, 5, 7, 1, 6])[:, None]
+    with torch.no_grad():
+        assert torch.allclose(twin(x), model(x), atol=1e-5)
+        h = model.emb(x)
+        assert torch.allclose(twin.enc(h, src_key_padding_mask=padding), model.enc(h, src_key_padding_mask=padding),
+                              atol=1e-5)
+    cnn = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU())
+    assert pruned_implementation(cnn) is cnn
