@@ -13,10 +13,12 @@ AVX-512), so a 25-channel conv costs what a 32-channel one does. For each CNN an
   "speedup at least 0.8 × the FLOPs ratio" asks of a plan that keeps f of the FLOPs;
 - ``latency<=f, xM``: the latency budget alone (``secateurs.latency``'s measured tables).
 
-Columns: test accuracy without fine-tuning, FLOPs kept, the modelled latency against the request,
-and the measured speedup over the dense model (one thread, the whole test set as one batch; dense
-and pruned timed in alternating rounds by ``secateurs.measure.compare_latency``; the speedup is
-the median of the per-round ratios, the times each model's fastest round).
+Columns: test accuracy without fine-tuning, FLOPs kept, the modelled latency against the modelled
+limit the plan was allocated under (shifted from the request when prune's timing of the allocated
+widths disagreed with the model) and the request, and the measured speedup over the dense
+model (one thread, the whole test set as one batch; dense and pruned timed in alternating rounds
+by ``secateurs.measure.compare_latency``; the speedup is the median of the per-round ratios, the
+times each model's fastest round).
 
 A second table checks the latency model and bounds what any plan can reach: every plan whose
 widths are multiples of M channels (for MNIST-1D 2 x 2 x 2 x 4 = 32 plans), each sliced from the
@@ -146,7 +148,8 @@ def main() -> None:
                 modelled = "-"
                 if "latency" in budget:
                     line = result.report.total("latency ms (modelled)")
-                    modelled = f"{line.achieved:.3f} / {line.requested:.3f}"
+                    asked = result.report.total("latency ms (measured)").requested
+                    modelled = f"{line.achieved:.3f} / {line.requested:.3f} / {asked:.3f}"
                 widths = "/".join(str(len(result.plan.keep.get(g.name, range(g.size)))) for g in
                                   result.graph.prunable_groups()) if result.graph is not None else "-"
                 rows.append((name, label, quality(result.model),
@@ -156,7 +159,7 @@ def main() -> None:
                      "-", "1.00x", "-", "-"))
     print(f"load average {' '.join(f'{v:.2f}' for v in os.getloadavg())} on {os.cpu_count()} CPUs, 1 torch thread, "
           f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
-    print(table(rows, ["model", "budget", "accuracy / cosine", "FLOPs kept", "widths", "latency ms modelled / requested",
+    print(table(rows, ["model", "budget", "accuracy / cosine", "FLOPs kept", "widths", "latency ms modelled / limit / requested",
                        "dense ms", "pruned ms", "speedup", "speedup / FLOPs ratio", "prune s"], right=True))
     if not args.no_grid:
         for name in [m for m in args.models.split(",") if m != "minilm"]:  # 12 groups: too many plans
