@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import importlib
 import importlib.util
 import sys
@@ -24,6 +25,16 @@ _DTYPES = {"float": torch.float32, "float32": torch.float32, "long": torch.long,
            "int": torch.long, "bool": torch.bool}
 
 
+def _module_name(path: Path) -> str:
+    """The name a user's file is imported under: its stem, unless another module holds that name
+    (a ``json.py`` of yours beside the standard library's): then one no other file can have."""
+    held = sys.modules.get(path.stem)
+    file = getattr(held, "__file__", None)
+    if held is None or (file is not None and Path(file).resolve() == path.resolve()):
+        return path.stem
+    return f"secateurs_user_{path.stem}_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:10]}"
+
+
 def _import_callable(spec: str, field: str, expected: str) -> Callable[..., Any]:
     """``package.module:name`` or ``path/to/file.py:name`` -> that callable; errors name ``field``."""
     target, sep, attr = spec.rpartition(":")
@@ -33,11 +44,12 @@ def _import_callable(spec: str, field: str, expected: str) -> Callable[..., Any]
         path = Path(target)
         if not path.is_file():
             raise ValidationError(field, f"no such file {target!r}")
-        mod_spec = importlib.util.spec_from_file_location(path.stem, path)
+        name = _module_name(path)
+        mod_spec = importlib.util.spec_from_file_location(name, path)
         if mod_spec is None or mod_spec.loader is None:
             raise ValidationError(field, f"cannot import {target!r}")
         module = importlib.util.module_from_spec(mod_spec)
-        sys.modules.setdefault(path.stem, module)
+        sys.modules[name] = module  # pickle and dataclasses find a class through its module's name
         try:
             mod_spec.loader.exec_module(module)
         except Exception as e:  # a syntax error or a failing import in the user's file

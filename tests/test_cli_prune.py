@@ -121,3 +121,30 @@ def test_a_latency_budget_is_measured_on_the_batch_the_table_times(monkeypatch: 
         main(["prune", "--model", "digits_cnn", *flags, "--calibration", "64", "--quiet"])
     inputs = seen["example_inputs"]
     assert (inputs is None) if batch is None else (inputs.shape[0] == batch)
+
+
+def test_a_user_file_named_like_an_imported_module_keeps_its_classes_findable(tmp_path: Path) -> None:
+    """``json.py`` beside the standard library's json: its classes pickle (found through
+    sys.modules by their module's name), and the standard library's json stays."""
+    import json
+    import pickle
+
+    from secateurs.cli import build_model
+
+    (tmp_path / "json.py").write_text(
+        "import torch.nn as nn\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.fc = nn.Linear(4, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.fc(x)\n"
+        "def make():\n"
+        "    return Net()\n"
+    )
+    model = build_model(f"{tmp_path / 'json.py'}:make")
+    again = pickle.loads(pickle.dumps(model))
+    assert type(again) is type(model) and torch.equal(again.fc.weight, model.fc.weight)
+    assert sys.modules["json"] is json and hasattr(json, "dumps")
+    same = build_model(f"{tmp_path / 'json.py'}:make")  # the same file again: the same name
+    assert type(same).__module__ == type(model).__module__
