@@ -154,6 +154,17 @@ def _head(batch: Any, n: int, size: int) -> Any:
     return type(batch)(cut(t) for t in batch)
 
 
+TEXT_TIMING_SEQUENCES = 8  # a text model's timing batch (8 × 128 tokens keep its matrix products compute-bound)
+
+
+def _text_timing_batch(batch: Any) -> Any:
+    """The first sequences of a tokenised batch: what a text model's latency row (and latency
+    budget) times. At 64 × 128 tokens MiniLM's forward took 1.3 s here, and a latency budget's
+    tables 9 minutes."""
+    size = _batch_size(batch)
+    return _head(batch, min(size, TEXT_TIMING_SEQUENCES), size)
+
+
 def load_data(spec: str, limit: int | None) -> list[Any]:
     """``--data``: the user's calibration batches, checked, at most ``limit`` samples (all when None)."""
     batches = _as_batches(_data_source(spec), spec)
@@ -327,6 +338,7 @@ def _zoo_job(args: argparse.Namespace) -> _Job:
         timing_inputs = split.x_test  # a whole test set: compute, not per-call overhead, is timed
         quality = functools.partial(_accuracy_rows, split, models.accuracy(model, split.x_test, split.y_test))
     elif args.model == "minilm":
+        timing_inputs = _text_timing_batch(calibration[0])
         held = models.text_batches(64, 32, split="test")
         quality = functools.partial(_agreement_rows, embeddings(model, held), held)
     return _Job(model, calibration, quality, timing_inputs, f"lambda: secateurs.models.zoo.load({args.model!r})[0]")
@@ -389,7 +401,7 @@ def _hf_job(args: argparse.Namespace) -> _Job:
     print(f"calibrating on {len(texts)} sequences of {seq_len} tokens from {source}; "
           f"embeddings compared on {sum(_batch_size(b) for b in held)} held-out paragraphs")
     quality = functools.partial(_hf_agreement_rows, embeddings(MeanPooled(model), held), held)
-    return _Job(model, calibration, quality, calibration[0],
+    return _Job(model, calibration, quality, _text_timing_batch(calibration[0]),
                 f"lambda: transformers.AutoModel.from_pretrained({folder!r})")
 
 
