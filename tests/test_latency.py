@@ -340,3 +340,33 @@ def test_a_latency_budget_uses_the_slack_a_pessimistic_model_leaves(monkeypatch:
     assert first.achieved < measured.achieved <= (1 - oneshot_module.LATENCY_MARGIN) * measured.requested
     assert result.report.allocation["objective"] < once.report.allocation["objective"]  # less error, as allocated
     assert result.report.total("flops").achieved > once.report.total("flops").achieved
+
+
+def test_rates_that_claim_more_than_the_rest_are_shrunk_to_it(monkeypatch: pytest.MonkeyPatch, cnn) -> None:
+    """Work bilinear in two groups' widths outside any layer table (as attention's in-projection
+    is in heads and stream): each group's rate, fitted alone, claims all of it. The model still
+    gives the measured full-width time (the constant had been clipped to 0 and the model put
+    above it), and never credits a plan more than the time outside the tables."""
+    model, batches = cnn
+    product = 2e-9  # seconds per (0:out channel × 3:out channel)
+
+    def timer(fn, *args, min_run_time: float = 0.0) -> float:  # noqa: ANN001 - test double
+        extra = 0.0
+        if fn is forward_batch:
+            net = args[0]
+            extra = product * net[0].out_channels * net[3].out_channels
+        return fake_seconds(fn, *args) + extra
+
+    use_timer(monkeypatch, timer)
+    graph, groups, levels = _graph_and_levels(model, batches[0], 4, 2)
+    cost, window = latency_module.measure(model, groups, batches[0], levels, points=4)
+    full = {g.name: g.size for g in groups}
+    assert window.dense == pytest.approx(timer(forward_batch, model, batches[0]), rel=1e-12)
+    assert cost.evaluate(full) == pytest.approx(window.dense, rel=1e-9)
+    floor = cost.evaluate({**full, "0:out": 1, "3:out": 1})  # both narrowed: what the tables leave
+    truth = fake_seconds(forward_batch, apply(model, PrunePlan.from_graph(graph, {"0:out": [0], "3:out": [0]})),
+                         batches[0])
+    # credited twice, the bilinear work would take the model below what the tables alone explain;
+    # shrunk, the credit eats into the constant overhead at most (first order is optimistic here,
+    # which prune's measured check is for)
+    assert truth - OVERHEAD <= floor <= truth
