@@ -454,14 +454,20 @@ def pruned_implementation(model: nn.Module) -> nn.Module:
     that replace them and call no Linear a forward hook could time: timing this copy, not the
     dense model, prices that step and gives the latency model its layer tables.
     """
-    if not any(type(m) is nn.MultiheadAttention and m.in_proj_weight is not None for m in model.modules()):
+    if not any(_unswapped_packed_attention(m) for m in model.modules()):
         return model
     twin = copy.deepcopy(model)
     for mod in twin.modules():
-        if type(mod) is nn.MultiheadAttention and mod.in_proj_weight is not None:
+        if _unswapped_packed_attention(mod):
             mod.__class__ = PrunedMultiheadAttention
     _sync_encoders(twin)
     return twin
+
+
+def _unswapped_packed_attention(mod: nn.Module) -> bool:
+    """An attention module :func:`_sync_mha` would make a :class:`PrunedMultiheadAttention` once pruned."""
+    return (isinstance(mod, nn.MultiheadAttention) and not isinstance(mod, PrunedMultiheadAttention)
+            and mod.in_proj_weight is not None)
 
 
 def _sync_mha(mod: nn.MultiheadAttention) -> None:
