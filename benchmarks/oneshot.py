@@ -61,6 +61,7 @@ from torch.nn.utils import prune as torch_prune
 
 import secateurs
 from secateurs import measure
+from secateurs.cli import channel_multiple_arg
 from secateurs.graph import dense_counts
 from secateurs.models import data, zoo
 
@@ -127,7 +128,7 @@ def flops(model: nn.Module, inputs: Any) -> float:
     return dense_counts(model, inputs).flops
 
 
-def prune_kwargs(sequential: str, channel_multiple: int = 1) -> dict[str, Any]:
+def prune_kwargs(sequential: str, channel_multiple: int | str = 1) -> dict[str, Any]:
     """Extra keywords for ``secateurs.prune``: ``sequential`` and ``channel_multiple`` only when asked."""
     kwargs: dict[str, Any] = {} if channel_multiple == 1 else {"channel_multiple": channel_multiple}
     if sequential == "default":
@@ -415,7 +416,7 @@ class Args:
     out: Path
     only_latency: bool = False
     ft_lrs: tuple[float, ...] = FT_LRS
-    channel_multiple: int = 1
+    channel_multiple: int | str = 1
 
 
 def calibration_labels(info: zoo.ModelInfo, split: data.DataSplit, calibration: list[Tensor], n: int) -> Tensor:
@@ -874,8 +875,9 @@ def parse(argv: Sequence[str] | None = None) -> Args:
     parser.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     parser.add_argument("--sequential", choices=["default", "on", "off"], default="default",
                         help="pass sequential= to secateurs.prune (default: the pipeline's own default)")
-    parser.add_argument("--channel-multiple", type=int, default=1,
-                        help="pass channel_multiple= to secateurs.prune (16: oneDNN's block on AVX-512)")
+    parser.add_argument("--channel-multiple", type=channel_multiple_arg, default=1,
+                        help="pass channel_multiple= to secateurs.prune (16: oneDNN's block on AVX-512; auto: "
+                             "the CPU's vector width)")
     parser.add_argument("--out", default=str(OUT), help="folder for the JSON results and PNG plots")
     parser.add_argument("--only-latency", action="store_true",
                         help="prune with secateurs and measure latency only; replace just the latency rows of the JSON")
@@ -913,7 +915,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.sequential != "default":
         print(f"secateurs.prune(..., sequential={args.sequential == 'on'})")
     if args.channel_multiple != 1:
-        print(f"secateurs.prune(..., channel_multiple={args.channel_multiple})")
+        print(f"secateurs.prune(..., channel_multiple={args.channel_multiple!r})")
     start = time.perf_counter()
     for name in args.models:
         result = run_minilm(args) if name == "minilm" else run_cnn(name, args)

@@ -35,7 +35,7 @@ import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedEr
 from secateurs.graph import DependencyGraph, build, dense_counts
 from secateurs.graph.build import _arguments
 from secateurs.graph.groups import Group, check_channel_multiple, keep_levels, unit_multiple
+from secateurs.hardware import describe, model_device
 from secateurs.latency import POINTS as LATENCY_POINTS
 from secateurs.latency import Window
 from secateurs.latency import measure as measure_latency
@@ -108,7 +109,7 @@ def prune(
     sequential: bool = True,
     nm: tuple[int, int] = (2, 4),
     levels: int = 32,
-    channel_multiple: int = 1,
+    channel_multiple: int | Literal["auto"] = 1,
     refit: bool = True,
     error_curve: bool = True,
     progress: bool = True,
@@ -144,12 +145,15 @@ def prune(
     levels : int
         Keep levels per group (channels) or densities per layer (unstructured) offered to the
         allocation.
-    channel_multiple : int
+    channel_multiple : int or "auto"
         Channels: every pruned layer keeps a multiple of this many channels (or all of them).
         CPU and GPU kernels work in blocks of the vector width (oneDNN on AVX-512: 16 floats), and
         a width off the block runs as slowly as the next multiple up: a 17-channel conv took as
         long as a 32-channel one here. A unit wider than one channel (an attention head) counts
-        its channels: heads of 32 channels take any head count for a multiple of 8.
+        its channels: heads of 32 channels take any head count for a multiple of 8. ``"auto"``:
+        the block of the model's device (:func:`secateurs.hardware.vector_channels`: 16 on
+        AVX-512, 8 on AVX2 and CUDA); plans then differ between machines. The default 1 keeps
+        any width, so plans are the same everywhere.
     refit : bool
         Least-squares refit of the weights reading pruned inputs (always on for channels, where
         it is OSSCAR's closed form; optional per row for unstructured / N:M).
@@ -171,7 +175,7 @@ def prune(
         raise ValidationError("model", f"expected an nn.Module, got {type(model).__name__}")
     if isinstance(levels, bool) or not isinstance(levels, int) or levels < 2:
         raise ValidationError("levels", f"must be an integer >= 2, got {levels!r}")
-    check_channel_multiple(channel_multiple)
+    multiple = check_channel_multiple(channel_multiple, model_device(model))
     if time_limit is not None and not time_limit > 0:
         raise ValidationError("time_limit", f"must be positive seconds, got {time_limit!r}")
     if structure == "channels" and (budget is None or not (budget.structured() or budget.timed())):
@@ -207,7 +211,8 @@ def prune(
         assert budget is not None
         return _prune_channels(model, calibration, budget, first if example_inputs is None else example_inputs,
                                reconstruction, allocation, levels, error_curve, progress, deadline, seed,
-                               sequential=sequential, channel_multiple=channel_multiple)
+                               sequential=sequential, channel_multiple=multiple,
+                               auto_multiple=channel_multiple == "auto")
     return _prune_weights(model, calibration, budget, structure, nm, allocation, levels, refit, progress, deadline, seed)
 
 
@@ -242,7 +247,8 @@ def _check_feasible(graph: DependencyGraph, limits: dict[str, float], channel_mu
     """Reject a budget below the cost of keeping the least level of every prunable group."""
     least = graph.cost({g.name: keep_levels(g, channel_multiple)[0] for g in graph.prunable_groups()})
     what = "one unit kept in every prunable group" if channel_multiple == 1 else (
-        f"every prunable group at its least multiple of {channel_multiple} channels")
+        f"every prunable group at its least multiple of {channel_multiple} channels; channel_multiple=1 allows "
+        "any width")
     for name, limit in limits.items():
         if getattr(least, name) > limit:
             raise InfeasibleBudgetError(name, limit, getattr(least, name), what)
@@ -447,8 +453,12 @@ def _write_refit(work_model: nn.Module, work: _GroupWork, support: list[int]) ->
 
 def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget, example_inputs: Any,
                     reconstruction: str, allocation: str, levels: int, error_curve: bool, progress: bool,
-                    deadline: Deadline, seed: int, *, sequential: bool, channel_multiple: int) -> PruneResult:
+                    deadline: Deadline, seed: int, *, sequential: bool, channel_multiple: int,
+                    auto_multiple: bool = False) -> PruneResult:
     report = PruneReport("channels")
+    if auto_multiple:
+        report.notes.append(f"channel_multiple='auto': widths kept at multiples of {channel_multiple} channels, "
+                            f"the kernel block of the {describe(model_device(model))}")
     clock = Deadline(None)
 
     def stage(name: str, start: float) -> None:
@@ -494,8 +504,8 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
         stage("latency tables", start)
         if any(len(w.path) > LATENCY_POINTS for w in works):  # more levels than the tables measure
             report.notes.append("latency: some keep levels lie between measured widths and are interpolated; kernels "
-                                "run channels in blocks (16 on AVX-512), so channel_multiple=16 keeps plans on "
-                                "widths the tables measure")
+                                "run channels in blocks (16 on AVX-512, 8 on AVX2), so channel_multiple='auto' keeps "
+                                "plans on widths the tables measure")
 
     start = clock.elapsed()
     result, alloc_problem, alloc_note = _allocate(graph, works, limits, allocation, deadline, seed, latency)

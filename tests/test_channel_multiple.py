@@ -58,6 +58,26 @@ def test_a_budget_below_the_least_multiple_names_it(cnn) -> None:
           error_curve=False, channel_multiple=16)  # just above it is feasible
 
 
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
+def test_auto_is_the_cpus_vector_width(cnn, monkeypatch: pytest.MonkeyPatch, capability: str) -> None:
+    """``"auto"`` gives the plan of the explicit multiple the CPU's lanes make, and says so."""
+    model, calibration = cnn
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    lanes = {"AVX512": 16, "AVX2": 8}[capability]
+    auto = prune(model, calibration, Budget(flops=0.5), progress=False, error_curve=False, channel_multiple="auto")
+    explicit = prune(model, calibration, Budget(flops=0.5), progress=False, error_curve=False, channel_multiple=lanes)
+    assert auto.plan.keep == explicit.plan.keep and auto.plan.meta["channel_multiple"] == lanes
+    assert all(w % lanes == 0 or w == d for w, d in zip(_widths(auto.model), _widths(model), strict=True))
+    assert any(f"multiples of {lanes} channels, the kernel block of the {capability} CPU" in n for n in auto.report.notes)
+    assert not any("channel_multiple='auto'" in n for n in explicit.report.notes)
+
+
+def test_an_infeasible_multiple_says_how_to_allow_any_width(cnn) -> None:
+    model, calibration = cnn
+    with pytest.raises(InfeasibleBudgetError, match="channel_multiple=1 allows any width"):
+        prune(model, calibration, Budget(flops=0.01), progress=False, error_curve=False, channel_multiple=16)
+
+
 @pytest.mark.parametrize("bad", [0, -8, 2.5, True])
 def test_channel_multiple_is_checked(cnn, bad: object) -> None:
     model, calibration = cnn

@@ -49,15 +49,35 @@ def test_prune_errors_exit_2_with_a_message(capsys: pytest.CaptureFixture[str]) 
     assert "cannot be met" in capsys.readouterr().err
 
 
+def _assert_saved_widths_are_multiples(out: Path, multiple: int) -> None:
+    """The saved digits_cnn pruned some conv and kept each at a multiple of ``multiple`` or whole."""
+    dense = zoo.load("digits_cnn")[0]
+    loaded = secateurs.load(out / "model", lambda: zoo.load("digits_cnn")[0])
+    pairs = [(a.out_channels, b.out_channels) for a, b in zip(dense.modules(), loaded.modules(), strict=True)
+             if isinstance(a, torch.nn.Conv2d)]
+    assert any(d != p for d, p in pairs) and all(p % multiple == 0 or p == d for d, p in pairs)
+
+
 def test_prune_with_a_channel_multiple_saves_aligned_widths(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prune", "--model", "digits_cnn", "--flops", "0.5", "--channel-multiple", "16", "--calibration",
                  "128", "--quiet", "--out", str(tmp_path)]) == 0
     assert re.search(r"speedup \(\d+ alternating rounds\)", capsys.readouterr().out)
-    dense = zoo.load("digits_cnn")[0]
-    loaded = secateurs.load(tmp_path / "model", lambda: zoo.load("digits_cnn")[0])
-    pairs = [(a.out_channels, b.out_channels) for a, b in zip(dense.modules(), loaded.modules(), strict=True)
-             if isinstance(a, torch.nn.Conv2d)]
-    assert any(d != p for d, p in pairs) and all(p % 16 == 0 or p == d for d, p in pairs)
+    _assert_saved_widths_are_multiples(tmp_path, 16)
+
+
+def test_prune_keeps_the_cpus_vector_width_by_default(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")  # 16 float32 lanes
+    assert main(["prune", "--model", "digits_cnn", "--flops", "0.5", "--calibration", "128", "--quiet",
+                 "--out", str(tmp_path)]) == 0
+    assert "multiples of 16 channels, the kernel block of the AVX512 CPU" in capsys.readouterr().out
+    _assert_saved_widths_are_multiples(tmp_path, 16)
+
+
+def test_a_channel_multiple_that_is_not_a_number_is_named(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["prune", "--channel-multiple", "fast", "--quiet"])
+    assert "--channel-multiple: expected 'auto' or a whole number, got 'fast'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag", ["--calibration", "--batch-size"])

@@ -104,3 +104,14 @@ def test_a_bad_channel_multiple_is_named(make) -> None:  # noqa: ANN001
     model, groups, cost = two_layer_mlp()
     with pytest.raises(ValidationError, match="channel_multiple: must be an integer >= 1"):
         make(model, groups, cost)
+
+
+@pytest.mark.parametrize("make", [
+    lambda m, g, c: ComplexityAware(m, g, c, channel_multiple="auto"),
+    lambda m, g, c: ChannelPDP(m, g, density=0.5, channel_multiple="auto"),
+    lambda m, g, c: SoftCoefficients(m, g, keep=0.5, channel_multiple="auto"),
+])
+def test_auto_reads_the_multiple_off_the_models_device(make, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    model, groups, cost = two_layer_mlp()
+    assert make(model, groups, cost).multiples == {"h1": 8, "h2": 8}  # 16-unit groups on an 8-lane CPU

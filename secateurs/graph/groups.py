@@ -12,7 +12,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from secateurs.errors import ValidationError
+from secateurs.hardware import vector_channels
 
 #: Integer attributes of hand-written attention modules that count heads (apply updates them when
 #: heads go, so a ``view(B, T, self.num_heads, head_dim)`` keeps working).
@@ -90,10 +93,13 @@ class Group:
         return self.members_of("producer")
 
 
-def check_channel_multiple(value: object) -> int:
-    """``channel_multiple`` as given to ``prune`` and the training methods: an integer >= 1."""
+def check_channel_multiple(value: object, device: torch.device | str | None = None) -> int:
+    """``channel_multiple`` as given to ``prune`` and the training methods: an integer >= 1, or
+    ``"auto"``: the channel block of ``device``'s kernels (:func:`secateurs.hardware.vector_channels`)."""
+    if value == "auto":
+        return vector_channels(device)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError("channel_multiple", f"must be an integer >= 1, got {value!r}")
+        raise ValidationError("channel_multiple", f"must be an integer >= 1 or 'auto', got {value!r}")
     return value
 
 

@@ -49,7 +49,7 @@ from __future__ import annotations
 import copy
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -61,6 +61,7 @@ from secateurs.apply import cut_tensor, narrow, runs_at_zero_width, widen
 from secateurs.cost import CostModel
 from secateurs.errors import InvalidPlanError, ValidationError, require_numbers
 from secateurs.graph.groups import Group, check_channel_multiple, unit_multiple
+from secateurs.hardware import model_device
 from secateurs.plan import PrunePlan
 from secateurs.problems.projection import Projection
 from secateurs.solvers import solve
@@ -123,10 +124,10 @@ class ComplexityAware:
     compact : int
         Every this many steps, slice units whose gates died out of ``.model`` (0: never; dead
         units then stay in the model, gated at 0).
-    channel_multiple : int
+    channel_multiple : int or "auto"
         The final plan keeps a multiple of this many channels per group (heads count their
         width), or all the units still in it: the vector width kernels run in (see
-        ``secateurs.prune``).
+        ``secateurs.prune``); ``"auto"`` reads it off the model's device.
     inplace : bool
         Gate ``model`` itself; by default a deep copy, exposed as ``.model``.
     """
@@ -147,7 +148,7 @@ class ComplexityAware:
         init: float = 0.9,
         schedule: DensitySchedule | None = None,
         compact: int = 1,
-        channel_multiple: int = 1,
+        channel_multiple: int | Literal["auto"] = 1,
         inplace: bool = False,
     ) -> None:
         require_numbers(strength=strength, flops_priority=flops_priority, layer_balance=layer_balance, lr=lr,
@@ -174,8 +175,8 @@ class ComplexityAware:
             if g.name not in cost_model.sizes:
                 raise ValidationError("groups", f"group {g.name!r} is not in the cost model")
         self.cost_model = cost_model
-        self.multiples = {g: unit_multiple(grp, check_channel_multiple(channel_multiple))
-                          for g, grp in self.groups.items()}
+        multiple = check_channel_multiple(channel_multiple, model_device(model))
+        self.multiples = {g: unit_multiple(grp, multiple) for g, grp in self.groups.items()}
         self.strength, self.alpha, self.beta = float(strength), float(flops_priority), float(layer_balance)
         self.lr, self.flatten = float(lr), float(flatten)
         self.schedule = schedule or DensitySchedule(warmup=0, ramp=0)

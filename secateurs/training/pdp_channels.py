@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -36,6 +36,7 @@ from secateurs.apply import member_tensor
 from secateurs.cost import CostModel
 from secateurs.errors import InvalidPlanError, ValidationError, require_numbers
 from secateurs.graph.groups import Group, check_channel_multiple, unit_multiple
+from secateurs.hardware import model_device
 from secateurs.plan import PrunePlan
 from secateurs.training.gating import UnitScales, fold_scales
 from secateurs.training.pdp import DensitySchedule, annealed, keep_threshold
@@ -68,10 +69,10 @@ class ChannelPDP:
         Temperature relative to t² at the start and the end of the ramp (``tau_final=None``
         keeps ``tau`` throughout, as in the paper); after the ramp the mask is hard.
     schedule : DensitySchedule
-    channel_multiple : int
+    channel_multiple : int or "auto"
         The final plan keeps a multiple of this many channels per group (heads count their
         width), or all the units still in it: the vector width kernels run in (see
-        ``secateurs.prune``).
+        ``secateurs.prune``); ``"auto"`` reads it off the model's device.
     inplace : bool
         Mask ``model`` itself; by default a deep copy, exposed as ``.model``.
     """
@@ -79,7 +80,7 @@ class ChannelPDP:
     def __init__(self, model: nn.Module, groups: Iterable[Group], density: float | None = None, *,
                  cost_model: CostModel | None = None, budget: Mapping[str, float] | None = None,
                  tau: float = 0.05, tau_final: float | None = 0.002, schedule: DensitySchedule | None = None,
-                 channel_multiple: int = 1, inplace: bool = False) -> None:
+                 channel_multiple: int | Literal["auto"] = 1, inplace: bool = False) -> None:
         require_numbers(density=density, tau=tau, tau_final=tau_final)
         self.budget = check_budget(budget)
         if (density is None) == (not self.budget):
@@ -109,8 +110,8 @@ class ChannelPDP:
                 (m.module, m.param, m.dim, torch.tensor([m.indices([u]) for u in range(g.size)], dtype=torch.long))
                 for m in g.producers()
             ]
-        self.multiples = {g: unit_multiple(grp, check_channel_multiple(channel_multiple))
-                          for g, grp in self.groups.items()}
+        multiple = check_channel_multiple(channel_multiple, model_device(model))
+        self.multiples = {g: unit_multiple(grp, multiple) for g, grp in self.groups.items()}
         self.model = model if inplace else copy.deepcopy(model)
         self.density = None if density is None else float(density)
         self.cost_model = cost_model

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Mapping
+from typing import Literal
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ from torch import nn
 from secateurs.cost import CostModel
 from secateurs.errors import ValidationError, require_numbers
 from secateurs.graph.groups import Group, check_channel_multiple, unit_multiple
+from secateurs.hardware import model_device
 from secateurs.plan import PrunePlan
 from secateurs.problems.projection import Projection
 from secateurs.solvers import solve
@@ -108,10 +110,10 @@ class SoftCoefficients:
         applied in the step's normalised units) so the pruned model is the soft one (ours).
     schedule : DensitySchedule, optional
         How the budgets ramp from the dense model to their targets (default: at once).
-    channel_multiple : int
+    channel_multiple : int or "auto"
         The final plan keeps a multiple of this many channels per group (heads count their
         width), or all the units still in it: the vector width kernels run in (see
-        ``secateurs.prune``).
+        ``secateurs.prune``); ``"auto"`` reads it off the model's device.
     inplace : bool
         Scale ``model`` itself; by default a deep copy, exposed as ``.model``.
     """
@@ -119,15 +121,16 @@ class SoftCoefficients:
     def __init__(self, model: nn.Module, groups: Iterable[Group], components: Mapping[str, Iterable[str]] | None = None,
                  keep: float | Mapping[str, float] | None = None, *, cost_model: CostModel | None = None,
                  budget: Mapping[str, float] | None = None, lr: float = 0.02, flatten: float = 0.0,
-                 schedule: DensitySchedule | None = None, channel_multiple: int = 1, inplace: bool = False) -> None:
+                 schedule: DensitySchedule | None = None, channel_multiple: int | Literal["auto"] = 1,
+                 inplace: bool = False) -> None:
         self.groups = {g.name: g for g in groups}
         if not self.groups:
             raise ValidationError("groups", "no groups to scale")
         for g in self.groups.values():
             if not g.prunable:
                 raise ValidationError("groups", f"group {g.name!r} is frozen ({g.reason})")
-        self.multiples = {g: unit_multiple(grp, check_channel_multiple(channel_multiple))
-                          for g, grp in self.groups.items()}
+        multiple = check_channel_multiple(channel_multiple, model_device(model))
+        self.multiples = {g: unit_multiple(grp, multiple) for g, grp in self.groups.items()}
         self.component_of = assign_components(self.groups.values(), components or {WHOLE_MODEL: [""]})
         names = sorted(set(self.component_of.values()))
         self.budget = check_budget(budget)
