@@ -26,7 +26,7 @@ Every part is measured: the report shows the measured latency of the pruned mode
 modelled one.
 
 Models with torch attention are timed as they will run once pruned
-(:func:`~secateurs.apply.pruned_implementation`): pruned heads leave torch's fused kernels,
+(:func:`~secateurs.module_sync.pruned_implementation`): pruned heads leave torch's fused kernels,
 which call no Linear a hook could time. Timings go through :mod:`secateurs.timing`, which
 keeps the allocator from page-faulting every forward.
 """
@@ -44,10 +44,11 @@ from scipy.interpolate import RegularGridInterpolator
 from torch import nn
 from tqdm.auto import tqdm
 
-from secateurs.apply import apply, pruned_implementation
+from secateurs.apply import apply
 from secateurs.calibration import evaluating, forward_batch
 from secateurs.errors import InvalidPlanError, ValidationError
 from secateurs.graph.groups import Group
+from secateurs.module_sync import pruned_implementation
 from secateurs.plan import PrunePlan
 from secateurs.problems.allocation import Latency, LatencyTerm
 from secateurs.timing import seconds
@@ -301,7 +302,7 @@ def measure(model: nn.Module, groups: Sequence[Group], example_inputs: Any, leve
     (Latency, Window)
         The modelled latency (seconds of the window; its value at full width is the measured
         dense latency, ``window.dense``, or for a model with torch attention the time of its
-        :func:`~secateurs.apply.pruned_implementation`) and the window, to time pruned models in
+        :func:`~secateurs.module_sync.pruned_implementation`) and the window, to time pruned models in
         the same unit.
     """
     window = Window(model, example_inputs)

@@ -10,10 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import secateurs
-from secateurs.apply import pruned_implementation
 from secateurs.calibration import collect, input_source
 from secateurs.errors import ValidationError
 from secateurs.graph import build, dense_counts
+from secateurs.module_sync import pruned_implementation
 from secateurs.modules import (
     PrunedMultiheadAttention,
     PrunedTransformerEncoder,

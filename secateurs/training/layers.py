@@ -22,8 +22,9 @@ from typing import TYPE_CHECKING
 import networkx as nx
 from torch import nn
 
-from secateurs.apply import common_parent, runs_at_zero_width
+from secateurs.apply import runs_at_zero_width
 from secateurs.graph.groups import Group
+from secateurs.module_sync import common_parent
 
 if TYPE_CHECKING:
     from secateurs.graph.build import DependencyGraph
