@@ -20,7 +20,13 @@ from torch.nn import functional as F
 from secateurs.conv1d import is_conv1d
 from secateurs.errors import ValidationError
 from secateurs.modules import attention_heads
-from secateurs.torch_transformer import is_projection, packed_attention
+from secateurs.torch_transformer import (
+    ATTENTION_ARGUMENTS,
+    attention_argument,
+    is_projection,
+    packed_attention,
+    recomputable_attention,
+)
 
 _CHUNK = 4096  # rows per low-precision product before it is added to the float64 sums
 
@@ -129,17 +135,32 @@ def _self_attention_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict
     return q if q is k is v else None
 
 
+def _argument_reader(argument: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]:
+    """Reads the attention call's ``argument`` (query, key or value), given by position or keyword."""
+    index = ATTENTION_ARGUMENTS.index(argument)
+
+    def read(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        return args[index] if len(args) > index else kwargs.get(argument)
+
+    return read
+
+
 def input_source(model: nn.Module, name: str) -> InputSource:
     """The layer's own call, except inside ``nn.MultiheadAttention``, which runs its projections
     functionally: its output projection's input (the heads' outputs side by side) is recomputed
     from the attention module's arguments, and its packed ``in_proj_weight`` reads the query of a
-    self-attention call (a cross-attention's q and k/v rows read different inputs: none)."""
+    self-attention call (a cross-attention's q and k/v rows read different inputs: none).
+    ``"attn:key"`` (see :func:`~secateurs.torch_transformer.attention_argument`) is one input of
+    the attention module ``attn``, whatever the others are."""
+    argument = attention_argument(name)
+    if argument is not None:
+        return InputSource(argument[0], _argument_reader(argument[1]))
     parent, _, leaf = name.rpartition(".")
     owner = model.get_submodule(parent)
-    if isinstance(owner, nn.MultiheadAttention) and packed_attention(owner):
-        if leaf == "out_proj":
+    if isinstance(owner, nn.MultiheadAttention):
+        if leaf == "out_proj" and recomputable_attention(owner):
             return InputSource(parent, _heads_output)
-        if leaf == "in_proj_weight":
+        if leaf == "in_proj_weight" and packed_attention(owner):
             return InputSource(parent, _self_attention_input)
     return InputSource(name, _first_argument)
 
@@ -147,7 +168,7 @@ def input_source(model: nn.Module, name: str) -> InputSource:
 def row_reader(model: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """:func:`layer_rows` for the layer ``name``, looked up once; an attention projection (a
     parameter, not a layer) multiplies the last dim, as a Linear does."""
-    if is_projection(name):
+    if is_projection(name) or attention_argument(name) is not None:
         return lambda x: x.reshape(-1, x.shape[-1])
     layer = model.get_submodule(name)
     return lambda x: layer_rows(layer, x)

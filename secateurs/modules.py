@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from secateurs.errors import ValidationError
-from secateurs.torch_transformer import encoder_layer_forward, packed_attention, packed_encoder_forward
+from secateurs.torch_transformer import encoder_layer_forward, packed_encoder_forward, recomputable_attention
 
 __all__ = [
     "PrunedMultiheadAttention", "PrunedTransformerEncoder", "PrunedTransformerEncoderLayer", "ZeroWidthBatchNorm1d",
@@ -74,11 +74,10 @@ def attention_heads(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, valu
     side by side, in the layout of the module's output.
 
     The stock module runs its output projection functionally, so no hook sees this tensor;
-    calibration recomputes it from the call's arguments (the module's packed q/k/v projection).
+    calibration recomputes it from the call's arguments (packed or separate q/k/v projections).
     """
-    if not packed_attention(mha):
-        raise ValidationError("module", "separate q/k/v projections, bias_k/bias_v or add_zero_attn: "
-                                        "the heads' output is not recomputed")
+    if not recomputable_attention(mha):
+        raise ValidationError("module", "bias_k/bias_v or add_zero_attn: the heads' output is not recomputed")
     return _heads(mha, query, key, value, key_padding_mask, False, attn_mask, is_causal)[0]
 
 
@@ -96,8 +95,10 @@ def _heads(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor
     n, tq, _ = query.shape
     tk = key.shape[1]
     h, d = mha.num_heads, mha.head_dim
-    assert mha.in_proj_weight is not None  # separate q/k/v weights are never sliced (see apply)
-    wq, wk, wv = mha.in_proj_weight.chunk(3)
+    if mha.in_proj_weight is not None:
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+    else:  # separate projections (kdim / vdim): a calibration-only path, never sliced (see apply)
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
     bq, bk, bv = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
     q = F.linear(query, wq, bq).reshape(n, tq, h, d).transpose(1, 2)
     k = F.linear(key, wk, bk).reshape(n, tk, h, d).transpose(1, 2)

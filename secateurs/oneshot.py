@@ -65,7 +65,7 @@ from secateurs.solvers import Deadline, SolveResult, Status, solve
 from secateurs.solvers.reconstruction_greedy import greedy_path
 from secateurs.solvers.registry import lookup
 from secateurs.sparsity import density_mask, masked_error, nm_mask, reconstruction_scores, refit_rows
-from secateurs.torch_transformer import PROJECTIONS, is_projection
+from secateurs.torch_transformer import is_projection, projection_blocks
 
 log = logging.getLogger("secateurs")
 
@@ -714,22 +714,27 @@ def _weight_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if supports_reconstruction(module)]
 
 
-def _functional_owner(model: nn.Module, name: str) -> str:
-    """``'attn' (MultiheadAttention)`` when the layer is a submodule of an nn.MultiheadAttention."""
-    parts = name.split(".")
-    for i in range(len(parts) - 1, 0, -1):
-        path = ".".join(parts[:i])
-        if isinstance(model.get_submodule(path), nn.MultiheadAttention):
-            return f"{path!r} (MultiheadAttention)"
-    return ""
+@dataclass(frozen=True)
+class _WeightEntry:
+    """One matrix the unstructured / N:M path masks: a layer's weight, or the rows of an attention
+    projection that read one input; ``source`` is what calibration collects its input under."""
+
+    name: str
+    param: str
+    rows: slice | None
+    source: str
+
+    def matrix(self, model: nn.Module) -> torch.Tensor:
+        """(out, in ...) as a layer computes it (Conv1D's stored transpose undone)."""
+        if self.rows is None:
+            return consumer_weight(model, self.name)
+        return model.get_parameter(self.param)[self.rows]
 
 
-def _attention_projections(model: nn.Module) -> list[str]:
-    """Parameter paths of nn.MultiheadAttention's packed (or separate q/k/v) input projections."""
-    return [f"{path}.{attr}" if path else attr for path, mod in model.named_modules()
-            if isinstance(mod, nn.MultiheadAttention)
-            for attr in PROJECTIONS
-            if isinstance(getattr(mod, attr, None), nn.Parameter)]
+def _weight_entries(model: nn.Module) -> list[_WeightEntry]:
+    """Every Linear / Conv, then the query, key and value blocks of each attention's projections."""
+    return [*(_WeightEntry(name, f"{name}.weight", None, name) for name in _weight_layers(model)),
+            *(_WeightEntry(b.name, b.param, b.rows, b.source) for b in projection_blocks(model))]
 
 
 def _unpruned_weights(model: nn.Module, covered: set[str]) -> str:
@@ -744,29 +749,23 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
                    deadline: Deadline, seed: int) -> PruneResult:
     report = PruneReport(structure)
     clock = Deadline(None)
-    layers = _weight_layers(model)
-    if not layers:
+    entries = {e.name: e for e in _weight_entries(model)}
+    if not entries:
         raise ValidationError("model", "no Linear or Conv layer to prune")
     start = clock.elapsed()
-    projections = _attention_projections(model)
-    packed = [path for path in projections if path.rpartition(".")[2] == "in_proj_weight"]
-    stats = collect(model, _progress(calibration, progress, "calibration"), layers + packed)
+    stats = collect(model, _progress(calibration, progress, "calibration"), [e.source for e in entries.values()])
     report.stages["statistics"] = clock.elapsed() - start
 
     start = clock.elapsed()
-    # entry name -> its weight's parameter path: the layers, then nn.MultiheadAttention's projections
-    params = {name: f"{name}.weight" for name in layers} | {path: path for path in projections}
     data = {}
-    for name in params:
-        weight = consumer_weight(model, name).detach()
+    for name, entry in entries.items():
+        weight = entry.matrix(model).detach()
         flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
-        gram = stats[name].gram if name in stats else None
-        if gram is None:  # no activations seen: separate q/k/v weights, or a cross-attention's packed ones
-            owner = _functional_owner(model, name)
-            why = ("never called on the calibration data" if not owner else
-                   f"its query and key/value differ inside {owner}" if name in packed else
-                   f"called functionally inside {owner}")
-            report.notes.append(f"{name}: {why}, so no calibration signal; pruned by magnitude")
+        gram = stats[entry.source].gram
+        if gram is None:  # no activations seen
+            where = "" if entry.rows is None else f" ({entry.source.rpartition(':')[0]!r} was not)"
+            report.notes.append(f"{name}: never called on the calibration data{where}, so no calibration "
+                                "signal; pruned by magnitude")
             gram = torch.eye(flat.shape[1], dtype=torch.float64)
         data[name] = (flat, gram, reconstruction_scores(flat, gram))
     n, m = nm
@@ -807,14 +806,19 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
     report.stages["masks"] = clock.elapsed() - start
 
     start = clock.elapsed()
-    new_weights = {}
+    new_weights: dict[str, torch.Tensor] = {}
     for name in _progress(list(masks), progress, "refit"):
         flat, gram, _ = data[name]
-        weight = consumer_weight(model, name)
+        entry = entries[name]
+        weight = entry.matrix(model)
         new = refit_rows(flat, gram, masks[name]) if refit else flat * masks[name]
-        stored = new.reshape(weight.shape)
-        transposed = name != params[name] and is_conv1d(model.get_submodule(name))  # stored (in, out)
-        new_weights[params[name]] = (stored.T if transposed else stored).to(weight.dtype)
+        stored = new.reshape(weight.shape).to(weight.dtype)
+        if entry.rows is not None:  # rows of an attention projection: written into its parameter
+            whole = new_weights.setdefault(entry.param, model.get_parameter(entry.param).detach().clone())
+            whole[entry.rows] = stored
+        else:
+            transposed = is_conv1d(model.get_submodule(name))  # transformers' Conv1D stores (in, out)
+            new_weights[entry.param] = stored.T if transposed else stored
         energy = 0.5 * float(torch.einsum("ij,jk,ik->", flat, gram, flat)) or 1.0
         delta = flat - new.to(torch.float64)
         error = 0.5 * float(torch.einsum("ij,jk,ik->", delta, gram, delta)) / energy
@@ -822,15 +826,15 @@ def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget 
         report.groups.append(GroupReport(name, kept, masks[name].numel(), error, "refit" if refit else "mask", 0.0))
     report.stages["refit"] = clock.elapsed() - start
 
-    skipped = _unpruned_weights(model, {params[name] for name in data})
+    covered = {e.param for e in entries.values()}
+    skipped = _unpruned_weights(model, covered)
     if skipped:
         report.notes.append(f"not pruned (only Linear and Conv weights are): {skipped}")
     meta = {"structure": structure, "nm": list(nm) if structure == "n:m" else None}
     plan = PrunePlan({}, groups={}, refit=new_weights, meta=meta)
     pruned = apply(model, plan, mode="mask")
-    total = sum(masks[name].numel() for name in masks) + sum(
-        model.get_parameter(params[name]).numel() for name in data if name not in masks)
-    achieved = sum(int((pruned.get_parameter(params[name]) != 0).sum()) for name in data)
+    total = sum(flat.numel() for flat, _, _ in data.values())
+    achieved = sum(int((pruned.get_parameter(param) != 0).sum()) for param in covered)
     requested = None if budget is None or budget.sparsity is None else (1 - budget.sparsity) * total
     if structure == "n:m":
         requested = sum(masks[name].numel() * n / m for name in masks) + (total - sum(masks[k].numel() for k in masks))

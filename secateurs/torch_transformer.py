@@ -16,14 +16,16 @@ kernel applies the mask, not the result.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PROJECTIONS", "decoder_forward", "encoder_forward", "encoder_layer_forward", "is_projection",
-           "packed_attention", "packed_encoder_forward", "slow_forward", "transformer_forward"]
+__all__ = ["ATTENTION_ARGUMENTS", "PROJECTIONS", "ProjectionBlock", "attention_argument", "decoder_forward",
+           "encoder_forward", "encoder_layer_forward", "is_projection", "packed_attention", "packed_encoder_forward",
+           "projection_blocks", "recomputable_attention", "slow_forward", "transformer_forward"]
 
 #: nn.MultiheadAttention's input projections: parameters it applies functionally, not layers.
 PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
@@ -35,10 +37,59 @@ def is_projection(name: str) -> bool:
     return name.rpartition(".")[2] in PROJECTIONS
 
 
+#: nn.MultiheadAttention's inputs, in the order its forward takes them and its packed rows use them.
+ATTENTION_ARGUMENTS = ("query", "key", "value")
+
+
+def attention_argument(name: str) -> tuple[str, str] | None:
+    """``("dec.attn", "key")`` for ``"dec.attn:key"``: the name calibration gives one input of an
+    attention module (what its key projection reads), or None for any other name."""
+    path, sep, argument = name.rpartition(":")
+    return (path, argument) if sep and argument in ATTENTION_ARGUMENTS else None
+
+
+@dataclass(frozen=True)
+class ProjectionBlock:
+    """Rows of an ``nn.MultiheadAttention`` input projection that all read one of its inputs.
+
+    A cross-attention's query rows read the decoder stream and its key/value rows the encoder's
+    memory, so one Gram matrix cannot score the packed weight: each block gets its own.
+    """
+
+    name: str  # "attn.in_proj_weight[key]", or "attn.k_proj_weight" for a separate projection
+    param: str  # the parameter's path
+    rows: slice  # its rows in that parameter
+    source: str  # the input it reads, as calibration names it: "attn:key"
+
+
+def projection_blocks(model: nn.Module) -> list[ProjectionBlock]:
+    """The query, key and value blocks of every attention module's input projections."""
+    blocks = []
+    for path, mha in model.named_modules():
+        if not isinstance(mha, nn.MultiheadAttention):
+            continue
+        prefix = f"{path}." if path else ""
+        for i, (argument, separate) in enumerate(zip(ATTENTION_ARGUMENTS, PROJECTIONS[1:], strict=True)):
+            if mha.in_proj_weight is not None:
+                rows = mha.in_proj_weight.shape[0] // 3  # heads * head_dim, fewer once heads are pruned
+                blocks.append(ProjectionBlock(f"{prefix}in_proj_weight[{argument}]", f"{prefix}in_proj_weight",
+                                              slice(i * rows, (i + 1) * rows), f"{path}:{argument}"))
+            else:
+                blocks.append(ProjectionBlock(f"{prefix}{separate}", f"{prefix}{separate}", slice(None),
+                                              f"{path}:{argument}"))
+    return blocks
+
+
+def recomputable_attention(mha: nn.MultiheadAttention) -> bool:
+    """Nothing appended to the keys (``bias_k``, ``add_zero_attn``): secateurs can recompute the
+    attention up to its output projection, whose input no hook sees."""
+    return mha.bias_k is None and not mha.add_zero_attn
+
+
 def packed_attention(mha: nn.MultiheadAttention) -> bool:
     """One packed q/k/v projection and nothing appended to the keys (``bias_k``, ``add_zero_attn``):
     the attention secateurs recomputes up to its output projection and packs tokens for."""
-    return mha.in_proj_weight is not None and mha.bias_k is None and not mha.add_zero_attn
+    return mha.in_proj_weight is not None and recomputable_attention(mha)
 
 
 def encoder_layer_forward(layer: nn.TransformerEncoderLayer, src: Tensor, src_mask: Tensor | None = None,

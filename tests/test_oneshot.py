@@ -15,6 +15,7 @@ from secateurs.graph import dense_counts
 from secateurs.models import zoo
 from secateurs.oneshot import prune
 from secateurs.solvers import SolveResult, Status
+from secateurs.sparsity import density_mask, reconstruction_scores, refit_rows
 
 
 @pytest.fixture(scope="module")
@@ -240,21 +241,68 @@ def test_unstructured_prunes_attention_projections_on_calibration_statistics() -
     assert nonzeros.dense == sum(w.numel() for w in weights.values()) and nonzeros.achieved == nonzero
 
 
-class CrossAttentionNet(AttentionNet):
+class CrossAttentionNet(torch.nn.Module):
+    """Queries from one stream, keys and values from another (a decoder reading an encoder's memory);
+    with ``kdim`` the key/value projections are separate parameters of that width."""
+
+    def __init__(self, kdim: int | None = None) -> None:
+        super().__init__()
+        self.emb = torch.nn.Linear(6, 16)
+        self.mem = torch.nn.Linear(6, kdim or 16)
+        self.attn = torch.nn.MultiheadAttention(16, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        self.out = torch.nn.Linear(16, 3)
+
+    def streams(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.emb(x), 3 * torch.tanh(self.mem(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.emb(x)
-        return self.out(self.attn(h, h.flip(1), h.flip(1))[0].mean(1))
+        q, m = self.streams(x)
+        return self.out(self.attn(q, m, value=m)[0].mean(1))  # value by keyword: read either way
 
 
-def test_unstructured_cross_attention_projection_falls_back_to_magnitude_and_says_so() -> None:
-    """q rows and k/v rows of a cross-attention read different inputs: one Gram cannot score them."""
+@pytest.mark.parametrize("kdim", [None, 8])
+def test_unstructured_cross_attention_scores_each_projection_block_on_the_input_it_reads(kdim: int | None) -> None:
+    """q rows read the query stream, k/v rows the memory: each block is masked by |W|·‖X‖ and refit
+    on the Gram of its own input, computed here from the two streams."""
     torch.manual_seed(0)
-    model, x = CrossAttentionNet().eval(), [torch.randn(8, 5, 6) for _ in range(2)]
+    model, x = CrossAttentionNet(kdim).eval(), [torch.randn(8, 5, 6) for _ in range(2)]
+    with torch.no_grad():
+        q, m = (torch.cat([s.reshape(-1, s.shape[-1]) for s in streams]).double()
+                for streams in zip(*(model.streams(b) for b in x), strict=True))
+    grams = {"query": q.T @ q, "key": m.T @ m, "value": m.T @ m}
+    stats = collect(model, x, [f"attn:{a}" for a in grams])
+    assert all(torch.allclose(stats[f"attn:{a}"].gram, g, rtol=1e-5, atol=1e-4) for a, g in grams.items())
+
     result = prune(model, x, Budget(sparsity=0.5), structure="unstructured", progress=False)
-    assert [n for n in result.report.notes if n.startswith("attn.")] == [
-        "attn.in_proj_weight: its query and key/value differ inside 'attn' (MultiheadAttention), so no "
-        "calibration signal; pruned by magnitude"]
-    assert (result.model.attn.in_proj_weight == 0).any()
+    assert not [n for n in result.report.notes if "magnitude" in n]
+    if kdim is None:
+        names = {a: f"attn.in_proj_weight[{a}]" for a in grams}
+        dense = dict(zip(grams, model.attn.in_proj_weight.detach().chunk(3), strict=True))
+        pruned = dict(zip(grams, result.model.attn.in_proj_weight.detach().chunk(3), strict=True))
+    else:
+        names = {a: f"attn.{a[0]}_proj_weight" for a in grams}
+        dense = {a: model.get_parameter(n).detach() for a, n in names.items()}
+        pruned = {a: result.model.get_parameter(n).detach() for a, n in names.items()}
+    reported = {g.name: g for g in result.report.groups}
+    differs = False
+    for argument, gram in grams.items():
+        weight = dense[argument].double()
+        kept = reported[names[argument]].kept
+        mask = density_mask(reconstruction_scores(weight, gram), kept)
+        assert torch.equal(pruned[argument] != 0, mask)
+        assert torch.allclose(pruned[argument].double(), refit_rows(weight, gram, mask).double(), atol=1e-5)
+        differs |= not torch.equal(mask, density_mask(weight.abs(), kept))  # what magnitude would keep
+    assert differs  # the test can tell the inputs' norms were used
+
+
+def test_an_attention_never_called_is_pruned_by_magnitude_and_says_so() -> None:
+    torch.manual_seed(0)
+    model, x = AttentionNet().eval(), [torch.randn(8, 5, 6) for _ in range(2)]
+    model.forward = lambda t: model.out(model.emb(t).mean(1))  # type: ignore[method-assign]
+    result = prune(model, x, Budget(sparsity=0.5), structure="unstructured", progress=False)
+    assert [n for n in result.report.notes if n.startswith("attn.in_proj")] == [
+        f"attn.in_proj_weight[{a}]: never called on the calibration data ('attn' was not), so no calibration "
+        "signal; pruned by magnitude" for a in ("query", "key", "value")]
 
 
 def test_unstructured_removes_what_is_asked_when_removing_more_would_cost_nothing() -> None:

@@ -201,6 +201,20 @@ def test_out_proj_statistics_are_the_heads_output_the_stock_module_projects() ->
     assert torch.allclose(stats.gram, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_attention_heads_of_separate_projections_are_what_the_stock_module_projects() -> None:
+    """kdim / vdim give separate q/k/v weights: the heads' output is recomputed from them, checked
+    through the stock module (its output projection applied to the recomputed heads)."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(16, 4, kdim=6, vdim=10, batch_first=True).eval()
+    query, key, value = torch.randn(3, 5, 16), torch.randn(3, 7, 6), torch.randn(3, 7, 10)
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[0, 5:] = True
+    with torch.no_grad():
+        stock = mha(query, key, value, key_padding_mask=padding, need_weights=False)[0]
+        heads = attention_heads(mha, query, key, value, key_padding_mask=padding, need_weights=False)
+        assert torch.allclose(mha.out_proj(heads), stock, atol=1e-5)
+
+
 def test_attention_heads_refuses_modules_it_cannot_recompute() -> None:
     mha = nn.MultiheadAttention(8, 2, add_bias_kv=True, batch_first=True)
     x = torch.randn(1, 3, 8)
