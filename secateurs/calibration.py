@@ -23,8 +23,6 @@ from secateurs.modules import attention_heads
 from secateurs.torch_transformer import (
     ATTENTION_ARGUMENTS,
     attention_argument,
-    is_projection,
-    packed_attention,
     recomputable_attention,
 )
 
@@ -129,12 +127,6 @@ def _heads_output(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, An
     return attention_heads(module, *args, **kwargs)
 
 
-def _self_attention_input(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """The query of a self-attention call (query, key and value one tensor), else None."""
-    q, k, v = (args[i] if len(args) > i else kwargs.get(name) for i, name in enumerate(("query", "key", "value")))
-    return q if q is k is v else None
-
-
 def _argument_reader(argument: str) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]:
     """Reads the attention call's ``argument`` (query, key or value), given by position or keyword."""
     index = ATTENTION_ARGUMENTS.index(argument)
@@ -148,27 +140,23 @@ def _argument_reader(argument: str) -> Callable[[nn.Module, tuple[Any, ...], dic
 def input_source(model: nn.Module, name: str) -> InputSource:
     """The layer's own call, except inside ``nn.MultiheadAttention``, which runs its projections
     functionally: its output projection's input (the heads' outputs side by side) is recomputed
-    from the attention module's arguments, and its packed ``in_proj_weight`` reads the query of a
-    self-attention call (a cross-attention's q and k/v rows read different inputs: none).
-    ``"attn:key"`` (see :func:`~secateurs.torch_transformer.attention_argument`) is one input of
-    the attention module ``attn``, whatever the others are."""
+    from the attention module's arguments. Its input projections read those arguments, one each:
+    ``"attn:key"`` (see :func:`~secateurs.torch_transformer.attention_argument`) is the key given
+    to the attention module ``attn``, whatever the query and value are."""
     argument = attention_argument(name)
     if argument is not None:
         return InputSource(argument[0], _argument_reader(argument[1]))
     parent, _, leaf = name.rpartition(".")
     owner = model.get_submodule(parent)
-    if isinstance(owner, nn.MultiheadAttention):
-        if leaf == "out_proj" and recomputable_attention(owner):
-            return InputSource(parent, _heads_output)
-        if leaf == "in_proj_weight" and packed_attention(owner):
-            return InputSource(parent, _self_attention_input)
+    if isinstance(owner, nn.MultiheadAttention) and leaf == "out_proj" and recomputable_attention(owner):
+        return InputSource(parent, _heads_output)
     return InputSource(name, _first_argument)
 
 
 def row_reader(model: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     """:func:`layer_rows` for the layer ``name``, looked up once; an attention projection (a
     parameter, not a layer) multiplies the last dim, as a Linear does."""
-    if is_projection(name) or attention_argument(name) is not None:
+    if attention_argument(name) is not None:
         return lambda x: x.reshape(-1, x.shape[-1])
     layer = model.get_submodule(name)
     return lambda x: layer_rows(layer, x)
@@ -232,7 +220,7 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
 
 def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]) -> dict[str, GramStatistics]:
     """Run ``calibration`` through ``model`` (eval mode, no grad) accumulating XᵀX per module (or
-    per packed ``in_proj_weight`` of an attention module; see :func:`input_source`).
+    per input of an attention module, ``"attn:query"``; see :func:`input_source`).
 
     The model's train/eval mode is restored afterwards and hooks are always removed.
     """
@@ -245,7 +233,7 @@ def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]
         def hook(mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], _name: str = name,
                  _source: InputSource = source, _rows: Callable[[torch.Tensor], torch.Tensor] = rows) -> None:
             x = _source.read(mod, args, kwargs)
-            if x is not None:  # None: this call does not show the input (a cross-attention's packed projection)
+            if x is not None:  # None: this call does not show the input
                 stats[_name].update(_rows(x))
 
         handles.append(model.get_submodule(source.module).register_forward_pre_hook(hook, with_kwargs=True))

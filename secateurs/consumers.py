@@ -22,7 +22,7 @@ from torch import nn
 
 from secateurs.conv1d import input_dim, is_conv1d, weight_matrix
 from secateurs.graph.groups import Group, Member
-from secateurs.torch_transformer import is_projection, packed_attention
+from secateurs.torch_transformer import ATTENTION_ARGUMENTS, is_projection, packed_attention
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,8 @@ class ConsumerColumns:
     ``columns`` is a (units × width) tensor; row u lists unit u's columns of X in increasing
     order. ``weight_columns`` are the matching columns of ``weight.reshape(out, -1)`` (the same,
     except for a grouped convolution's blocks) and ``rows`` the weight rows this consumer
-    computes (``None``: all).
+    computes (``None``: all). ``source`` is the name calibration collects its input under, when
+    that is not ``module`` (an attention projection's q, k or v rows: ``"attn:key"``).
     """
 
     module: str
@@ -40,6 +41,12 @@ class ConsumerColumns:
     columns: torch.Tensor
     weight_columns: torch.Tensor | None = None
     rows: tuple[int, int] | None = None
+    source: str | None = None
+
+    @property
+    def input(self) -> str:
+        """The calibration name of this consumer's input (see :func:`secateurs.calibration.collect`)."""
+        return self.module if self.source is None else self.source
 
     @property
     def width(self) -> int:
@@ -73,8 +80,9 @@ def _grouped(module: nn.Module) -> bool:
 
 
 def _packed_projection(module: nn.Module, member: Member) -> bool:
-    """The input side of nn.MultiheadAttention's packed q/k/v weight: a consumer whose rows are
-    the attention call's query (for a self-attention; see ``calibration.input_source``)."""
+    """The input side of nn.MultiheadAttention's packed q/k/v weight: three consumers, its query,
+    key and value rows, each reading that input of the attention call (a cross-attention's key and
+    value are the encoder's memory, not the query)."""
     return (isinstance(module, nn.MultiheadAttention) and member.param == "in_proj_weight" and member.dim == 1
             and packed_attention(module))
 
@@ -95,8 +103,11 @@ def consumer_columns(model: nn.Module, group: Group) -> tuple[list[ConsumerColum
         module = model.get_submodule(member.module)
         if _packed_projection(module, member):
             path = f"{member.module}.{member.param}" if member.module else member.param
-            found.append(ConsumerColumns(path, member, torch.tensor([member.indices([u]) for u in range(group.size)],
-                                                                    dtype=torch.long)))
+            columns = torch.tensor([member.indices([u]) for u in range(group.size)], dtype=torch.long)
+            rows = module.in_proj_weight.shape[0] // 3
+            found.extend(ConsumerColumns(path, member, columns, rows=(i * rows, (i + 1) * rows),
+                                         source=f"{member.module}:{argument}")
+                         for i, argument in enumerate(ATTENTION_ARGUMENTS))
             continue
         grouped = _grouped(module)
         if member.param != "weight" or member.dim != input_dim(module) or not (supports_reconstruction(module) or grouped):

@@ -259,11 +259,10 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
     """The OSSCAR problem of one group over its consumers' columns (or None, with why)."""
     found, skipped = consumer_columns(model, group)
     notes = [f"not refit: {s}" for s in skipped]
-    usable = [c for c in found if stats[c.module].rows > 0]
+    usable = [c for c in found if stats[c.input].rows > 0]
     if len(usable) < len(found):
-        unseen = sorted({c.module for c in found if stats[c.module].rows == 0})
-        notes.append(f"not refit, no input seen on the calibration data (never called, or a cross-attention's "
-                     f"packed projection): {', '.join(unseen)}")
+        unseen = sorted({c.input for c in found if stats[c.input].rows == 0})
+        notes.append(f"not refit, no input seen on the calibration data (never called): {', '.join(unseen)}")
     widths = sorted({c.width for c in usable})
     if len(widths) > 1:  # one problem needs one unit width; keep the consumers of the first
         notes.append(f"consumers of widths {widths[1:]} are pruned but not refit")
@@ -272,7 +271,7 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
         return None, [], "; ".join(notes + ["no reconstructable consumer: magnitude error curve"])
     hessians, targets = [], []
     for c in usable:
-        gram, cross = stats[c.module].gram, stats[c.module].cross
+        gram, cross = stats[c.input].gram, stats[c.input].cross
         assert gram is not None
         cols = c.flat().to(gram.device)
         h = gram[cols][:, cols]
@@ -475,7 +474,7 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     stage("graph", start)
 
     start = clock.elapsed()
-    modules = sorted({c.module for g in groups for c in consumer_columns(model, g)[0]})
+    modules = sorted({c.input for g in groups for c in consumer_columns(model, g)[0]})
     cached = list(calibration) if sequential else []  # the layer-wise pass reads the batches again
     stats = collect(model, _progress(cached or calibration, progress, "calibration"), modules)
     stage("statistics", start)
@@ -632,7 +631,7 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
     last = len(lock.nodes)
 
     def position(work: _GroupWork) -> int:
-        calls = [lock.first_call(c.module) for c in work.consumers] or [lock.first_call(m.module)
+        calls = [lock.first_call(c.input) for c in work.consumers] or [lock.first_call(m.module)
                                                                         for m in work.group.members]
         found = [c for c in calls if c is not None]
         return min(found) if found else last
@@ -650,13 +649,13 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
         if k < work.group.size and work.problem is not None:
             fresh = dict(stats)
             refreshed = 0
-            for name in dict.fromkeys(c.module for c in work.consumers):
+            for name in dict.fromkeys(c.input for c in work.consumers):
                 inputs, dense_inputs = lock.inputs_of(name), reference.inputs_of(name)
                 if inputs is not None and dense_inputs is not None:
                     fresh[name], rows = GramStatistics(), row_reader(work_model, name)
                     for x, y in zip(inputs, dense_inputs, strict=True):
                         fresh[name].update(rows(x), rows(y))
-                    refreshed += sum(c.module == name for c in work.consumers)
+                    refreshed += sum(c.input == name for c in work.consumers)
             problem, consumers, _ = _group_problem(model, work.group, fresh)
             if problem is not None and refreshed:
                 work.problem, work.consumers = problem, consumers

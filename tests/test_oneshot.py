@@ -226,7 +226,7 @@ def test_unstructured_prunes_attention_projections_on_calibration_statistics() -
     and the sparsity holds over every matrix weight."""
     torch.manual_seed(0)
     model, x = AttentionNet().eval(), [torch.randn(8, 5, 6) for _ in range(2)]
-    stats = collect(model, x, ["attn.in_proj_weight"])["attn.in_proj_weight"]
+    stats = collect(model, x, ["attn:query"])["attn:query"]
     with torch.no_grad():  # the packed projection of a self-attention reads its one input: emb's output
         h = torch.cat([model.emb(b).reshape(-1, 16) for b in x]).double()
     assert torch.allclose(stats.gram, h.T @ h, atol=1e-6)

@@ -11,6 +11,7 @@ from torch import nn
 
 import secateurs
 from secateurs.calibration import collect, input_source
+from secateurs.consumers import consumer_columns
 from secateurs.errors import ValidationError
 from secateurs.graph import build, dense_counts
 from secateurs.module_sync import pruned_implementation
@@ -123,6 +124,40 @@ def test_seq2seq_cross_attention_heads_prune_and_costs_stay_exact() -> None:
     masked = secateurs.apply(model, secateurs.PrunePlan(keep), graph=g, mode="mask")
     with torch.no_grad():  # slicing removes exactly what masking zeroes
         assert torch.allclose(small(src, tgt), masked(src, tgt), atol=1e-5)
+
+
+def test_cross_attention_rows_read_the_query_and_the_memory_and_are_refit() -> None:
+    """The stream group's consumers include the cross-attention's packed projection as three row
+    blocks: the query rows see the decoder stream, the key and value rows the encoder's memory
+    (Grams checked against hooks on the modules that compute them), and every block is refit."""
+    torch.manual_seed(0)
+    model = Seq2Seq().eval()
+    batches = [(torch.randn(4, 7, 6), torch.randn(4, 5, 6)) for _ in range(3)]
+    attn = "core.decoder.layers.0.multihead_attn"
+    graph = build(model, batches[0])
+    group = next(g for g in graph.prunable_groups()
+                 if any(m.module == attn and m.param == "in_proj_weight" and m.dim == 1 for m in g.consumers()))
+    blocks = [c for c in consumer_columns(model, group)[0] if c.module == f"{attn}.in_proj_weight"]
+    assert [(c.input, c.rows) for c in blocks] == [
+        (f"{attn}:query", (0, 32)), (f"{attn}:key", (32, 64)), (f"{attn}:value", (64, 96))]
+
+    seen: dict[str, list[torch.Tensor]] = {"query": [], "memory": []}
+    hooks = [model.core.decoder.layers[0].norm1.register_forward_hook(lambda m, a, out: seen["query"].append(out)),
+             model.core.encoder.register_forward_hook(lambda m, a, out: seen["memory"].append(out))]
+    with torch.no_grad():
+        for b in batches:
+            model(*b)
+    for h in hooks:
+        h.remove()
+    gram = {k: sum(x.reshape(-1, 32).double().T @ x.reshape(-1, 32).double() for x in v) for k, v in seen.items()}
+    stats = collect(model, batches, [c.input for c in blocks])
+    for c, expected in zip(blocks, (gram["query"], gram["memory"], gram["memory"]), strict=True):
+        assert torch.allclose(stats[c.input].gram, expected, rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(gram["query"], gram["memory"], rtol=0.1)  # the test tells the inputs apart
+
+    result = secateurs.prune(model, batches, secateurs.Budget(flops=0.3), progress=False, error_curve=False)
+    stream = next(g for g in result.report.groups if g.name == group.name)
+    assert stream.kept < stream.total and "not refit" not in stream.note
 
 
 def test_pruned_encoder_runs_its_slow_path_and_equals_the_masked_model() -> None:
