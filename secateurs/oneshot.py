@@ -45,9 +45,8 @@ from tqdm.auto import tqdm
 from secateurs.apply import apply, mask_in_place
 from secateurs.budget import Budget
 from secateurs.calibration import GramStatistics, collect, row_reader
-from secateurs.consumers import ConsumerColumns, consumer_columns, consumer_weight, supports_reconstruction
-from secateurs.conv1d import is_conv1d
-from secateurs.errors import InfeasibleBudgetError, SolverError, SolverRefusedError, UnknownSolverError, ValidationError
+from secateurs.consumers import ConsumerColumns, consumer_columns, consumer_weight
+from secateurs.errors import InfeasibleBudgetError, SolverError, UnknownSolverError, ValidationError
 from secateurs.graph import DependencyGraph, build, dense_counts
 from secateurs.graph.build import _arguments
 from secateurs.graph.groups import Group, check_channel_multiple, keep_levels, unit_multiple
@@ -60,12 +59,14 @@ from secateurs.plan import PrunePlan
 from secateurs.problems.allocation import Allocation, Latency
 from secateurs.problems.allocation import Budget as CostBudget
 from secateurs.problems.reconstruction import Reconstruction
+from secateurs.prune_result import PruneResult
 from secateurs.report import BudgetLine, GroupReport, PruneReport
-from secateurs.solvers import Deadline, SolveResult, Status, solve
+from secateurs.solvers import Deadline, SolveResult, solve
+from secateurs.solvers.allocation_fallback import solve_allocation
 from secateurs.solvers.reconstruction_greedy import greedy_path
 from secateurs.solvers.registry import lookup
-from secateurs.sparsity import density_mask, masked_error, nm_mask, reconstruction_scores, refit_rows
-from secateurs.torch_transformer import is_projection, projection_blocks
+from secateurs.torch_transformer import is_projection
+from secateurs.weight_pruning import prune_weights
 
 log = logging.getLogger("secateurs")
 
@@ -74,16 +75,6 @@ LATENCY_CHECKS = 6  # allocations a latency budget may take to be met as measure
 LATENCY_MARGIN = 0.03  # share under a latency limit the timed plans aim for: timing one model twice differs
 LATENCY_SLACK = 0.05  # a plan measured this share under that aim or closer is not loosened further
 LATENCY_ROUNDS = 5  # back-to-back pairs with the dense model per timed plan (the median ratio counts)
-
-
-@dataclass
-class PruneResult:
-    """The pruned copy, the plan that makes it from the dense model, and the report."""
-
-    model: nn.Module
-    plan: PrunePlan
-    report: PruneReport
-    graph: DependencyGraph | None = None
 
 
 @dataclass
@@ -131,7 +122,11 @@ def prune(
         ``example_inputs``) for channels; ``Budget(sparsity=0.7)`` for
         unstructured; ``None`` (or the matching sparsity) for N:M.
     example_inputs : optional
-        Inputs to trace with; default the first calibration batch.
+        Inputs to trace with, and that a latency budget is measured on; default the first
+        calibration batch. Latency takes tens of whole forwards on them (rate fits, the measured
+        check), so give a transformer a few sequences: MiniLM on 64 × 128 tokens (1.3 s a
+        forward) spent 9 minutes in its tables, on 8 sequences about one; a small CNN's timings need a
+        large batch instead, or per-call overhead is all they measure.
     reconstruction, allocation : str
         Solver names (``secateurs.solvers.available(problem)`` lists them).
     structure : {"channels", "unstructured", "n:m"}
@@ -213,7 +208,7 @@ def prune(
                                reconstruction, allocation, levels, error_curve, progress, deadline, seed,
                                sequential=sequential, channel_multiple=multiple,
                                auto_multiple=channel_multiple == "auto")
-    return _prune_weights(model, calibration, budget, structure, nm, allocation, levels, refit, progress, deadline, seed)
+    return prune_weights(model, calibration, budget, structure, nm, allocation, levels, refit, progress, deadline, seed)
 
 
 def _check_first_batch(model: nn.Module, first: Any) -> None:
@@ -332,7 +327,7 @@ def _allocate(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str,
     timed = [CostBudget("latency_seconds", latency, limits["latency"])] if latency is not None else []
     problem = Allocation.from_graph(graph, errors, levels=levels, relative=False, budgets=timed,
                                     flops=limits.get("flops"), params=limits.get("params"))
-    result, note = _solve_allocation(problem, solver, deadline, seed)
+    result, note = solve_allocation(problem, solver, deadline, seed)
     if not result.ok:
         raise SolverError(f"allocation found no plan within the budget ({result.status.value}): {result.info}")
     return result, problem, note
@@ -399,27 +394,6 @@ def _meet_measured_latency(model: nn.Module, graph: DependencyGraph, works: list
     return best[0], best[1], best_limit
 
 
-def _solve_allocation(problem: Allocation, solver: str, deadline: Deadline, seed: int) -> tuple[SolveResult, str]:
-    """Solve, falling back to cpsat when the solver refuses the problem's shape, and to greedy when
-    it ran out of time (or failed) without a plan; the note says which happened."""
-    note = ""
-    try:
-        result = solve(problem, solver, time_limit=_remaining(deadline), seed=seed)
-    except SolverRefusedError as exc:
-        note = f"allocation solver {solver!r} refused ({exc}); used 'cpsat'"
-        result = solve(problem, "cpsat", time_limit=_remaining(deadline), seed=seed)
-    if not result.ok and result.status in (Status.LIMIT, Status.ERROR):
-        note = f"allocation solver {result.solver!r} found no plan ({result.status.value}); used 'greedy'"
-        result = solve(problem, "greedy", seed=seed)
-    return result, note
-
-
-def _remaining(deadline: Deadline) -> float | None:
-    if deadline.time_limit is None:
-        return None
-    return max(deadline.remaining(), 0.05)
-
-
 def _curve(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str, float], dense: dict[str, float],
            solver: str, seed: int, latency: Latency | None, deadline: Deadline) -> tuple[list[tuple[float, float]], bool]:
     """Allocated error at budgets from 20% to 100% of the dense cost (the first budget named); with a
@@ -476,12 +450,12 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     start = clock.elapsed()
     modules = sorted({c.input for g in groups for c in consumer_columns(model, g)[0]})
     cached = list(calibration) if sequential else []  # the layer-wise pass reads the batches again
-    stats = collect(model, _progress(cached or calibration, progress, "calibration"), modules)
+    stats = collect(model, tqdm(cached or calibration, desc="calibration", leave=False, disable=not progress), modules)
     stage("statistics", start)
 
     start = clock.elapsed()
     works = []
-    for group in _progress(groups, progress, "error curves"):
+    for group in tqdm(groups, desc="error curves", leave=False, disable=not progress):
         problem, consumers, note = _group_problem(model, group, stats)
         work = _GroupWork(group, problem, consumers, {}, note)
         if problem is None:
@@ -533,7 +507,7 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
         keep = _solve_layerwise(model, work_model, works, keep_counts, stats, cached, solver, report, progress)
     else:
         keep = {}
-        for work in _progress(works, progress, "solves"):
+        for work in tqdm(works, desc="solves", leave=False, disable=not progress):
             support = solver(work, keep_counts[work.group.name], report)
             if support is not None:
                 keep[work.group.name] = support
@@ -598,7 +572,7 @@ class _GroupSolver:
                 options = {"start": support} if self.reconstruction == "local_search" else {}
                 try:
                     solved = solve(work.problem.with_keep(k), self.reconstruction,
-                                   time_limit=_remaining(self.deadline), seed=self.seed, **options)
+                                   time_limit=self.deadline.solver_limit(), seed=self.seed, **options)
                 except SolverError as exc:  # refused (too large to enumerate) or failed: greedy stands
                     note = f"{self.reconstruction}: {str(exc).splitlines()[0]}; kept the greedy support"
                 else:
@@ -699,146 +673,6 @@ def _consumer_tensors(pruned: nn.Module, works: list[_GroupWork], keep: dict[str
                 path = consumer.module if is_projection(consumer.module) else f"{consumer.module}.weight"
                 out[path] = pruned.get_parameter(path).detach().clone()
     return out
-
-
-def _progress(items: Iterable[Any], show: bool, desc: str) -> Iterable[Any]:
-    return tqdm(items, desc=desc, leave=False) if show else items
-
-
-# -- unstructured and N:M ------------------------------------------------------------------------
-
-
-def _weight_layers(model: nn.Module) -> list[str]:
-    """Every Linear / Conv (groups = 1) whose weight a per-layer mask and refit can handle."""
-    return [name for name, module in model.named_modules() if supports_reconstruction(module)]
-
-
-@dataclass(frozen=True)
-class _WeightEntry:
-    """One matrix the unstructured / N:M path masks: a layer's weight, or the rows of an attention
-    projection that read one input; ``source`` is what calibration collects its input under."""
-
-    name: str
-    param: str
-    rows: slice | None
-    source: str
-
-    def matrix(self, model: nn.Module) -> torch.Tensor:
-        """(out, in ...) as a layer computes it (Conv1D's stored transpose undone)."""
-        if self.rows is None:
-            return consumer_weight(model, self.name)
-        return model.get_parameter(self.param)[self.rows]
-
-
-def _weight_entries(model: nn.Module) -> list[_WeightEntry]:
-    """Every Linear / Conv, then the query, key and value blocks of each attention's projections."""
-    return [*(_WeightEntry(name, f"{name}.weight", None, name) for name in _weight_layers(model)),
-            *(_WeightEntry(b.name, b.param, b.rows, b.source) for b in projection_blocks(model))]
-
-
-def _unpruned_weights(model: nn.Module, covered: set[str]) -> str:
-    """Matrix weights (parameter paths) outside ``covered``, with their sizes, or ''."""
-    left = [(n, p.numel()) for n, p in model.named_parameters() if p.dim() >= 2 and n not in covered
-            and not isinstance(model.get_submodule(n.rpartition(".")[0]) if "." in n else model, nn.Embedding)]
-    return ", ".join(f"{n} ({k} weights)" for n, k in left)
-
-
-def _prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget | None, structure: str,
-                   nm: tuple[int, int], allocation: str, levels: int, refit: bool, progress: bool,
-                   deadline: Deadline, seed: int) -> PruneResult:
-    report = PruneReport(structure)
-    clock = Deadline(None)
-    entries = {e.name: e for e in _weight_entries(model)}
-    if not entries:
-        raise ValidationError("model", "no Linear or Conv layer to prune")
-    start = clock.elapsed()
-    stats = collect(model, _progress(calibration, progress, "calibration"), [e.source for e in entries.values()])
-    report.stages["statistics"] = clock.elapsed() - start
-
-    start = clock.elapsed()
-    data = {}
-    for name, entry in entries.items():
-        weight = entry.matrix(model).detach()
-        flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
-        gram = stats[entry.source].gram
-        if gram is None:  # no activations seen
-            where = "" if entry.rows is None else f" ({entry.source.rpartition(':')[0]!r} was not)"
-            report.notes.append(f"{name}: never called on the calibration data{where}, so no calibration "
-                                "signal; pruned by magnitude")
-            gram = torch.eye(flat.shape[1], dtype=torch.float64)
-        data[name] = (flat, gram, reconstruction_scores(flat, gram))
-    n, m = nm
-    masks: dict[str, torch.Tensor] = {}
-    if structure == "n:m":
-        for name, (flat, _, scores) in data.items():
-            if flat.shape[1] % m:
-                report.notes.append(f"{name}: {flat.shape[1]} inputs per output are not a multiple of {m}; left dense")
-                continue
-            masks[name] = nm_mask(scores, n, m)
-        if not masks:
-            raise ValidationError("nm", f"no layer has a multiple of {m} inputs per output, so none can take "
-                                        f"{n}:{m} (the model would come back dense)")
-    else:
-        assert budget is not None and budget.sparsity is not None
-        densities = np.linspace(1.0 / levels, 1.0, levels)
-        sizes = {name: flat.numel() for name, (flat, _, _) in data.items()}
-        errors = {}
-        total = sum(sizes.values())
-        for name, (flat, gram, scores) in data.items():
-            energy = 0.5 * float(torch.einsum("ij,jk,ik->", flat, gram, flat)) or 1.0
-            counts = np.unique(np.round(densities * flat.numel()))
-            # + a tie-break far below any real error: where removing weights costs nothing (a 3x3 conv
-            # on 1x1 maps uses only its centre tap) keep the densest level, not the sparsest, so the
-            # sparsity asked for is what is removed
-            errors[name] = [masked_error(flat, gram, density_mask(scores, int(c))) / energy
-                            + 1e-9 * (flat.numel() - c) / total for c in counts]
-        problem = Allocation.unstructured(sizes, densities, errors, density=1.0 - budget.sparsity)
-        result, note = _solve_allocation(problem, allocation, deadline, seed)
-        if note:
-            report.notes.append(note)
-        if not result.ok:
-            raise SolverError(f"allocation found no densities within the budget ({result.status.value})")
-        report.allocation = {"solver": result.solver, "status": result.status.value, "objective": result.objective,
-                             "bound": result.bound, "seconds": result.seconds}
-        for name, (_, _, scores) in data.items():
-            masks[name] = density_mask(scores, int(round(result.solution[name])))
-    report.stages["masks"] = clock.elapsed() - start
-
-    start = clock.elapsed()
-    new_weights: dict[str, torch.Tensor] = {}
-    for name in _progress(list(masks), progress, "refit"):
-        flat, gram, _ = data[name]
-        entry = entries[name]
-        weight = entry.matrix(model)
-        new = refit_rows(flat, gram, masks[name]) if refit else flat * masks[name]
-        stored = new.reshape(weight.shape).to(weight.dtype)
-        if entry.rows is not None:  # rows of an attention projection: written into its parameter
-            whole = new_weights.setdefault(entry.param, model.get_parameter(entry.param).detach().clone())
-            whole[entry.rows] = stored
-        else:
-            transposed = is_conv1d(model.get_submodule(name))  # transformers' Conv1D stores (in, out)
-            new_weights[entry.param] = stored.T if transposed else stored
-        energy = 0.5 * float(torch.einsum("ij,jk,ik->", flat, gram, flat)) or 1.0
-        delta = flat - new.to(torch.float64)
-        error = 0.5 * float(torch.einsum("ij,jk,ik->", delta, gram, delta)) / energy
-        kept = int(masks[name].sum())
-        report.groups.append(GroupReport(name, kept, masks[name].numel(), error, "refit" if refit else "mask", 0.0))
-    report.stages["refit"] = clock.elapsed() - start
-
-    covered = {e.param for e in entries.values()}
-    skipped = _unpruned_weights(model, covered)
-    if skipped:
-        report.notes.append(f"not pruned (only Linear and Conv weights are): {skipped}")
-    meta = {"structure": structure, "nm": list(nm) if structure == "n:m" else None}
-    plan = PrunePlan({}, groups={}, refit=new_weights, meta=meta)
-    pruned = apply(model, plan, mode="mask")
-    total = sum(flat.numel() for flat, _, _ in data.values())
-    achieved = sum(int((pruned.get_parameter(param) != 0).sum()) for param in covered)
-    requested = None if budget is None or budget.sparsity is None else (1 - budget.sparsity) * total
-    if structure == "n:m":
-        requested = sum(masks[name].numel() * n / m for name in masks) + (total - sum(masks[k].numel() for k in masks))
-    report.totals.append(BudgetLine("nonzeros", float(total), float(achieved), requested))
-    return PruneResult(pruned, plan, report, None)
 
 
 __all__ = ["Budget", "PruneResult", "prune"]

@@ -83,6 +83,13 @@ class Deadline:
     def expired(self) -> bool:
         return self.time_limit is not None and self.elapsed() >= self.time_limit
 
+    def solver_limit(self) -> float | None:
+        """The time left, as a ``time_limit`` to hand a solver: None without a limit, and at least
+        0.05 s, so a spent deadline still lets a solver return its first plan."""
+        if self.time_limit is None:
+            return None
+        return max(self.remaining(), 0.05)
+
 
 class Trace:
     """Records the incumbent objective over time (only improvements are kept)."""
