@@ -174,6 +174,29 @@ def layers_called() -> Iterator[None]:
         torch.backends.mha.set_fastpath_enabled(enabled)
 
 
+def leading_tensor(batch: Any) -> torch.Tensor:
+    """The first tensor of a batch (a tensor, a tuple of them or a dict of them): the one counted."""
+    return batch if isinstance(batch, torch.Tensor) else next(iter(
+        batch.values() if isinstance(batch, Mapping) else batch))
+
+
+def batch_rows(batch: Any) -> int:
+    """The leading dimension of a batch (a tensor, a tuple of them or a dict of them)."""
+    return int(leading_tensor(batch).shape[0])
+
+
+def head_rows(batch: Any, n: int, size: int) -> Any:
+    """The first ``n`` rows of every tensor in ``batch`` whose leading dimension is the batch's ``size``."""
+    def cut(t: torch.Tensor) -> torch.Tensor:
+        return t[:n] if t.dim() > 0 and t.shape[0] == size else t
+
+    if isinstance(batch, torch.Tensor):
+        return cut(batch)
+    if isinstance(batch, Mapping):
+        return {k: cut(v) for k, v in batch.items()}
+    return type(batch)(cut(t) for t in batch)
+
+
 def forward_batch(model: nn.Module, batch: Any) -> Any:
     """Call ``model`` on a batch given as a tensor, a tuple/list of tensors, or a dict."""
     if isinstance(batch, Mapping):

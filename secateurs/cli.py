@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from secateurs.calibration import validate_batch
+from secateurs.calibration import batch_rows, head_rows, leading_tensor, validate_batch
 from secateurs.errors import SecateursError, ValidationError, first_line
 from secateurs.hf import HELD_OUT_MAX, MeanPooled, load_hf, packed, shuffled, text_splits, tokenise
 
@@ -124,7 +124,7 @@ def _as_batches(data: Any, spec: str) -> list[Any]:
             validate_batch(batch, i)
         except ValidationError as e:
             raise ValidationError("--data", f"{spec}: {str(e).removeprefix(f'{e.field}: ')}") from e
-        if _leading(batch).dim() == 0:
+        if leading_tensor(batch).dim() == 0:
             raise ValidationError("--data", f"{spec}: batch {i} starts with a scalar; batches have a batch dimension")
     return batches
 
@@ -136,22 +136,10 @@ def _take_samples(batches: list[Any], limit: int) -> list[Any]:
     for batch in batches:
         if count >= limit:
             break
-        size = _batch_size(batch)
-        taken.append(batch if count + size <= limit else _head(batch, limit - count, size))
+        size = batch_rows(batch)
+        taken.append(batch if count + size <= limit else head_rows(batch, limit - count, size))
         count += size
     return taken
-
-
-def _head(batch: Any, n: int, size: int) -> Any:
-    """The first ``n`` rows of every tensor in ``batch`` whose leading dimension is the batch's ``size``."""
-    def cut(t: torch.Tensor) -> torch.Tensor:
-        return t[:n] if t.dim() > 0 and t.shape[0] == size else t
-
-    if isinstance(batch, torch.Tensor):
-        return cut(batch)
-    if isinstance(batch, dict):
-        return {k: cut(v) for k, v in batch.items()}
-    return type(batch)(cut(t) for t in batch)
 
 
 TEXT_TIMING_SEQUENCES = 8  # a text model's timing batch (8 × 128 tokens keep its matrix products compute-bound)
@@ -161,8 +149,8 @@ def _text_timing_batch(batch: Any) -> Any:
     """The first sequences of a tokenised batch: what a text model's latency row (and latency
     budget) times. At 64 × 128 tokens MiniLM's forward took 1.3 s here, and a latency budget's
     tables 9 minutes."""
-    size = _batch_size(batch)
-    return _head(batch, min(size, TEXT_TIMING_SEQUENCES), size)
+    size = batch_rows(batch)
+    return head_rows(batch, min(size, TEXT_TIMING_SEQUENCES), size)
 
 
 def load_data(spec: str, limit: int | None) -> list[Any]:
@@ -256,17 +244,6 @@ def _before_after(rows: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _leading(inputs: Any) -> torch.Tensor:
-    """The first tensor of a batch (a tensor, a tuple of them or a dict of them): the one counted."""
-    return inputs if isinstance(inputs, torch.Tensor) else next(iter(
-        inputs.values() if isinstance(inputs, dict) else inputs))
-
-
-def _batch_size(inputs: Any) -> int:
-    """The leading dimension of a batch (a tensor, a tuple of them or a dict of them)."""
-    return int(_leading(inputs).shape[0])
-
-
 Rows = list[tuple[str, str, str]]
 
 @dataclass
@@ -317,7 +294,7 @@ def _check_flags(args: argparse.Namespace, kind: str) -> None:
 
 def _data_note(spec: str, batches: list[Any]) -> list[Any]:
     """Say what was read from ``--data``, then pass the batches on."""
-    print(f"calibrating on {sum(_batch_size(b) for b in batches)} samples in {len(batches)} batches from {spec}")
+    print(f"calibrating on {sum(batch_rows(b) for b in batches)} samples in {len(batches)} batches from {spec}")
     return batches
 
 
@@ -399,7 +376,7 @@ def _hf_job(args: argparse.Namespace) -> _Job:
     calibration = tokenise(tokenizer, texts, seq_len, args.batch_size)
     held = tokenise(tokenizer, shuffled(test)[:HELD_OUT_MAX], seq_len, args.batch_size)
     print(f"calibrating on {len(texts)} sequences of {seq_len} tokens from {source}; "
-          f"embeddings compared on {sum(_batch_size(b) for b in held)} held-out paragraphs")
+          f"embeddings compared on {sum(batch_rows(b) for b in held)} held-out paragraphs")
     quality = functools.partial(_hf_agreement_rows, embeddings(MeanPooled(model), held), held)
     return _Job(model, calibration, quality, _text_timing_batch(calibration[0]),
                 f"lambda: transformers.AutoModel.from_pretrained({folder!r})")
@@ -436,9 +413,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pruned_nz = sum(int((p != 0).sum()) for p in result.model.parameters())
     rows.append((nonzero, f"{dense_nz if args.structure != 'channels' else before.params:,.0f}",
                  f"{pruned_nz if args.structure != 'channels' else after.params:,.0f}"))
-    rows.append((f"FLOPs (batch of {_batch_size(example)})", f"{before.flops:,.0f}", f"{after.flops:,.0f}"))
+    rows.append((f"FLOPs (batch of {batch_rows(example)})", f"{before.flops:,.0f}", f"{after.flops:,.0f}"))
     timed = compare_latency_within(model, result.model, job.timing_inputs)
-    batch = _batch_size(job.timing_inputs)
+    batch = batch_rows(job.timing_inputs)
     rows.append((f"CPU latency (ms, batch of {batch})", f"{1e3 * timed.dense:.2f}", f"{1e3 * timed.pruned:.2f}"))
     rows.append((f"speedup ({timed.rounds} alternating rounds)", "1.00x", f"{timed.speedup:.2f}x"))
     print(result.report.table())

@@ -45,7 +45,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from secateurs.apply import apply
-from secateurs.calibration import evaluating, forward_batch
+from secateurs.calibration import batch_rows, evaluating, forward_batch, head_rows
 from secateurs.errors import InvalidPlanError, ValidationError
 from secateurs.graph.groups import Group
 from secateurs.module_sync import pruned_implementation
@@ -56,6 +56,8 @@ from secateurs.timing import seconds
 _TIMED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 POINTS = 5  # widths measured per side of a layer table; more levels are interpolated
 _REST_WIDTHS = 2  # narrowed widths a rate is fitted from (each costs whole forwards; one alone was too noisy)
+SLICE_ABOVE = 0.4  # seconds of one dense forward above which a latency fraction is measured on fewer rows
+SLICE_TO = 0.2  # ... on the rows that make a dense forward about this long
 
 
 def model_seconds(model: nn.Module, inputs: Any, *, min_run_time: float = 0.2) -> float:
@@ -84,6 +86,36 @@ class Window:
         ratios = [model_seconds(other, self.inputs, min_run_time=0.05) /
                   model_seconds(self.model, self.inputs, min_run_time=0.05) for _ in range(rounds)]
         return float(np.median(ratios)) * self.dense
+
+
+@dataclass(frozen=True)
+class TimingBatch:
+    """The inputs latency is measured on: the first ``rows`` of the ``size`` given."""
+
+    inputs: Any
+    rows: int
+    size: int
+    dense_seconds: float  # one dense forward on all ``size`` rows
+
+
+def timing_batch(model: nn.Module, inputs: Any) -> TimingBatch:
+    """The first rows of ``inputs`` that make one dense forward about :data:`SLICE_TO` seconds,
+    when a forward on all of them takes over :data:`SLICE_ABOVE`; else ``inputs`` whole.
+
+    A latency budget takes tens of whole forwards (tables, rate fits, the measured check):
+    MiniLM on 64 × 128 tokens ran 1.3 s a forward and spent 9 minutes in its tables. A forward
+    that long is compute-bound, so a fraction of its dense time carries over to fewer rows; a
+    fast one is not cut, since on a small batch per-call overhead is all a timing sees.
+    """
+    once = model_seconds(model, inputs, min_run_time=0.0)
+    try:
+        size = batch_rows(inputs)
+    except (StopIteration, TypeError, AttributeError, IndexError):
+        return TimingBatch(inputs, 0, 0, once)  # no leading tensor dimension to cut
+    if once <= SLICE_ABOVE or size < 2:
+        return TimingBatch(inputs, size, size, once)
+    rows = max(1, int(size * SLICE_TO / once))
+    return TimingBatch(head_rows(inputs, rows, size), rows, size, once)
 
 
 def module_seconds(model: nn.Module, inputs: Any, names: Sequence[str], *,
@@ -334,4 +366,4 @@ def measure(model: nn.Module, groups: Sequence[Group], example_inputs: Any, leve
     return Latency(terms, constant=rest - shrink * credit), window
 
 
-__all__ = ["Window", "measure", "model_seconds", "module_seconds", "seconds"]
+__all__ = ["TimingBatch", "Window", "measure", "model_seconds", "module_seconds", "seconds", "timing_batch"]

@@ -52,7 +52,7 @@ from secateurs.graph.build import _arguments
 from secateurs.graph.groups import Group, check_channel_multiple, keep_levels, unit_multiple
 from secateurs.hardware import describe, model_device
 from secateurs.latency import POINTS as LATENCY_POINTS
-from secateurs.latency import Window
+from secateurs.latency import Window, timing_batch
 from secateurs.latency import measure as measure_latency
 from secateurs.layerwise import Lockstep, run_together
 from secateurs.plan import PrunePlan
@@ -470,7 +470,15 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     dense_values = {"flops": dense.flops, "params": dense.params}
     if budget.timed():
         start = clock.elapsed()
-        latency, window = measure_latency(model, groups, example_inputs, {w.group.name: sorted(w.path) for w in works},
+        timing = example_inputs
+        if budget.latency is not None:  # a fraction carries over to fewer rows of a slow forward; milliseconds do not
+            cut = timing_batch(model, example_inputs)
+            timing = cut.inputs
+            if cut.rows < cut.size:
+                report.notes.append(f"latency: measured on the first {cut.rows} of {cut.size} samples: a dense forward "
+                                    f"on all of them took {cut.dense_seconds:.2f} s, and latency takes tens of forwards "
+                                    "(pass a smaller example_inputs to choose the batch)")
+        latency, window = measure_latency(model, groups, timing, {w.group.name: sorted(w.path) for w in works},
                                           progress=progress)
         dense_values["latency"] = window.dense
         limits["latency"] = budget.latency_limit(dense_values["latency"])

@@ -22,7 +22,7 @@ from secateurs.apply import apply
 from secateurs.budget import Budget
 from secateurs.calibration import forward_batch
 from secateurs.errors import InfeasibleBudgetError, ValidationError
-from secateurs.graph import build
+from secateurs.graph import build, dense_counts
 from secateurs.models import zoo
 from secateurs.modules import PrunedMultiheadAttention
 from secateurs.oneshot import prune
@@ -164,6 +164,49 @@ def test_prune_meets_a_latency_budget_in_the_model(deterministic_timer: None, cn
     # the timed plans aim LATENCY_MARGIN under the request, for noise this timer does not have
     assert measured.achieved <= (1 - oneshot_module.LATENCY_MARGIN) * measured.requested
     assert any("between measured widths" in n for n in result.report.notes)  # 32 levels, 5 measured
+
+
+SLOW = 1e5  # a stand-in timer this many times slower: the mnist1d CNN's forward on 32 samples takes 1.4 s
+
+
+def slow_seconds(fn, *args, min_run_time: float = 0.0) -> float:  # noqa: ANN001 - test double
+    return SLOW * fake_seconds(fn, *args)
+
+
+def test_a_slow_forward_is_timed_on_the_rows_that_take_a_fifth_of_a_second(monkeypatch: pytest.MonkeyPatch,
+                                                                           cnn) -> None:
+    model, _ = cnn
+    use_timer(monkeypatch, slow_seconds)
+    x = torch.randn(32, 1, 40)
+    once = SLOW * (OVERHEAD + dense_counts(model, x).flops * 1e-12)
+    assert once > latency_module.SLICE_ABOVE
+    cut = latency_module.timing_batch(model, x)
+    rows = int(32 * latency_module.SLICE_TO / once)
+    assert (cut.rows, cut.size, cut.dense_seconds) == (rows, 32, pytest.approx(once))
+    assert torch.equal(cut.inputs, x[:rows])
+    assert latency_module.timing_batch(model, x[:1]).inputs.shape[0] == 1  # one row: nothing to cut
+    use_timer(monkeypatch, fake_seconds)  # a fast forward: the whole batch
+    assert latency_module.timing_batch(model, x).inputs is x
+
+
+def test_a_latency_fraction_on_a_slow_forward_is_measured_on_fewer_rows(monkeypatch: pytest.MonkeyPatch, cnn) -> None:
+    """A fraction of dense latency carries over to fewer rows; milliseconds are the caller's batch's."""
+    model, batches = cnn
+    use_timer(monkeypatch, slow_seconds)
+    x = batches[0]
+    result = prune(model, batches, Budget(latency=0.6), example_inputs=x, progress=False, error_curve=False,
+                   sequential=False)
+    rows = latency_module.timing_batch(model, x).rows
+    assert rows < x.shape[0] and any(f"measured on the first {rows} of {x.shape[0]} samples" in n
+                                     for n in result.report.notes)
+    measured = result.report.total("latency ms (measured)")
+    assert measured.dense == pytest.approx(1e3 * SLOW * (OVERHEAD + dense_counts(model, x[:rows]).flops * 1e-12))
+    assert measured.met
+    whole = 1e3 * SLOW * (OVERHEAD + dense_counts(model, x).flops * 1e-12)
+    absolute = prune(model, batches, Budget(latency_ms=0.6 * whole), example_inputs=x, progress=False,
+                     error_curve=False, sequential=False)
+    assert absolute.report.total("latency ms (measured)").dense == pytest.approx(whole)
+    assert not any("measured on the first" in n for n in absolute.report.notes)
 
 
 def test_a_latency_budget_on_channel_multiples_is_measured_at_every_level(deterministic_timer: None, cnn) -> None:
