@@ -37,9 +37,11 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def describe(device: torch.device | str | None = None) -> str:
-    """What ``vector_channels`` read, for reports: "AVX2 CPU", "cuda"."""
+    """What ``vector_channels`` read, for reports: "AVX2 CPU", "CUDA GPU", "mps device"."""
     kind = torch.device(device).type if device is not None else "cpu"
-    return f"{torch.backends.cpu.get_cpu_capability()} CPU" if kind == "cpu" else kind
+    if kind == "cpu":
+        return f"{torch.backends.cpu.get_cpu_capability()} CPU"
+    return "CUDA GPU" if kind == "cuda" else f"{kind} device"
 
 
 __all__ = ["CPU_LANES", "CUDA_CHANNELS", "NARROW_LANES", "describe", "model_device", "vector_channels"]

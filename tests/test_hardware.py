@@ -26,7 +26,7 @@ def test_cpu_blocks_are_the_float32_lanes(monkeypatch: pytest.MonkeyPatch, capab
 def test_cuda_takes_tensor_core_multiples_and_unknown_devices_any_width() -> None:
     assert vector_channels("cuda") == vector_channels(torch.device("cuda", 1)) == 8
     assert vector_channels("meta") == 1
-    assert describe("cuda:0") == "cuda"
+    assert describe("cuda:0") == "CUDA GPU" and describe("meta") == "meta device"
 
 
 def test_this_machine_gets_a_block_from_the_table() -> None:
