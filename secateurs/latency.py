@@ -51,7 +51,7 @@ from secateurs.graph.groups import Group
 from secateurs.module_sync import pruned_implementation
 from secateurs.plan import PrunePlan
 from secateurs.problems.allocation import Latency, LatencyTerm
-from secateurs.timing import seconds
+from secateurs.timing import seconds, synchronized
 
 _TIMED = (nn.Linear, nn.Conv1d, nn.Conv2d)
 POINTS = 5  # widths measured per side of a layer table; more levels are interpolated
@@ -128,22 +128,23 @@ def module_seconds(model: nn.Module, inputs: Any, names: Sequence[str], *,
     and the whole forward take their fastest of ``forwards``, so the pair shares a time window.
     """
     modules = {name: model.get_submodule(name) for name in names}
+    clock = synchronized(time.perf_counter)  # on a GPU, each reading waits for the kernels before it
     started: dict[str, float] = {}
     spent: dict[str, float] = {}
     handles = []
     for name, module in modules.items():
-        handles.append(module.register_forward_pre_hook(lambda _m, _a, n=name: started.__setitem__(n, time.perf_counter())))
+        handles.append(module.register_forward_pre_hook(lambda _m, _a, n=name: started.__setitem__(n, clock())))
         handles.append(module.register_forward_hook(
-            lambda _m, _a, _o, n=name: spent.__setitem__(n, spent.get(n, 0.0) + time.perf_counter() - started[n])))
+            lambda _m, _a, _o, n=name: spent.__setitem__(n, spent.get(n, 0.0) + clock() - started[n])))
     best, whole = dict.fromkeys(names, float("inf")), float("inf")
     try:
         with evaluating(model), torch.no_grad():
             forward_batch(model, inputs)  # warm-up
             for _ in range(forwards):
                 spent.clear()
-                start = time.perf_counter()
+                start = clock()
                 forward_batch(model, inputs)
-                whole = min(whole, time.perf_counter() - start)
+                whole = min(whole, clock() - start)
                 for name in names:
                     best[name] = min(best[name], spent.get(name, 0.0))
     finally:

@@ -13,7 +13,7 @@ from torch import nn
 
 from secateurs.calibration import forward_batch
 from secateurs.errors import ValidationError
-from secateurs.timing import steady_allocator
+from secateurs.timing import steady_allocator, synchronized
 
 
 def latency(model: nn.Module, inputs: Any, *, repeats: int = 20, warmup: int = 3,
@@ -23,9 +23,11 @@ def latency(model: nn.Module, inputs: Any, *, repeats: int = 20, warmup: int = 3
     ``clock=time.thread_time`` measures the calling thread's CPU time instead: with one torch
     thread that is the forward's compute, unaffected by other processes taking the CPU away
     (on a shared machine the wall clock mostly measures the other processes). The allocator is
-    made steady first (:func:`secateurs.timing.steady_allocator`), so page faults are not timed.
+    made steady first (:func:`secateurs.timing.steady_allocator`), so page faults are not timed,
+    and on a GPU the clock waits for the forward's kernels (:func:`secateurs.timing.synchronized`).
     """
     steady_allocator()
+    clock = synchronized(clock)
     was_training = model.training
     model.eval()
     times = []

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import platform
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -58,4 +59,18 @@ def seconds(fn: Any, *args: Any, min_run_time: float = 0.05) -> float:
         return float(min(timer.blocked_autorange(min_run_time=min_run_time).times))
 
 
-__all__ = ["seconds", "steady_allocator"]
+def synchronized(clock: Callable[[], float]) -> Callable[[], float]:
+    """``clock``, read once the accelerator (CUDA, XPU, MPS) has finished its queued work, as
+    torch's benchmark timer reads its own: a GPU forward returns when its kernels are launched,
+    so an unsynchronised clock times the launches. ``clock`` itself on a machine without one."""
+    if not torch.accelerator.is_available():
+        return clock
+
+    def read() -> float:
+        torch.accelerator.synchronize()
+        return clock()
+
+    return read
+
+
+__all__ = ["seconds", "steady_allocator", "synchronized"]

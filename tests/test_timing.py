@@ -15,7 +15,9 @@ import time
 import pytest
 import torch
 
+from secateurs import measure, timing
 from secateurs.errors import ValidationError
+from secateurs.latency import module_seconds
 from secateurs.measure import compare_latency, compare_latency_within
 from secateurs.timing import seconds, steady_allocator
 
@@ -106,3 +108,47 @@ def test_compare_latency_within_fits_rounds_and_repeats_to_the_time_given(cost: 
     spent = now[0] - 2 * cost  # after the first (warm-up and timed) dense forward
     assert spent == pytest.approx(rounds * (repeats + 1) * 1.5 * cost)
     assert spent <= 20.0 or rounds == 3  # within the time given, unless the floor of 3 rounds exceeds it
+
+
+class _FakeAccelerator:
+    """A GPU whose queued work 'finishes' on synchronize: counts the calls, and where they fall."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+
+    def synchronize(self, device: object = None) -> None:
+        self.events.append("sync")
+
+
+@pytest.fixture
+def accelerator(monkeypatch: pytest.MonkeyPatch) -> _FakeAccelerator:
+    fake = _FakeAccelerator()
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "synchronize", fake.synchronize)
+    return fake
+
+
+def test_forward_latency_waits_for_the_accelerator_before_each_reading(accelerator: _FakeAccelerator) -> None:
+    model = torch.nn.Linear(4, 2)
+    readings: list[float] = []
+
+    def clock() -> float:
+        accelerator.events.append("read")
+        readings.append(float(len(readings)))
+        return readings[-1]
+
+    measure.latency(model, torch.randn(3, 4), repeats=2, warmup=1, clock=clock)
+    assert accelerator.events == ["sync", "read"] * 5  # the warm-up's start, then start and end of 2 timed forwards
+
+
+def test_layer_times_inside_the_model_wait_for_the_accelerator(accelerator: _FakeAccelerator) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    module_seconds(model, torch.randn(3, 4), ["0", "2"], forwards=2)
+    # each layer's start and end in the warm-up and the 2 timed forwards, and the timed forwards' own
+    assert accelerator.events.count("sync") == 3 * 2 * 2 + 2 * 2
+
+
+def test_without_an_accelerator_the_clock_is_read_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
+    clock = time.perf_counter
+    assert timing.synchronized(clock) is clock
