@@ -418,6 +418,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     batch = batch_rows(job.timing_inputs)
     rows.append((f"CPU latency (ms, batch of {batch})", f"{1e3 * timed.dense:.2f}", f"{1e3 * timed.pruned:.2f}"))
     rows.append((f"speedup ({timed.rounds} alternating rounds)", "1.00x", f"{timed.speedup:.2f}x"))
+    rows.append(("speedup, middle half of the rounds", "", f"{timed.spread[0]:.2f}-{timed.spread[1]:.2f}x"))
     print(result.report.table())
     print()
     print(_before_after(rows))

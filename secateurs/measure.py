@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -52,6 +53,7 @@ class LatencyComparison:
     speedup: float  # median over rounds of dense / pruned, each pair from the same time window
     rounds: int = 0
     repeats: int = 0
+    spread: tuple[float, float] = (math.nan, math.nan)  # the per-round ratios' quartiles: how much rounds agree
 
 
 def compare_latency(dense: nn.Module, pruned: nn.Module, inputs: Any, *, rounds: int = 15, repeats: int = 5,
@@ -68,8 +70,9 @@ def compare_latency(dense: nn.Module, pruned: nn.Module, inputs: Any, *, rounds:
     for _ in range(rounds):
         d.append(latency(dense, inputs, repeats=repeats, warmup=1, clock=clock))
         p.append(latency(pruned, inputs, repeats=repeats, warmup=1, clock=clock))
-    return LatencyComparison(min(d), min(p), statistics.median(a / b for a, b in zip(d, p, strict=True)), rounds,
-                             repeats)
+    ratios = [a / b for a, b in zip(d, p, strict=True)]
+    low, _, high = statistics.quantiles(ratios, n=4, method="inclusive") if rounds > 1 else ratios * 3
+    return LatencyComparison(min(d), min(p), statistics.median(ratios), rounds, repeats, (low, high))
 
 
 def compare_latency_within(dense: nn.Module, pruned: nn.Module, inputs: Any, *, seconds: float = 20.0,

@@ -97,6 +97,28 @@ class _Ticks(torch.nn.Module):
         return x
 
 
+class _RoundTicks(_Ticks):
+    """``_Ticks`` whose cost changes every ``per_round`` forwards (one round of a comparison)."""
+
+    def __init__(self, now: list[float], costs: list[float], per_round: int) -> None:
+        super().__init__(now, costs[0])
+        self.costs, self.per_round, self.calls = costs, per_round, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.cost = self.costs[self.calls // self.per_round]
+        self.calls += 1
+        return super().forward(x)
+
+
+def test_compare_latency_reports_the_middle_half_of_the_round_ratios() -> None:
+    now = [0.0]
+    dense = _Ticks(now, 1.0)
+    pruned = _RoundTicks(now, [0.5, 0.25, 0.2, 0.1, 1 / 3], per_round=2)  # a warm-up and one repeat per round
+    timed = compare_latency(dense, pruned, torch.zeros(1), rounds=5, repeats=1, clock=lambda: now[0])
+    assert timed.speedup == pytest.approx(4.0)  # the ratios are 2, 4, 5, 10, 3
+    assert timed.spread == pytest.approx((3.0, 5.0))
+
+
 @pytest.mark.parametrize(("cost", "rounds", "repeats"), [(0.001, 15, 5), (0.2, 15, 2), (1.25, 4, 1), (30.0, 3, 1)])
 def test_compare_latency_within_fits_rounds_and_repeats_to_the_time_given(cost: float, rounds: int,
                                                                           repeats: int) -> None:
