@@ -55,6 +55,7 @@ from secateurs.modules import (
     sync_zero_width,
 )
 from secateurs.plan import PrunePlan
+from secateurs.torch_transformer import recomputable_attention
 
 if TYPE_CHECKING:
     from secateurs.graph.build import DependencyGraph
@@ -232,18 +233,17 @@ def _check_modules(model: nn.Module, targets: Mapping[int, _Target]) -> None:
         elif isinstance(mod, nn.modules.conv._ConvNd) and mod.groups > 1:
             _check_grouped_conv(where, mod, targets)
         elif isinstance(mod, nn.MultiheadAttention):
-            touched = [getattr(mod, n, None) for n in ("q_proj_weight", "k_proj_weight", "v_proj_weight",
-                                                       "bias_k", "bias_v")]
-            if any(t is not None and id(t) in targets for t in touched) or (
-                    not mod._qkv_same_embed_dim and any(id(p) in targets for p in mod.parameters())):
-                raise InvalidPlanError(f"MultiheadAttention {where!r}: separate q/k/v projections or bias_k/bias_v "
-                                       "cannot be sliced")
-            if mod.in_proj_weight is not None and id(mod.in_proj_weight) in targets:
-                tgt = targets[id(mod.in_proj_weight)]
-                gone = len(tgt.removed.get(0, ()))
-                if gone % (3 * mod.head_dim):
-                    raise InvalidPlanError(f"group(s) {_names(tgt.groups[0])}: MultiheadAttention {where!r} can only "
-                                           f"lose whole heads of head_dim={mod.head_dim} in q, k and v alike")
+            if not recomputable_attention(mod) and any(id(p) in targets for p in mod.parameters()):
+                raise InvalidPlanError(f"MultiheadAttention {where!r}: bias_k/bias_v or add_zero_attn cannot be "
+                                       "sliced (the pruned module computes attention without them)")
+            projections = [(w, 3) for w in (mod.in_proj_weight,) if w is not None] or [
+                (w, 1) for w in (mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight)]
+            for weight, blocks in projections:
+                if weight is not None and id(weight) in targets:
+                    tgt = targets[id(weight)]
+                    if len(tgt.removed.get(0, ())) % (blocks * mod.head_dim):
+                        raise InvalidPlanError(f"group(s) {_names(tgt.groups[0])}: MultiheadAttention {where!r} can "
+                                               f"only lose whole heads of head_dim={mod.head_dim} in q, k and v alike")
 
 
 def _brief(indices: set[int]) -> str:

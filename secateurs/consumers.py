@@ -22,7 +22,7 @@ from torch import nn
 
 from secateurs.conv1d import input_dim, is_conv1d, weight_matrix
 from secateurs.graph.groups import Group, Member
-from secateurs.torch_transformer import ATTENTION_ARGUMENTS, is_projection, packed_attention
+from secateurs.torch_transformer import ATTENTION_ARGUMENTS, PROJECTIONS, is_projection, recomputable_attention
 
 
 @dataclass(frozen=True)
@@ -79,12 +79,13 @@ def _grouped(module: nn.Module) -> bool:
             and module.in_channels // module.groups > 1)
 
 
-def _packed_projection(module: nn.Module, member: Member) -> bool:
-    """The input side of nn.MultiheadAttention's packed q/k/v weight: three consumers, its query,
-    key and value rows, each reading that input of the attention call (a cross-attention's key and
-    value are the encoder's memory, not the query)."""
-    return (isinstance(module, nn.MultiheadAttention) and member.param == "in_proj_weight" and member.dim == 1
-            and packed_attention(module))
+def _input_projection(module: nn.Module, member: Member) -> bool:
+    """The input side of an nn.MultiheadAttention projection: the packed q/k/v weight is three
+    consumers, its query, key and value rows, each reading that input of the attention call (a
+    cross-attention's key and value are the encoder's memory, not the query); a separate
+    ``q_proj_weight`` / ``k_proj_weight`` / ``v_proj_weight`` is one, reading its own input."""
+    return (isinstance(module, nn.MultiheadAttention) and member.param in PROJECTIONS and member.dim == 1
+            and recomputable_attention(module))
 
 
 def consumer_weight(model: nn.Module, name: str) -> torch.Tensor:
@@ -101,13 +102,17 @@ def consumer_columns(model: nn.Module, group: Group) -> tuple[list[ConsumerColum
     skipped: list[str] = []
     for member in group.consumers():
         module = model.get_submodule(member.module)
-        if _packed_projection(module, member):
+        if _input_projection(module, member):
             path = f"{member.module}.{member.param}" if member.module else member.param
             columns = torch.tensor([member.indices([u]) for u in range(group.size)], dtype=torch.long)
-            rows = module.in_proj_weight.shape[0] // 3
-            found.extend(ConsumerColumns(path, member, columns, rows=(i * rows, (i + 1) * rows),
-                                         source=f"{member.module}:{argument}")
-                         for i, argument in enumerate(ATTENTION_ARGUMENTS))
+            if member.param == "in_proj_weight":
+                rows = module.in_proj_weight.shape[0] // 3
+                found.extend(ConsumerColumns(path, member, columns, rows=(i * rows, (i + 1) * rows),
+                                             source=f"{member.module}:{argument}")
+                             for i, argument in enumerate(ATTENTION_ARGUMENTS))
+            else:
+                argument = ATTENTION_ARGUMENTS[PROJECTIONS.index(member.param) - 1]
+                found.append(ConsumerColumns(path, member, columns, source=f"{member.module}:{argument}"))
             continue
         grouped = _grouped(module)
         if member.param != "weight" or member.dim != input_dim(module) or not (supports_reconstruction(module) or grouped):

@@ -102,15 +102,20 @@ def _unswapped_packed_attention(mod: nn.Module) -> bool:
 
 
 def _sync_mha(mod: nn.MultiheadAttention) -> None:
-    """embed_dim = the q/k/v input width; heads from the in-projection; swap class unless all agree."""
-    if mod.in_proj_weight is None:
-        return
-    e_in = mod.in_proj_weight.shape[1]
+    """embed_dim = the query's width, kdim / vdim the key's and value's; heads from the
+    in-projection; swap class unless the stock module's checks (inner = embed = output) hold."""
     e_out = mod.out_proj.weight.shape[0]
-    inner = mod.in_proj_weight.shape[0] // 3
-    if e_in == e_out == mod.embed_dim and inner == mod.num_heads * mod.head_dim:
+    if mod.in_proj_weight is not None:
+        e_in = k_in = v_in = mod.in_proj_weight.shape[1]
+        inner = mod.in_proj_weight.shape[0] // 3
+    else:  # separate projections: each input has its own width
+        assert mod.q_proj_weight is not None and mod.k_proj_weight is not None and mod.v_proj_weight is not None
+        e_in, k_in, v_in = (w.shape[1] for w in (mod.q_proj_weight, mod.k_proj_weight, mod.v_proj_weight))
+        inner = mod.q_proj_weight.shape[0]
+    if (e_in, k_in, v_in, e_out) == (mod.embed_dim, mod.kdim, mod.vdim, mod.embed_dim) and \
+            inner == mod.num_heads * mod.head_dim:
         return
-    mod.embed_dim = mod.kdim = mod.vdim = e_in
+    mod.embed_dim, mod.kdim, mod.vdim = e_in, k_in, v_in
     mod.num_heads = inner // mod.head_dim
     if not inner == e_in == e_out or isinstance(mod, PrunedMultiheadAttention):
         mod.__class__ = PrunedMultiheadAttention

@@ -39,7 +39,9 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
     Pruning heads shrinks the q/k/v projections but not the residual stream, and pruning the stream
     shrinks ``embed_dim`` but not the heads; the stock module assumes both are equal. This subclass
     keeps the same parameters and state-dict keys (``in_proj_weight`` of shape
-    ``(3 * num_heads * head_dim, embed_dim)``, ``out_proj``) and computes attention explicitly,
+    ``(3 * num_heads * head_dim, embed_dim)``, or ``q_proj_weight``, ``k_proj_weight`` and
+    ``v_proj_weight`` of ``num_heads * head_dim`` rows and ``embed_dim``, ``kdim`` and ``vdim``
+    columns; ``out_proj``) and computes attention explicitly,
     without the fused fast path. ``embed_dim``, ``num_heads`` and ``head_dim`` are truthful.
     """
 
@@ -97,7 +99,7 @@ def _heads(mha: nn.MultiheadAttention, query: Tensor, key: Tensor, value: Tensor
     h, d = mha.num_heads, mha.head_dim
     if mha.in_proj_weight is not None:
         wq, wk, wv = mha.in_proj_weight.chunk(3)
-    else:  # separate projections (kdim / vdim): a calibration-only path, never sliced (see apply)
+    else:  # separate projections (kdim / vdim), each sliced on its own input stream
         wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
     bq, bk, bv = mha.in_proj_bias.chunk(3) if mha.in_proj_bias is not None else (None, None, None)
     q = F.linear(query, wq, bq).reshape(n, tq, h, d).transpose(1, 2)

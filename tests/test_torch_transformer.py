@@ -369,3 +369,59 @@ def test_pruned_implementation_computes_the_same_through_the_pruned_classes() ->
                               atol=1e-5)
     cnn = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU())
     assert pruned_implementation(cnn) is cnn
+
+
+class KeyValueAttention(nn.Module):
+    """Queries from one stream, keys and values from two others of their own widths (kdim, vdim):
+    nn.MultiheadAttention then holds separate q/k/v projections."""
+
+    def __init__(self, add_zero_attn: bool = False) -> None:
+        super().__init__()
+        self.q = nn.Linear(6, 16)
+        self.k = nn.Linear(6, 8)
+        self.v = nn.Linear(6, 12)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True, kdim=8, vdim=12, add_zero_attn=add_zero_attn)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return self.out(self.attn(self.q(x), self.k(m), self.v(m), need_weights=False)[0].mean(1))
+
+
+def test_separate_projections_prune_heads_and_each_stream_with_exact_costs() -> None:
+    torch.manual_seed(0)
+    model = KeyValueAttention().eval()
+    inputs = (torch.randn(3, 5, 6), torch.randn(3, 7, 6))
+    g = build(model, inputs)
+    assert {gr.name for gr in g.prunable_groups()} == {"q:out", "k:out", "v:out", "attn:heads", "attn.out_proj:out"}
+    assert g.cost() == dense_counts(model, inputs)
+    keep = {"attn:heads": [0, 3], "q:out": [1, 2, 5, 8, 9, 15], "k:out": [0, 7], "v:out": list(range(0, 12, 3)),
+            "attn.out_proj:out": [4, 5]}
+    small = secateurs.apply(model, secateurs.PrunePlan(keep), graph=g)
+    masked = secateurs.apply(model, secateurs.PrunePlan(keep), graph=g, mode="mask")
+    attn = small.attn
+    assert isinstance(attn, PrunedMultiheadAttention)
+    assert (attn.embed_dim, attn.kdim, attn.vdim, attn.num_heads) == (6, 2, 4, 2)
+    assert [tuple(w.shape) for w in (attn.q_proj_weight, attn.k_proj_weight, attn.v_proj_weight)] == [
+        (8, 6), (8, 2), (8, 4)]
+    assert g.cost({k: len(v) for k, v in keep.items()}) == dense_counts(small, inputs)
+    with torch.no_grad():  # slicing removes exactly what masking zeroes
+        assert torch.allclose(small(*inputs), masked(*inputs), atol=1e-6)
+    batches = [(torch.randn(8, 5, 6), torch.randn(8, 7, 6)) for _ in range(3)]
+    result = secateurs.prune(model, batches, secateurs.Budget(flops=0.4), progress=False, error_curve=False)
+    assert dense_counts(result.model, inputs).flops <= 0.4 * dense_counts(model, inputs).flops
+    assert all("not refit" not in gr.note for gr in result.report.groups)  # q/k/v read their own inputs
+
+
+def test_attention_with_zero_attention_rows_is_frozen_and_never_sliced() -> None:
+    """add_zero_attn appends a zero key the pruned module would not compute: the graph freezes what
+    the attention touches, and a plan made on another graph is refused."""
+    torch.manual_seed(0)
+    model = KeyValueAttention(add_zero_attn=True).eval()
+    inputs = (torch.randn(3, 5, 6), torch.randn(3, 7, 6))
+    graph = build(model, inputs)
+    assert {g.name for g in graph.prunable_groups()} == set()  # q/k/v feed it, out reads it, the output is out's
+    frozen = {g.name: g.reason for g in graph.groups if not g.prunable}
+    assert "add_zero_attn are not modelled" in frozen["q:out"]
+    plain = build(KeyValueAttention().eval(), inputs)
+    with pytest.raises(secateurs.errors.InvalidPlanError, match="add_zero_attn cannot be sliced"):
+        secateurs.apply(model, secateurs.PrunePlan({"attn:heads": [0, 1]}), graph=plain)

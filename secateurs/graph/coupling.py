@@ -565,21 +565,29 @@ class Coupler(FixedSizeRecorder):
         q = args[0] if args[0] is not None else node.kwargs.get("query")
         k = args[1] if args[1] is not None else node.kwargs.get("key")
         v = args[2] if args[2] is not None else node.kwargs.get("value")
-        if not mod._qkv_same_embed_dim or mod.bias_k is not None:
-            return self.unknown(node, "separate q/k/v projections or bias_k are not modelled")
+        if mod.bias_k is not None or mod.add_zero_attn:
+            return self.unknown(node, "bias_k / bias_v or add_zero_attn are not modelled")
         qi, ki, vi = self.inf(q), self.inf(k), self.inf(v)
         qs, ks = self.shp(q), self.shp(k)
         if not (is_tensor_info(qi) and is_tensor_info(ki) and is_tensor_info(vi)):
             return self.unknown(node)
         e, h = mod.embed_dim, mod.num_heads
         hd = e // h
-        emb = self.tie(self.tie(qi[-1], ki[-1], node), vi[-1], node)
-        lin = self.as_layout(emb, e, node)
-        self.register(node, path, "in_proj_weight", 1, "consumer", lin)
         heads = self.sp.new(h, path)
         self.mha_heads[heads] = path
         hl: Layout = tuple(Term(j * e, (Axis(heads, h, hd), Axis(None, hd, 1))) for j in range(3))
-        self.register(node, path, "in_proj_weight", 0, "producer", hl)
+        if mod._qkv_same_embed_dim:  # one packed projection: q, k and v streams read the same columns
+            emb = self.tie(self.tie(qi[-1], ki[-1], node), vi[-1], node)
+            lin = lin_k = lin_v = self.as_layout(emb, e, node)
+            self.register(node, path, "in_proj_weight", 1, "consumer", lin)
+            self.register(node, path, "in_proj_weight", 0, "producer", hl)
+        else:  # kdim / vdim: three projections, each on its own stream, rows the same heads
+            lin = self.as_layout(qi[-1], e, node)
+            lin_k = self.as_layout(ki[-1], mod.kdim, node)
+            lin_v = self.as_layout(vi[-1], mod.vdim, node)
+            for param, layout in (("q_proj_weight", lin), ("k_proj_weight", lin_k), ("v_proj_weight", lin_v)):
+                self.register(node, path, param, 1, "consumer", layout)
+                self.register(node, path, param, 0, "producer", hl[:1])
         if mod.in_proj_bias is not None:
             self.register(node, path, "in_proj_bias", 0, "passthrough", hl)
         self.register(node, f"{path}.out_proj", "weight", 1, "consumer", hl[:1])
@@ -599,7 +607,8 @@ class Coupler(FixedSizeRecorder):
         lead_k = [self.factor(i, n) for i, n in zip(ki[:-1], ks[:-1], strict=False)]
         base = [
             FlopTerm(node.name, 2, [*lead_q, lin, hdf]),
-            FlopTerm(node.name, 4, [*lead_k, lin, hdf]),
+            FlopTerm(node.name, 2, [*lead_k, lin_k, hdf]),
+            FlopTerm(node.name, 2, [*lead_k, lin_v, hdf]),
             FlopTerm(node.name, 2, [*lead_q, hdf, lout]),
         ]
         core = FlopTerm(node.name, 4 * nb * tq * tk, [hdf])
