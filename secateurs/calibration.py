@@ -154,8 +154,8 @@ def input_source(model: nn.Module, name: str) -> InputSource:
 
 
 def row_reader(model: nn.Module, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    """:func:`layer_rows` for the layer ``name``, looked up once; an attention projection (a
-    parameter, not a layer) multiplies the last dim, as a Linear does."""
+    """:func:`layer_rows` for the layer ``name``, looked up once; an attention module's input
+    (``"attn:key"``, read by its projections) multiplies the last dim, as a Linear's does."""
     if attention_argument(name) is not None:
         return lambda x: x.reshape(-1, x.shape[-1])
     layer = model.get_submodule(name)

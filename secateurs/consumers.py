@@ -22,7 +22,7 @@ from torch import nn
 
 from secateurs.conv1d import input_dim, is_conv1d, weight_matrix
 from secateurs.graph.groups import Group, Member
-from secateurs.torch_transformer import ATTENTION_ARGUMENTS, PROJECTIONS, is_projection, recomputable_attention
+from secateurs.torch_transformer import PROJECTIONS, attention_blocks, is_projection, recomputable_attention
 
 
 @dataclass(frozen=True)
@@ -105,14 +105,9 @@ def consumer_columns(model: nn.Module, group: Group) -> tuple[list[ConsumerColum
         if _input_projection(module, member):
             path = f"{member.module}.{member.param}" if member.module else member.param
             columns = torch.tensor([member.indices([u]) for u in range(group.size)], dtype=torch.long)
-            if member.param == "in_proj_weight":
-                rows = module.in_proj_weight.shape[0] // 3
-                found.extend(ConsumerColumns(path, member, columns, rows=(i * rows, (i + 1) * rows),
-                                             source=f"{member.module}:{argument}")
-                             for i, argument in enumerate(ATTENTION_ARGUMENTS))
-            else:
-                argument = ATTENTION_ARGUMENTS[PROJECTIONS.index(member.param) - 1]
-                found.append(ConsumerColumns(path, member, columns, source=f"{member.module}:{argument}"))
+            found.extend(ConsumerColumns(path, member, columns, source=block.source,
+                                         rows=None if block.rows.start is None else (block.rows.start, block.rows.stop))
+                         for block in attention_blocks(member.module, module) if block.param == path)
             continue
         grouped = _grouped(module)
         if member.param != "weight" or member.dim != input_dim(module) or not (supports_reconstruction(module) or grouped):

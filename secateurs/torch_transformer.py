@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ATTENTION_ARGUMENTS", "PROJECTIONS", "ProjectionBlock", "attention_argument", "decoder_forward",
+__all__ = ["ATTENTION_ARGUMENTS", "PROJECTIONS", "ProjectionBlock", "attention_argument", "attention_blocks",
+           "decoder_forward",
            "encoder_forward", "encoder_layer_forward", "is_projection", "packed_attention", "packed_encoder_forward",
            "projection_blocks", "recomputable_attention", "slow_forward", "transformer_forward"]
 
@@ -62,22 +63,25 @@ class ProjectionBlock:
     source: str  # the input it reads, as calibration names it: "attn:key"
 
 
+def attention_blocks(path: str, mha: nn.MultiheadAttention) -> list[ProjectionBlock]:
+    """The query, key and value blocks of the input projections of the attention module at ``path``."""
+    prefix = f"{path}." if path else ""
+    blocks = []
+    for i, (argument, separate) in enumerate(zip(ATTENTION_ARGUMENTS, PROJECTIONS[1:], strict=True)):
+        if mha.in_proj_weight is not None:
+            rows = mha.in_proj_weight.shape[0] // 3  # heads * head_dim, fewer once heads are pruned
+            blocks.append(ProjectionBlock(f"{prefix}in_proj_weight[{argument}]", f"{prefix}in_proj_weight",
+                                          slice(i * rows, (i + 1) * rows), f"{path}:{argument}"))
+        else:
+            blocks.append(ProjectionBlock(f"{prefix}{separate}", f"{prefix}{separate}", slice(None),
+                                          f"{path}:{argument}"))
+    return blocks
+
+
 def projection_blocks(model: nn.Module) -> list[ProjectionBlock]:
     """The query, key and value blocks of every attention module's input projections."""
-    blocks = []
-    for path, mha in model.named_modules():
-        if not isinstance(mha, nn.MultiheadAttention):
-            continue
-        prefix = f"{path}." if path else ""
-        for i, (argument, separate) in enumerate(zip(ATTENTION_ARGUMENTS, PROJECTIONS[1:], strict=True)):
-            if mha.in_proj_weight is not None:
-                rows = mha.in_proj_weight.shape[0] // 3  # heads * head_dim, fewer once heads are pruned
-                blocks.append(ProjectionBlock(f"{prefix}in_proj_weight[{argument}]", f"{prefix}in_proj_weight",
-                                              slice(i * rows, (i + 1) * rows), f"{path}:{argument}"))
-            else:
-                blocks.append(ProjectionBlock(f"{prefix}{separate}", f"{prefix}{separate}", slice(None),
-                                              f"{path}:{argument}"))
-    return blocks
+    return [block for path, mha in model.named_modules() if isinstance(mha, nn.MultiheadAttention)
+            for block in attention_blocks(path, mha)]
 
 
 def recomputable_attention(mha: nn.MultiheadAttention) -> bool:
