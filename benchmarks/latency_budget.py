@@ -29,7 +29,7 @@ last line is the best measured speedup / FLOPs ratio among the plans within the 
 accuracy, timed on 8 sequences of 128 tokens; no every-plan table), about 5 minutes a budget.
 
 Run: ``python benchmarks/latency_budget.py [--models mnist1d_cnn,digits_cnn] [--budgets 0.7,0.5]
-[--channel-multiple 16] [--rounds 30] [--no-grid]``.
+[--channel-multiple auto|M] [--rounds 30] [--no-grid]``.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ from scipy.stats import spearmanr
 
 import secateurs
 from secateurs.apply import apply
+from secateurs.cli import channel_multiple_arg
 from secateurs.errors import InfeasibleBudgetError
 from secateurs.graph import build, dense_counts
-from secateurs.graph.groups import keep_levels
+from secateurs.graph.groups import check_channel_multiple, keep_levels
 from secateurs.latency import measure
 from secateurs.measure import compare_latency, embedding_agreement, embeddings
 from secateurs.models import text_batches, zoo
@@ -124,10 +125,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="mnist1d_cnn,digits_cnn")
     parser.add_argument("--budgets", default="0.7,0.5")
-    parser.add_argument("--channel-multiple", type=int, default=16)
+    parser.add_argument("--channel-multiple", type=channel_multiple_arg, default="auto",
+                        help="the multiple of the x-rows and the grid: auto (the CPU's vector width) or a number")
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--no-grid", action="store_true", help="skip the every-plan table")
     args = parser.parse_args()
+    args.channel_multiple = check_channel_multiple(args.channel_multiple)  # "auto": this CPU's block
     torch.set_num_threads(1)
     rows = []
     for name in args.models.split(","):
