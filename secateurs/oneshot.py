@@ -242,8 +242,8 @@ def _check_feasible(graph: DependencyGraph, limits: dict[str, float], channel_mu
     """Reject a budget below the cost of keeping the least level of every prunable group."""
     least = graph.cost({g.name: keep_levels(g, channel_multiple)[0] for g in graph.prunable_groups()})
     what = "one unit kept in every prunable group" if channel_multiple == 1 else (
-        f"every prunable group at its least multiple of {channel_multiple} channels; channel_multiple=1 allows "
-        "any width")
+        f"every prunable group at its least multiple of {channel_multiple} channels; channel_multiple=1 "
+        "(--channel-multiple 1) allows any width")
     for name, limit in limits.items():
         if getattr(least, name) > limit:
             raise InfeasibleBudgetError(name, limit, getattr(least, name), what)

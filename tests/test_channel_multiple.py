@@ -74,7 +74,7 @@ def test_auto_is_the_cpus_vector_width(cnn, monkeypatch: pytest.MonkeyPatch, cap
 
 def test_an_infeasible_multiple_says_how_to_allow_any_width(cnn) -> None:
     model, calibration = cnn
-    with pytest.raises(InfeasibleBudgetError, match="channel_multiple=1 allows any width"):
+    with pytest.raises(InfeasibleBudgetError, match=r"channel_multiple=1 \(--channel-multiple 1\) allows any width"):
         prune(model, calibration, Budget(flops=0.01), progress=False, error_curve=False, channel_multiple=16)
 
 
