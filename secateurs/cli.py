@@ -142,17 +142,6 @@ def _take_samples(batches: list[Any], limit: int) -> list[Any]:
     return taken
 
 
-TEXT_TIMING_SEQUENCES = 8  # a text model's timing batch (8 × 128 tokens keep its matrix products compute-bound)
-
-
-def _text_timing_batch(batch: Any) -> Any:
-    """The first sequences of a tokenised batch: what a text model's latency row (and latency
-    budget) times. At 64 × 128 tokens MiniLM's forward took 1.3 s here, and a latency budget's
-    tables 9 minutes."""
-    size = batch_rows(batch)
-    return head_rows(batch, min(size, TEXT_TIMING_SEQUENCES), size)
-
-
 def load_data(spec: str, limit: int | None) -> list[Any]:
     """``--data``: the user's calibration batches, checked, at most ``limit`` samples (all when None)."""
     batches = _as_batches(_data_source(spec), spec)
@@ -315,7 +304,6 @@ def _zoo_job(args: argparse.Namespace) -> _Job:
         timing_inputs = split.x_test  # a whole test set: compute, not per-call overhead, is timed
         quality = functools.partial(_accuracy_rows, split, models.accuracy(model, split.x_test, split.y_test))
     elif args.model == "minilm":
-        timing_inputs = _text_timing_batch(calibration[0])
         held = models.text_batches(64, 32, split="test")
         quality = functools.partial(_agreement_rows, embeddings(model, held), held)
     return _Job(model, calibration, quality, timing_inputs, f"lambda: secateurs.models.zoo.load({args.model!r})[0]")
@@ -378,7 +366,7 @@ def _hf_job(args: argparse.Namespace) -> _Job:
     print(f"calibrating on {len(texts)} sequences of {seq_len} tokens from {source}; "
           f"embeddings compared on {sum(batch_rows(b) for b in held)} held-out paragraphs")
     quality = functools.partial(_hf_agreement_rows, embeddings(MeanPooled(model), held), held)
-    return _Job(model, calibration, quality, _text_timing_batch(calibration[0]),
+    return _Job(model, calibration, quality, calibration[0],
                 f"lambda: transformers.AutoModel.from_pretrained({folder!r})")
 
 
@@ -387,6 +375,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from secateurs import models, save
     from secateurs.budget import Budget
     from secateurs.graph import dense_counts
+    from secateurs.latency import timing_batch
     from secateurs.measure import compare_latency_within
     from secateurs.oneshot import prune
 
@@ -400,9 +389,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model, example = job.model, job.calibration[0]
     budget = Budget(sparsity=args.sparsity) if args.structure == "unstructured" else (
         None if args.structure == "n:m" else Budget(flops=args.flops, params=args.params, latency=args.latency))
-    # a latency budget is measured on the batch the table times (a zoo CNN's whole test set): at the
-    # calibration batch size per-call overhead dominates, and halving it took 98% of the FLOPs off
-    timed_on = job.timing_inputs if args.latency is not None else None
+    # a latency budget is measured on the batch the table times: a zoo CNN's whole test set (at the
+    # calibration batch size per-call overhead dominates, and halving it took 98% of the FLOPs off),
+    # cut to its first rows when a forward is slow, by prune's own rule (latency.timing_batch)
+    timing = timing_batch(model, job.timing_inputs).inputs
+    timed_on = timing if args.latency is not None else None
     result = prune(model, job.calibration, budget, example_inputs=timed_on, reconstruction=args.solver,
                    allocation=args.allocation, structure=args.structure, sequential=not args.no_sequential,
                    progress=not args.quiet, time_limit=args.time_limit, channel_multiple=args.channel_multiple)
@@ -414,8 +405,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     rows.append((nonzero, f"{dense_nz if args.structure != 'channels' else before.params:,.0f}",
                  f"{pruned_nz if args.structure != 'channels' else after.params:,.0f}"))
     rows.append((f"FLOPs (batch of {batch_rows(example)})", f"{before.flops:,.0f}", f"{after.flops:,.0f}"))
-    timed = compare_latency_within(model, result.model, job.timing_inputs)
-    batch = batch_rows(job.timing_inputs)
+    timed = compare_latency_within(model, result.model, timing)
+    batch = batch_rows(timing)
     rows.append((f"CPU latency (ms, batch of {batch})", f"{1e3 * timed.dense:.2f}", f"{1e3 * timed.pruned:.2f}"))
     rows.append((f"speedup ({timed.rounds} alternating rounds)", "1.00x", f"{timed.speedup:.2f}x"))
     rows.append(("speedup, middle half of the rounds", "", f"{timed.spread[0]:.2f}-{timed.spread[1]:.2f}x"))

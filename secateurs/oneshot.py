@@ -484,9 +484,8 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
         limits["latency"] = budget.latency_limit(dense_values["latency"])
         stage("latency tables", start)
         if any(len(w.path) > LATENCY_POINTS for w in works):  # more levels than the tables measure
-            report.notes.append("latency: some keep levels lie between measured widths and are interpolated; kernels "
-                                "run channels in blocks (16 on AVX-512, 8 on AVX2), so channel_multiple='auto' keeps "
-                                "plans on widths the tables measure")
+            report.notes.append(f"latency: some keep levels lie between measured widths ({LATENCY_POINTS} per layer) "
+                                "and are interpolated; the measured check times the plan itself")
 
     start = clock.elapsed()
     result, alloc_problem, alloc_note = _allocate(graph, works, limits, allocation, deadline, seed, latency)
@@ -674,13 +673,10 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
 
 def _consumer_tensors(pruned: nn.Module, works: list[_GroupWork], keep: dict[str, list[int]]) -> dict[str, torch.Tensor]:
     """The refit consumer weights as they are in the sliced model (what ``apply`` installs)."""
-    out = {}
-    for work in works:
-        if work.group.name in keep:
-            for consumer in work.consumers:
-                path = consumer.module if is_projection(consumer.module) else f"{consumer.module}.weight"
-                out[path] = pruned.get_parameter(path).detach().clone()
-    return out
+    # a weight can be several consumers (q, k and v rows of one projection, blocks of a grouped conv): one copy
+    paths = {c.module if is_projection(c.module) else f"{c.module}.weight"
+             for work in works if work.group.name in keep for c in work.consumers}
+    return {path: pruned.get_parameter(path).detach().clone() for path in sorted(paths)}
 
 
 __all__ = ["Budget", "PruneResult", "prune"]

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["ATTENTION_ARGUMENTS", "PROJECTIONS", "ProjectionBlock", "attention_argument", "attention_blocks",
+__all__ = ["ATTENTION_ARGUMENTS", "PROJECTIONS", "WeightRows", "attention_argument", "attention_blocks",
            "decoder_forward",
            "encoder_forward", "encoder_layer_forward", "is_projection", "packed_attention", "packed_encoder_forward",
            "projection_blocks", "recomputable_attention", "slow_forward", "transformer_forward"]
@@ -50,35 +50,36 @@ def attention_argument(name: str) -> tuple[str, str] | None:
 
 
 @dataclass(frozen=True)
-class ProjectionBlock:
-    """Rows of an ``nn.MultiheadAttention`` input projection that all read one of its inputs.
+class WeightRows:
+    """Rows of a weight that all read one input: a layer's whole weight, or one block of an
+    ``nn.MultiheadAttention`` input projection.
 
     A cross-attention's query rows read the decoder stream and its key/value rows the encoder's
     memory, so one Gram matrix cannot score the packed weight: each block gets its own.
     """
 
-    name: str  # "attn.in_proj_weight[key]", or "attn.k_proj_weight" for a separate projection
+    name: str  # "fc1", "attn.in_proj_weight[key]", or "attn.k_proj_weight" for a separate projection
     param: str  # the parameter's path
-    rows: slice  # its rows in that parameter
-    source: str  # the input it reads, as calibration names it: "attn:key"
+    rows: slice | None  # its rows in that parameter; None: a layer's weight, as the layer computes it
+    source: str  # the input it reads, as calibration names it: the layer's name, or "attn:key"
 
 
-def attention_blocks(path: str, mha: nn.MultiheadAttention) -> list[ProjectionBlock]:
+def attention_blocks(path: str, mha: nn.MultiheadAttention) -> list[WeightRows]:
     """The query, key and value blocks of the input projections of the attention module at ``path``."""
     prefix = f"{path}." if path else ""
     blocks = []
     for i, (argument, separate) in enumerate(zip(ATTENTION_ARGUMENTS, PROJECTIONS[1:], strict=True)):
         if mha.in_proj_weight is not None:
             rows = mha.in_proj_weight.shape[0] // 3  # heads * head_dim, fewer once heads are pruned
-            blocks.append(ProjectionBlock(f"{prefix}in_proj_weight[{argument}]", f"{prefix}in_proj_weight",
+            blocks.append(WeightRows(f"{prefix}in_proj_weight[{argument}]", f"{prefix}in_proj_weight",
                                           slice(i * rows, (i + 1) * rows), f"{path}:{argument}"))
         else:
-            blocks.append(ProjectionBlock(f"{prefix}{separate}", f"{prefix}{separate}", slice(None),
+            blocks.append(WeightRows(f"{prefix}{separate}", f"{prefix}{separate}", slice(None),
                                           f"{path}:{argument}"))
     return blocks
 
 
-def projection_blocks(model: nn.Module) -> list[ProjectionBlock]:
+def projection_blocks(model: nn.Module) -> list[WeightRows]:
     """The query, key and value blocks of every attention module's input projections."""
     return [block for path, mha in model.named_modules() if isinstance(mha, nn.MultiheadAttention)
             for block in attention_blocks(path, mha)]

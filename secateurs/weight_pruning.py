@@ -9,7 +9,6 @@ inputs), then each row is refit by least squares on its kept inputs.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from secateurs.report import BudgetLine, GroupReport, PruneReport
 from secateurs.solvers import Deadline
 from secateurs.solvers.allocation_fallback import solve_allocation
 from secateurs.sparsity import density_mask, masked_error, nm_mask, reconstruction_scores, refit_rows
-from secateurs.torch_transformer import projection_blocks
+from secateurs.torch_transformer import WeightRows, projection_blocks
 
 __all__ = ["prune_weights"]
 
@@ -40,27 +39,18 @@ def _weight_layers(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if supports_reconstruction(module)]
 
 
-@dataclass(frozen=True)
-class _WeightEntry:
-    """One matrix the unstructured / N:M path masks: a layer's weight, or the rows of an attention
-    projection that read one input; ``source`` is what calibration collects its input under."""
-
-    name: str
-    param: str
-    rows: slice | None
-    source: str
-
-    def matrix(self, model: nn.Module) -> torch.Tensor:
-        """(out, in ...) as a layer computes it (Conv1D's stored transpose undone)."""
-        if self.rows is None:
-            return consumer_weight(model, self.name)
-        return model.get_parameter(self.param)[self.rows]
+def _weight_entries(model: nn.Module) -> list[WeightRows]:
+    """Every Linear / Conv, then the query, key and value blocks of each attention's projections:
+    the matrices the unstructured / N:M path masks."""
+    return [*(WeightRows(name, f"{name}.weight", None, name) for name in _weight_layers(model)),
+            *projection_blocks(model)]
 
 
-def _weight_entries(model: nn.Module) -> list[_WeightEntry]:
-    """Every Linear / Conv, then the query, key and value blocks of each attention's projections."""
-    return [*(_WeightEntry(name, f"{name}.weight", None, name) for name in _weight_layers(model)),
-            *(_WeightEntry(b.name, b.param, b.rows, b.source) for b in projection_blocks(model))]
+def _matrix(model: nn.Module, entry: WeightRows) -> torch.Tensor:
+    """(out, in ...) as the layer computes it (Conv1D's stored transpose undone), or the block's rows."""
+    if entry.rows is None:
+        return consumer_weight(model, entry.name)
+    return model.get_parameter(entry.param)[entry.rows]
 
 
 def _unpruned_weights(model: nn.Module, covered: set[str]) -> str:
@@ -86,7 +76,7 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
     start = clock.elapsed()
     data = {}
     for name, entry in entries.items():
-        weight = entry.matrix(model).detach()
+        weight = _matrix(model, entry).detach()
         flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
         gram = stats[entry.source].gram
         if gram is None:  # no activations seen
@@ -137,7 +127,7 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
     for name in tqdm(list(masks), desc="refit", leave=False, disable=not progress):
         flat, gram, _ = data[name]
         entry = entries[name]
-        weight = entry.matrix(model)
+        weight = _matrix(model, entry)
         new = refit_rows(flat, gram, masks[name]) if refit else flat * masks[name]
         stored = new.reshape(weight.shape).to(weight.dtype)
         if entry.rows is not None:  # rows of an attention projection: written into its parameter
