@@ -413,3 +413,20 @@ def test_rates_that_claim_more_than_the_rest_are_shrunk_to_it(monkeypatch: pytes
     # shrunk, the credit eats into the constant overhead at most (first order is optimistic here,
     # which prune's measured check is for)
     assert truth - OVERHEAD <= floor <= truth
+
+
+def test_a_slow_first_forward_alone_does_not_cut_the_timing_batch(monkeypatch: pytest.MonkeyPatch, cnn) -> None:
+    """One-off costs of a first forward (kernel compilation) are not the forward's price."""
+    model, _ = cnn
+    calls: list[int] = []
+
+    def cold_then_fast(fn, *args, min_run_time: float = 0.0) -> float:  # noqa: ANN001 - test double
+        calls.append(1)
+        return (slow_seconds if len(calls) == 1 else fake_seconds)(fn, *args)
+
+    use_timer(monkeypatch, cold_then_fast)
+    x = torch.randn(32, 1, 40)
+    batch = latency_module.timing_batch(model, x)
+    assert batch.inputs is x and (batch.rows, batch.size) == (32, 32)
+    assert batch.dense_seconds == pytest.approx(fake_seconds(forward_batch, model, x))
+    assert len(calls) == 2
