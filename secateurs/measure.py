@@ -5,14 +5,14 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from secateurs.calibration import forward_batch
+from secateurs.calibration import evaluating, forward_batch
 from secateurs.errors import ValidationError
 from secateurs.timing import steady_allocator, synchronized
 
@@ -86,6 +86,41 @@ def compare_latency_within(dense: nn.Module, pruned: nn.Module, inputs: Any, *, 
     repeats = max(1, min(5, int(0.5 / once)))  # about half a second per model and round
     rounds = max(3, min(15, int(seconds / (2 * (repeats + 1) * once))))  # both models, warm-up included
     return compare_latency(dense, pruned, inputs, rounds=rounds, repeats=repeats, clock=clock)
+
+
+def output_error(dense: nn.Module, pruned: nn.Module, batches: Iterable[Any]) -> float:
+    """‖pruned(x) − dense(x)‖ / ‖dense(x)‖ (Frobenius, float64) over every batch and every
+    floating tensor of the outputs (a tensor, or tuples, lists and dicts of them, as
+    HuggingFace's outputs are), eval mode, no grad.
+
+    The per-group errors of a prune report are each consumer's reconstruction error on its own
+    inputs; this is what the pruned model does end to end, against the dense model it replaces.
+    """
+    diff = total = 0.0
+    with torch.no_grad(), evaluating(dense, pruned):
+        for index, batch in enumerate(batches):
+            want, got = _floating(forward_batch(dense, batch)), _floating(forward_batch(pruned, batch))
+            if [a.shape for a in want] != [b.shape for b in got]:
+                raise ValidationError("pruned", f"batch {index}: outputs shaped {[tuple(b.shape) for b in got]}, "
+                                                f"the dense model's {[tuple(a.shape) for a in want]}")
+            for a, b in zip(want, got, strict=True):
+                a64 = a.to(torch.float64)
+                diff += float((b.to(torch.float64) - a64).pow(2).sum())
+                total += float(a64.pow(2).sum())
+    if total == 0.0:
+        return 0.0 if diff == 0.0 else math.inf
+    return math.sqrt(diff / total)
+
+
+def _floating(output: Any) -> list[torch.Tensor]:
+    """The floating tensors in a model's output, in a fixed order."""
+    if isinstance(output, torch.Tensor):
+        return [output] if output.is_floating_point() else []
+    if isinstance(output, Mapping):
+        return [t for key in output for t in _floating(output[key])]
+    if isinstance(output, (tuple, list)):
+        return [t for item in output for t in _floating(item)]
+    return []
 
 
 def embeddings(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> torch.Tensor:

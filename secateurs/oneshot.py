@@ -55,6 +55,7 @@ from secateurs.latency import POINTS as LATENCY_POINTS
 from secateurs.latency import Window, timing_batch
 from secateurs.latency import measure as measure_latency
 from secateurs.layerwise import Lockstep, run_together
+from secateurs.measure import output_error
 from secateurs.plan import PrunePlan
 from secateurs.problems.allocation import Allocation, Latency
 from secateurs.problems.allocation import Budget as CostBudget
@@ -190,6 +191,7 @@ def prune(
     _check_solver("allocation", allocation, "allocation")
     if structure == "channels":
         _check_solver("reconstruction", reconstruction, "reconstruction")
+    replayable = calibration if isinstance(calibration, (list, tuple)) else None
     try:
         batches = iter(calibration)
     except TypeError:
@@ -204,11 +206,21 @@ def prune(
     deadline = Deadline(time_limit)
     if structure == "channels":
         assert budget is not None
-        return _prune_channels(model, calibration, budget, first if example_inputs is None else example_inputs,
-                               reconstruction, allocation, levels, error_curve, progress, deadline, seed,
-                               sequential=sequential, channel_multiple=multiple,
-                               auto_multiple=channel_multiple == "auto")
-    return prune_weights(model, calibration, budget, structure, nm, allocation, levels, refit, progress, deadline, seed)
+        result = _prune_channels(model, calibration, budget, first if example_inputs is None else example_inputs,
+                                 reconstruction, allocation, levels, error_curve, progress, deadline, seed,
+                                 sequential=sequential, channel_multiple=multiple,
+                                 auto_multiple=channel_multiple == "auto")
+    else:
+        result = prune_weights(model, calibration, budget, structure, nm, allocation, levels, refit, progress,
+                               deadline, seed)
+    if replayable is None:
+        result.report.notes.append("output error not measured: the calibration batches were a one-pass iterable "
+                                   "(pass a list to measure it)")
+    else:
+        started = time.perf_counter()
+        result.report.output_error = output_error(model, result.model, replayable)
+        result.report.stages["output error"] = time.perf_counter() - started
+    return result
 
 
 def _check_first_batch(model: nn.Module, first: Any) -> None:
@@ -522,6 +534,12 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
                     _write_refit(work_model, work, support)
     if solver.fell_back:
         report.notes.append("time limit reached: the remaining groups use their greedy supports")
+    renormalised = {name: graph.normalisations(name) for name in keep}
+    renormalised = {name: norms for name, norms in renormalised.items() if norms}
+    if renormalised:
+        named = "; ".join(f"{name} by {', '.join(norms)}" for name, norms in renormalised.items())
+        report.notes.append(f"renormalised over their kept channels: {named}. The kept channels change value "
+                            "there, which these groups' relative errors do not count; the output error does")
     stage("solves", start)
 
     start = clock.elapsed()

@@ -53,6 +53,9 @@ class PruneReport:
     allocation: dict[str, Any] = field(default_factory=dict)
     error_curve: list[tuple[float, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: ‖pruned − dense‖ / ‖dense‖ of the model's outputs on the calibration batches
+    #: (:func:`secateurs.measure.output_error`); None when the batches could not be read again
+    output_error: float | None = None
 
     def total(self, name: str) -> BudgetLine:
         for line in self.totals:
@@ -72,6 +75,8 @@ class PruneReport:
             totals.append((t.name, _number(t.dense), "-" if t.requested is None else _number(t.requested),
                            _number(t.achieved), f"{ratio:.3f}", "yes" if t.met else "NO"))
         out += [_format(totals), ""]
+        if self.output_error is not None:
+            out.append(f"output error on the calibration data: {self.output_error:.4g} (relative to the dense model's)")
         out.append("stages: " + ", ".join(f"{k} {v:.2f}s" for k, v in self.stages.items()))
         if self.allocation:
             a = self.allocation
@@ -88,6 +93,7 @@ class PruneReport:
             "allocation": dict(self.allocation),
             "error_curve": [list(p) for p in self.error_curve],
             "notes": list(self.notes),
+            "output_error": self.output_error,
         }
 
     def to_json(self, path: str | os.PathLike[str] | None = None) -> str:

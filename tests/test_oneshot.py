@@ -48,6 +48,8 @@ def test_channels_meet_the_budget_as_counted_on_the_pruned_model(cnn, budget: Bu
     assert {g: len(u) for g, u in result.plan.keep.items()} == {g: k for g, k in kept.items() if k < dict(
         (r.name, r.total) for r in result.report.groups)[g]}
     assert _relative_output_error(model, result.model, calibration) < 0.5
+    assert result.report.output_error == pytest.approx(_relative_output_error(model, result.model, calibration),
+                                                       rel=1e-4)
 
 
 def test_plan_alone_reproduces_the_pruned_model(cnn) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import networkx as nx
 import torch
 from torch import fx, nn
+from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from secateurs.calibration import forward_batch
@@ -203,6 +204,9 @@ def _add(a: Poly, b: Poly, scale: float = 1.0) -> Poly:
 
 # -- the graph -------------------------------------------------------------------------------
 
+_CHANNEL_NORMS = (nn.LayerNorm, nn.GroupNorm)  # BatchNorm and InstanceNorm normalise each channel alone
+_CHANNEL_NORM_FUNCTIONS = (F.layer_norm, F.group_norm, torch.layer_norm, torch.group_norm)
+
 
 @dataclass
 class DependencyGraph:
@@ -224,6 +228,25 @@ class DependencyGraph:
 
     def prunable_groups(self) -> list[Group]:
         return [g for g in self.groups if g.prunable]
+
+    def normalisations(self, name: str) -> list[str]:
+        """The LayerNorm / GroupNorm nodes whose output carries group ``name``.
+
+        They normalise over the group's channels, so removing channels moves the kept ones' mean
+        and variance: the kept channels change value there, which a reconstruction error computed
+        on the unpruned inputs does not see.
+        """
+        carried = set(self.group(name).nodes)
+        found = []
+        for node in self.gm.graph.nodes:
+            if node.name not in carried:
+                continue
+            if node.op == "call_module":
+                if isinstance(self.gm.get_submodule(str(node.target)), _CHANNEL_NORMS):
+                    found.append(str(node.target))
+            elif node.op == "call_function" and node.target in _CHANNEL_NORM_FUNCTIONS:
+                found.append(node.name)
+        return found
 
     def _check_keep(self, keep: Mapping[str, float]) -> None:
         for name, k in keep.items():
