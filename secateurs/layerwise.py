@@ -52,6 +52,7 @@ class Lockstep:
             if n.op == "call_module":
                 self.calls.setdefault(str(n.target), []).append(n)
         self.done = -1  # index of the last node run
+        self.outputs: list[Any] = []  # the model's output for each batch, once the pass has run
 
     def first_call(self, module: str) -> int | None:
         """Position of the first node that calls ``module`` (None when the trace never calls it);
@@ -86,6 +87,8 @@ class Lockstep:
         for state in self.states:
             try:
                 state.env[node] = state.run_node(node)
+                if node.op == "output":
+                    self.outputs.append(state.env[node])
             except Exception as exc:
                 raise ValidationError("calibration", f"node {node.name!r} failed in the layer-wise pass: {exc}") from exc
             for dead in state.user_to_last_uses.get(node, []):

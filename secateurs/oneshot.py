@@ -213,13 +213,14 @@ def prune(
     else:
         result = prune_weights(model, calibration, budget, structure, nm, allocation, levels, refit, progress,
                                deadline, seed)
-    if replayable is None:
-        result.report.notes.append("output error not measured: the calibration batches were a one-pass iterable "
-                                   "(pass a list to measure it)")
-    else:
-        started = time.perf_counter()
-        result.report.output_error = output_error(model, result.model, replayable)
-        result.report.stages["output error"] = time.perf_counter() - started
+    if result.report.output_error is None:  # the layer-wise pass measures it on the batches it holds
+        if replayable is None:
+            result.report.notes.append("output error not measured: the calibration batches were a one-pass "
+                                       "iterable (pass a list to measure it)")
+        else:
+            started = time.perf_counter()
+            result.report.output_error = output_error(model, result.model, replayable)
+            result.report.stages["output error"] = time.perf_counter() - started
     return result
 
 
@@ -523,9 +524,10 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     work_model = copy.deepcopy(model)
     solver = _GroupSolver(reconstruction, deadline, seed)
     if sequential:
-        keep = _solve_layerwise(model, work_model, works, keep_counts, stats, cached, solver, report, progress)
+        keep, dense_outputs = _solve_layerwise(model, work_model, works, keep_counts, stats, cached, solver, report,
+                                               progress)
     else:
-        keep = {}
+        keep, dense_outputs = {}, []
         for work in tqdm(works, desc="solves", leave=False, disable=not progress):
             support = solver(work, keep_counts[work.group.name], report)
             if support is not None:
@@ -549,6 +551,10 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     pruned = apply(work_model, plan, graph=graph, mode="slice", inplace=True)
     plan.refit = _consumer_tensors(pruned, works, keep)
     stage("apply", start)
+    if cached:  # the layer-wise pass ran the dense model on these batches: its outputs are kept
+        start = clock.elapsed()
+        report.output_error = output_error(model, pruned, cached, dense_outputs=dense_outputs)
+        stage("output error", start)
 
     counted = dense_counts(pruned, example_inputs)
     predicted = graph.cost({g: len(u) for g, u in keep.items()})
@@ -612,7 +618,7 @@ class _GroupSolver:
 
 def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_GroupWork], keep_counts: dict[str, int],
                      stats: dict[str, GramStatistics], calibration: list[Any], solver: _GroupSolver,
-                     report: PruneReport, progress: bool) -> dict[str, list[int]]:
+                     report: PruneReport, progress: bool) -> tuple[dict[str, list[int]], list[Any]]:
     """OSSCAR's sequential pass: each group is solved on the inputs of the partly pruned model.
 
     One layer-wise pass over the calibration set (:class:`~secateurs.layerwise.Lockstep`): just
@@ -624,7 +630,8 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
     model runs alongside), so each refit also absorbs the error of the groups before it. A
     consumer whose input is not computed yet at that point (it reads the group further
     downstream, e.g. along a residual stream) keeps its dense statistics. The report's stages
-    split the pass into its statistics, its solves and the forward passes.
+    split the pass into its statistics, its solves and the forward passes. Returns the kept
+    units per group and the dense model's output on each batch.
     """
     lock, reference = Lockstep(work_model, calibration), Lockstep(model, calibration)
     last = len(lock.nodes)
@@ -686,7 +693,7 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
     report.stages["solves: layer-wise statistics"] = clock["statistics"]
     report.stages["solves: solvers"] = clock["solves"]
     report.stages["solves: forward passes"] = time.perf_counter() - started - clock["statistics"] - clock["solves"]
-    return keep
+    return keep, reference.outputs
 
 
 def _consumer_tensors(pruned: nn.Module, works: list[_GroupWork], keep: dict[str, list[int]]) -> dict[str, torch.Tensor]:

@@ -44,6 +44,23 @@ def test_output_error_is_the_frobenius_ratio_over_every_batch_and_floating_outpu
     assert output_error(dense, dense, batches) == 0.0
 
 
+def test_output_error_uses_dense_outputs_given_and_recomputes_those_that_do_not_line_up() -> None:
+    torch.manual_seed(0)
+    dense, pruned = nn.Linear(3, 2), nn.Linear(3, 2)
+    batches = [torch.randn(4, 3), torch.randn(6, 3)]
+    with torch.no_grad():
+        outs = [dense(x) for x in batches]
+        pruned_outs = torch.cat([pruned(x) for x in batches]).double()
+    fresh = output_error(dense, pruned, batches)
+    assert output_error(dense, pruned, batches, dense_outputs=outs) == pytest.approx(fresh, rel=1e-12)
+    doubled = torch.cat(outs).double() * 2  # taken as given: the error is against these
+    want = float((pruned_outs - doubled).norm() / doubled.norm())
+    assert output_error(dense, pruned, batches, dense_outputs=[2 * o for o in outs]) == pytest.approx(want, rel=1e-9)
+    narrow = [o[:, :1] for o in outs]  # another shape: the dense model is run instead
+    assert output_error(dense, pruned, batches, dense_outputs=narrow) == pytest.approx(fresh, rel=1e-12)
+    assert output_error(dense, pruned, batches, dense_outputs=outs[:1]) == pytest.approx(fresh, rel=1e-12)
+
+
 def test_output_error_refuses_outputs_of_another_shape() -> None:
     with pytest.raises(ValidationError, match=r"batch 0: outputs shaped \[\(4, 5\)\], the dense model's \[\(4, 2\)\]"):
         output_error(nn.Linear(3, 2), nn.Linear(3, 5), [torch.randn(4, 3)])
