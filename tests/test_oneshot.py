@@ -325,3 +325,36 @@ def test_a_spent_time_limit_cuts_the_error_curve_and_the_plan_still_meets_the_bu
     assert any(n.startswith("error curve: 0 of 9 budgets") for n in result.report.notes)
     assert dense_counts(result.model, calibration[0]).flops <= 0.5 * dense_counts(model, calibration[0]).flops
     assert all(g.solver in ("greedy", "magnitude") for g in result.report.groups if g.kept < g.total)
+
+
+def test_the_error_curve_takes_a_share_of_the_allocation_time_and_names_unproven_points(
+        cnn, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a time limit, the curve's solves split max(2 s, 2 x the allocation's time) evenly; a
+    point solved to its limit is kept as the best plan found and named in a note."""
+    import dataclasses
+
+    import secateurs.oneshot as oneshot_module
+
+    model, calibration = cnn
+    real = oneshot_module.solve_allocation
+    limits: list[float | None] = []
+
+    def out_of_time_after_the_first(problem, solver, deadline, seed):  # noqa: ANN001, ANN202 - test double
+        limits.append(deadline.solver_limit())
+        result, note = real(problem, solver, deadline, seed)
+        return (result, note) if len(limits) == 1 else (dataclasses.replace(result, status=Status.LIMIT), note)
+
+    monkeypatch.setattr(oneshot_module, "solve_allocation", out_of_time_after_the_first)
+    result = prune(model, calibration, Budget(flops=0.5), progress=False)
+    assert limits[0] is None  # the allocation itself: no limit
+    share = max(oneshot_module.CURVE_MIN_SECONDS, oneshot_module.CURVE_SHARE * result.report.stages["allocation"])
+    assert len(limits) == 1 + oneshot_module.CURVE_POINTS
+    assert limits[1] == pytest.approx(share / oneshot_module.CURVE_POINTS, rel=0.05)
+    assert all(b is not None and b <= share for b in limits[1:])
+    assert [f for f, _ in result.report.error_curve] == pytest.approx([0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0])
+    assert (f"error curve: at 20%, 30%, 40%, 50%, 60%, 70%, 80%, 90%, 100% of the dense flops the plans are the best "
+            f"found within the curve's {share:.1f} s share, not proven optimal") in result.report.notes
+    monkeypatch.setattr(oneshot_module, "solve_allocation", real)
+    exact = prune(model, calibration, Budget(flops=0.5), progress=False)
+    assert not any(n.startswith("error curve") for n in exact.report.notes)
+    assert exact.report.error_curve == pytest.approx(result.report.error_curve)  # dp: the same optimal points
