@@ -115,6 +115,19 @@ def test_cpsat_states_scaling_and_keeps_rounding_in_the_bound() -> None:
     assert r.bound <= r.objective and r.objective == pytest.approx(brute_force_allocation(p)[0])
 
 
+@pytest.mark.parametrize("name", ["cpsat", "mip"])
+def test_a_budget_that_does_not_bind_is_solved_without_the_model(name: str) -> None:
+    errors = {"a": [0.5, 0.0, 0.1], "b": [0.3, 0.2, 0.0]}  # a's least error is not at its widest level
+    flops = Polynomial(0.0, {"a": 1.0, "b": 1.0}, {("a", "b"): 0.5})
+    for limit, binds in ((8.0, False), (7.0, True)):  # least errors at a=2, b=3 cost 2 + 3 + 0.5 * 2 * 3 = 8
+        p = Allocation({"a": [1, 2, 3], "b": [1, 2, 3]}, errors, [Budget("flops", flops, limit)])
+        optimum, _ = brute_force_allocation(p)
+        r = solve(p, name)
+        assert r.status.value == "optimal" and r.objective == pytest.approx(optimum)
+        assert (r.info.get("note") == "no budget binds at the least-error levels") is not binds
+        assert r.bound == pytest.approx(r.objective, rel=1e-6)
+
+
 def test_mip_reports_a_proven_bound() -> None:
     p = _cycle()
     r = solve(p, "mip")

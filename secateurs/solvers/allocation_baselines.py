@@ -113,6 +113,24 @@ class LocalMoves:
         self.c = t.costs(self.x)
 
 
+def least_error_levels(tables: AllocationTables) -> np.ndarray:
+    """Every group at its least-error level (the widest among ties)."""
+    return np.array([len(e) - 1 - int(np.argmin(e[::-1])) for e in tables.error], dtype=np.int64)
+
+
+def unbound_optimum(problem: Allocation) -> SolveResult | None:
+    """The optimum when no budget binds: every group at its least-error level, if that plan meets
+    every budget (None otherwise). An exact solver's model of a ResNet-50 allocation took CP-SAT
+    over 7 s to solve at 100% of the dense FLOPs, where this check proves it at once."""
+    x = least_error_levels(problem.tables)
+    if not problem.tables.feasible(x):
+        return None
+    solution = problem.keep_of(x)
+    objective = problem.evaluate(solution)
+    return SolveResult(Status.OPTIMAL, objective, solution, bound=objective, trace=[(0.0, objective)],
+                       info={"note": "no budget binds at the least-error levels"})
+
+
 def greedy_plan(tables: AllocationTables, start: np.ndarray | None = None,
                 deadline: Deadline | None = None) -> tuple[np.ndarray | None, int]:
     """Greedy repair from ``start`` (default: every group at its least-error level), then improve.
@@ -120,7 +138,7 @@ def greedy_plan(tables: AllocationTables, start: np.ndarray | None = None,
     Returns (x or None when repair got stuck, number of moves).
     """
     if start is None:
-        start = np.array([len(e) - 1 - int(np.argmin(e[::-1])) for e in tables.error], dtype=np.int64)
+        start = least_error_levels(tables)
     moves = LocalMoves(tables, start)
     if not moves.repair(deadline):
         return None, moves.moves

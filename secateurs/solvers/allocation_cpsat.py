@@ -41,7 +41,7 @@ try:
     logging.getLogger("__cvxpy__").addFilter(lambda record: "importing solver HIGHS" not in record.getMessage())
 except ImportError:  # pragma: no cover - ortools is optional; the registry reports it missing
     pass
-from secateurs.solvers.allocation_baselines import greedy_plan
+from secateurs.solvers.allocation_baselines import greedy_plan, unbound_optimum
 from secateurs.solvers.registry import register
 from secateurs.solvers.result import Deadline, SolveResult, Status, Trace
 
@@ -89,6 +89,9 @@ def cpsat(problem: Allocation, *, time_limit: float | None, seed: int, workers: 
     """
     from ortools.sat.python import cp_model
 
+    free = unbound_optimum(problem)
+    if free is not None:
+        return free
     deadline = Deadline(time_limit)
     t = problem.tables
     model = cp_model.CpModel()

@@ -24,6 +24,7 @@ import numpy as np
 
 from secateurs.errors import SolverError
 from secateurs.problems.allocation import Allocation, AllocationTables
+from secateurs.solvers.allocation_baselines import unbound_optimum
 from secateurs.solvers.registry import register
 from secateurs.solvers.result import Deadline, SolveResult, Status, Trace
 
@@ -128,6 +129,9 @@ def mip(problem: Allocation, *, time_limit: float | None, seed: int, backend: st
     """
     from ortools.linear_solver import pywraplp
 
+    free = unbound_optimum(problem)
+    if free is not None:
+        return free
     deadline = Deadline(time_limit)
     t = problem.tables
     trace = Trace(deadline)
