@@ -5,6 +5,10 @@ Instances (seeded, synthetic but shaped like real ones):
 - ``chain50``: 50 conv-like groups in a chain, 16 keep levels each, FLOPs bilinear in
   consecutive keep counts (``k_{l-1}·k_l·κ_l``), budget 50% of dense FLOPs; errors convex in the
   pruned fraction with per-layer sensitivity.
+- ``resnet50``: the groups of a ResNet-50 at 224 x 224 (5 residual streams, 2 inner widths per
+  bottleneck block: 37 groups, 32 keep levels each), FLOPs bilinear in the widths each conv
+  joins, budget 50%. Each block's convs and shortcut close cycles, so ``dp`` refuses it and the
+  exact solvers are CP-SAT and the MIP; errors as in ``chain50``.
 - ``unstructured200``: 200 layers, 32 densities each, one nonzeros budget; each layer's error is
   the squared magnitude its pruned weights remove (magnitude pruning of a Gaussian, Laplace or
   Student-t sample scaled by a sensitivity), and the same sample is the ``kde`` solver's score.
@@ -37,13 +41,45 @@ def chain_instance(groups: int = 50, levels: int = 16, fraction: float = 0.5, se
     linear = {names[0]: float(3 * 9 * spatial[0])}  # first conv reads a fixed RGB input
     linear[names[-1]] = float(1000)  # classifier head
     flops = Polynomial(0.0, linear, bilinear)
-    errors = {}
-    for g in names:
-        rho = np.asarray(lv[g], float) / lv[g][-1]
-        sens, power = rng.lognormal(0, 1), rng.uniform(1.5, 3.0)
-        errors[g] = (sens * (1 - rho) ** power + rng.uniform(0, 0.01, levels) * sens * (1 - rho)).tolist()
     full = {g: lv[g][-1] for g in names}
-    return Allocation(lv, errors, [Budget.fraction("flops", flops, fraction, full)])
+    return Allocation(lv, _errors(rng, lv), [Budget.fraction("flops", flops, fraction, full)])
+
+
+def _errors(rng: np.random.Generator, levels: dict[str, list[int]]) -> dict[str, list[float]]:
+    """Errors convex in the pruned fraction, a lognormal sensitivity per group, a little noise."""
+    errors = {}
+    for g, lv in levels.items():
+        rho = np.asarray(lv, float) / lv[-1]
+        sens, power = rng.lognormal(0, 1), rng.uniform(1.5, 3.0)
+        errors[g] = (sens * (1 - rho) ** power + rng.uniform(0, 0.01, len(lv)) * sens * (1 - rho)).tolist()
+    return errors
+
+
+def resnet_instance(levels: int = 32, fraction: float = 0.5, seed: int = 2) -> Allocation:
+    """ResNet-50's channel groups: residual streams ``r0``..``r4`` and each block's two inner widths."""
+    rng = np.random.default_rng(seed)
+    sizes = {"r0": 64}
+    linear = {"r0": 3.0 * 49 * 112**2}  # the 7x7 stem conv on RGB at 112 x 112
+    bilinear: dict[tuple[str, str], float] = {}
+    stream, side = "r0", 56
+    for s, (width, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), start=1):
+        out, out_side = f"r{s}", side if s == 1 else side // 2
+        sizes[out] = 4 * width
+        for b in range(blocks):
+            g1, g2 = f"s{s}b{b}.conv1", f"s{s}b{b}.conv2"
+            sizes[g1] = sizes[g2] = width
+            reads, at = (stream, side) if b == 0 else (out, out_side)
+            bilinear[(reads, g1)] = float(at**2)  # 1x1 conv
+            bilinear[(g1, g2)] = 9.0 * out_side**2  # 3x3 conv (stride 2 in a stage's first block)
+            bilinear[(g2, out)] = bilinear.get((g2, out), 0.0) + float(out_side**2)  # 1x1 conv
+            if b == 0:
+                bilinear[(stream, out)] = float(out_side**2)  # the projection shortcut
+        stream, side = out, out_side
+    linear["r4"] = 1000.0  # classifier
+    lv = {g: [int(round(n * (i + 1) / levels)) for i in range(levels)] for g, n in sizes.items()}
+    full = {g: n for g, n in sizes.items()}
+    flops = Polynomial(0.0, linear, bilinear)
+    return Allocation(lv, _errors(rng, lv), [Budget.fraction("flops", flops, fraction, full)])
 
 
 def unstructured_instance(layers: int = 200, levels: int = 32, density: float = 0.5, seed: int = 1,
@@ -111,6 +147,11 @@ def main() -> None:
     print(f"chain50 built in {time.perf_counter() - t0:.2f}s")
     table("chain50: 50-group chain, bilinear FLOPs, 16 levels, FLOPs <= 50%", chain,
           [("dp", {}), ("cpsat", {}), ("mip", {}), ("kde", {}), ("greedy", {}), ("uniform", {})], limit)
+    t0 = time.perf_counter()
+    resnet = resnet_instance()
+    print(f"\nresnet50 built in {time.perf_counter() - t0:.2f}s")
+    table("resnet50: 37 groups with cycles (bottlenecks, shortcuts), bilinear FLOPs, 32 levels, FLOPs <= 50%",
+          resnet, [("cpsat", {}), ("mip", {}), ("kde", {}), ("greedy", {}), ("uniform", {})], limit)
     for density, label in ((0.5, "reference"), (0.3, "tighter"), (0.7, "looser")):
         t0 = time.perf_counter()
         problem = unstructured_instance(density=density)
