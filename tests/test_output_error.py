@@ -119,3 +119,19 @@ def test_groups_a_layernorm_renormalises_are_named_in_the_graph_and_the_report()
     cnn, info = zoo.load("mnist1d_cnn")
     plain = prune(cnn, info.calibration(64, 64), Budget(flops=0.5), progress=False, error_curve=False)
     assert not any(n.startswith("renormalised") for n in plain.report.notes)
+
+
+def test_outputs_that_cannot_be_compared_leave_a_note_not_a_failed_prune(monkeypatch: pytest.MonkeyPatch) -> None:
+    import secateurs.oneshot as oneshot_module
+
+    def refuse(*args: object, **kwargs: object) -> float:
+        raise ValidationError("pruned", "batch 0: outputs shaped [(2,)], the dense model's [(3,)]")
+
+    monkeypatch.setattr(oneshot_module, "output_error", refuse)
+    model, info = zoo.load("mnist1d_cnn")
+    for sequential in (True, False):
+        result = prune(model, info.calibration(64, 64), Budget(flops=0.5), progress=False, error_curve=False,
+                       sequential=sequential)
+        assert result.report.output_error is None
+        assert "output error not measured: pruned: batch 0: outputs shaped [(2,)], the dense model's [(3,)]" in \
+            result.report.notes
