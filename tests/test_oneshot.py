@@ -358,3 +358,41 @@ def test_the_error_curve_takes_a_share_of_the_allocation_time_and_names_unproven
     exact = prune(model, calibration, Budget(flops=0.5), progress=False)
     assert not any(n.startswith("error curve") for n in exact.report.notes)
     assert exact.report.error_curve == pytest.approx(result.report.error_curve)  # dp: the same optimal points
+
+
+class _TinyResNet(torch.nn.Module):
+    """Two residual blocks, the second with a projection shortcut: the convs and shortcuts close
+    cycles among the groups' cost terms, which the tree DP refuses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.stem = conv(3, 8, 3, padding=1)
+        self.a1, self.a2 = conv(8, 8, 3, padding=1), conv(8, 8, 3, padding=1)
+        self.b1, self.b2 = conv(8, 12, 3, stride=2, padding=1), conv(12, 12, 3, padding=1)
+        self.short = conv(8, 12, 1, stride=2)
+        self.head = torch.nn.Linear(12, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.a2(torch.relu(self.a1(x))))
+        x = torch.relu(self.short(x) + self.b2(torch.relu(self.b1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_residual_network_falls_back_from_dp_to_an_exact_solver_and_meets_the_budget() -> None:
+    torch.manual_seed(0)
+    model = _TinyResNet().eval()
+    batches = [torch.randn(16, 3, 8, 8) for _ in range(4)]
+    results = {name: prune(model, batches, Budget(flops=0.5), allocation=name, levels=4, progress=False)
+               for name in ("dp", "mip")}
+    fallback = results["dp"].report
+    assert any(n.startswith("allocation solver 'dp' refused") and "close a cycle" in n and n.endswith("used 'cpsat'")
+               for n in fallback.notes)
+    assert fallback.allocation["solver"] == "cpsat" and fallback.allocation["status"] == "optimal"
+    assert fallback.allocation["objective"] == pytest.approx(results["mip"].report.allocation["objective"], rel=1e-6)
+    dense = dense_counts(model, batches[0]).flops
+    for result in results.values():
+        assert dense_counts(result.model, batches[0]).flops <= 0.5 * dense
+        assert result.report.output_error == pytest.approx(_relative_output_error(model, result.model, batches),
+                                                           rel=1e-4)
