@@ -234,6 +234,13 @@ def test_hf_bert_prunes_to_budget_and_the_pruned_model_runs_any_length() -> None
     with torch.no_grad():
         unrefit = plain(**_tokens(3, 20, 9)).last_hidden_state
     assert (pruned - dense).norm() < (unrefit - dense).norm()
+    # the output error over last_hidden_state and pooler_output, the dense side kept from the exported trace
+    with torch.no_grad():
+        want = [model(**b) for b in calibration]
+        got = [result.model(**b) for b in calibration]
+    diff = sum(float((g[k] - w[k]).double().pow(2).sum()) for g, w in zip(got, want, strict=True) for k in w.keys())
+    total = sum(float(w[k].double().pow(2).sum()) for w in want for k in w.keys())
+    assert result.report.output_error == pytest.approx((diff / total) ** 0.5, rel=1e-6)
 
 
 def _tiny_gpt2() -> nn.Module:
