@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -168,3 +169,16 @@ def test_a_user_file_named_like_an_imported_module_keeps_its_classes_findable(tm
     assert sys.modules["json"] is json and hasattr(json, "dumps")
     same = build_model(f"{tmp_path / 'json.py'}:make")  # the same file again: the same name
     assert type(same).__module__ == type(model).__module__
+
+
+def test_prune_can_skip_the_error_curve(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for flags, folder in (([], tmp_path / "with"), (["--no-error-curve"], tmp_path / "without")):
+        assert main(["prune", "--model", "digits_cnn", "--flops", "0.5", "--calibration", "128", "--quiet",
+                     "--out", str(folder), *flags]) == 0
+    report = {name: json.loads((tmp_path / name / "report.json").read_text()) for name in ("with", "without")}
+    assert len(report["with"]["error_curve"]) == 9 and report["without"]["error_curve"] == []
+    assert (tmp_path / "with" / "error_vs_budget.png").exists()
+    assert not (tmp_path / "without" / "error_vs_budget.png").exists()
+    assert "error curve" in report["with"]["stages"] and "error curve" not in report["without"]["stages"]
+    kept = {name: [(g["name"], g["kept"]) for g in report[name]["groups"]] for name in report}
+    assert kept["with"] == kept["without"]  # the plan does not depend on the curve
