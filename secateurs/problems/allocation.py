@@ -318,6 +318,13 @@ class AllocationTables:
             c += p[:, int(x[g]), int(x[h])]
         return c
 
+    def error_scaling(self, magnitude: float) -> tuple[float, float]:
+        """(offset, scale) for solvers that need errors on a fixed scale: ``scale · (e_g − min e_g)``
+        has spans summing to ``magnitude``, and ``offset`` is Σ_g min e_g (1.0 when all are flat)."""
+        offset = float(sum(float(e.min()) for e in self.error))
+        span = float(sum(float(e.max() - e.min()) for e in self.error))
+        return offset, (magnitude / span if span > 0 else 1.0)
+
     def feasible(self, x: Sequence[int] | np.ndarray) -> bool:
         return bool(np.all(self.costs(x) <= self.limit + self.tol))
 

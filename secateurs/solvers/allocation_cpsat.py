@@ -121,9 +121,7 @@ def cpsat(problem: Allocation, *, time_limit: float | None, seed: int, workers: 
             terms += [c * v for c, v in zip(coeffs, flat, strict=True) if c]
         rhs = math.floor(s * (float(t.limit[r]) - float(t.constant[r]) + float(t.tol[r])))
         model.Add(sum(terms) <= rhs)
-    offset = sum(float(e.min()) for e in t.error)
-    span = sum(float(e.max() - e.min()) for e in t.error)
-    S = _OBJECTIVE_MAGNITUDE / max(span, 1e-300) if span > 0 else 1.0
+    offset, S = t.error_scaling(_OBJECTIVE_MAGNITUDE)
     rounding = 0.0
     objective = []
     for g, e in enumerate(t.error):
