@@ -400,8 +400,22 @@ class AllocationTables:
             x[g] = int(acc[g].argmin()) if p < 0 else int(best[g][x[p]])
         return total, x
 
+    def _monotone_corner(self, row: int) -> np.ndarray | None:
+        """All-lowest (or all-highest) levels when every table of ``row`` rises (or falls) with
+        every keep count, as params and FLOPs do: then no assignment costs less, cycles or not."""
+        for direction in (1.0, -1.0):
+            if all(np.all(direction * np.diff(u[row]) >= 0) for u in self.unary) and all(
+                    np.all(direction * np.diff(p[row], axis=0) >= 0) and np.all(direction * np.diff(p[row], axis=1) >= 0)
+                    for p in self.pairs.values()):
+                return np.array([0 if direction > 0 else len(lv) - 1 for lv in self.levels], dtype=np.int64)
+        return None
+
     def row_min(self, row: int) -> tuple[float, np.ndarray | None]:
-        """Exact minimum of one row's cost: tree DP, enumeration when small, else the MIP solver."""
+        """Exact minimum of one row's cost: a corner when the row is monotone, else tree DP,
+        enumeration when small, else the MIP solver."""
+        corner = self._monotone_corner(row)
+        if corner is not None:
+            return float(self.costs(corner)[row]), corner
         node = [u[row] for u in self.unary]
         edge = {k: p[row] for k, p in self.pairs.items() if np.any(p[row])}
         sub = AllocationTables(self.names, self.levels, self.error, self.unary,
