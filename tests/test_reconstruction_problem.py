@@ -82,6 +82,18 @@ def test_unit_width_blocks_and_with_keep() -> None:
     assert prob.with_keep(3).hessians[0] is prob.hessians[0]
 
 
+def test_cholesky_factors_are_those_of_the_hessians_and_shared_by_with_keep() -> None:
+    X, W = _data(1, p=6)
+    prob = Reconstruction.from_hessian([X.T @ X, 2 * X.T @ X], W=[W, W[:2]], keep=3, ridge=0.5)
+    for i, H in enumerate(prob.hessians):
+        L = prob.factor(i)
+        assert torch.equal(L, torch.tril(L))
+        assert torch.allclose(L @ L.T, H, rtol=1e-12, atol=1e-12)
+        assert prob.with_keep(2).factor(i) is L
+    combined = Reconstruction.combine([prob, prob])  # built unchecked: factors computed on demand
+    assert torch.allclose(combined.factor(3), prob.factor(1), rtol=0, atol=0)
+
+
 def test_check_names_each_violation() -> None:
     prob = random_reconstruction(0, units=5, keep=3)
     assert prob.check([0, 1, 4]) == []

@@ -51,8 +51,9 @@ def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
-def _check_hessian(H: Tensor, field: str) -> Tensor:
-    """Symmetric positive definite (H = XᵀX + λI with λ > 0 is); returns the exact symmetrisation."""
+def _check_hessian(H: Tensor, field: str) -> tuple[Tensor, Tensor]:
+    """Symmetric positive definite (H = XᵀX + λI with λ > 0 is); returns the exact symmetrisation
+    and its Cholesky factor (the check computes it; every solver needs it)."""
     if H.ndim != 2 or H.shape[0] != H.shape[1]:
         raise ValidationError(field, f"must be a square (p, p) matrix, got shape {_shape(H)}")
     scale = float(H.abs().max()) if H.numel() else 0.0
@@ -60,7 +61,7 @@ def _check_hessian(H: Tensor, field: str) -> Tensor:
     if asym > 1e-8 * max(scale, 1e-300):
         raise ValidationError(field, f"is not symmetric (max |H - Hᵀ| = {asym:.3g}, max |H| = {scale:.3g})")
     H = (H + H.T) / 2
-    _, info = torch.linalg.cholesky_ex(H)
+    L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
         least = float(torch.linalg.eigvalsh(H)[0])
         raise ValidationError(
@@ -68,7 +69,7 @@ def _check_hessian(H: Tensor, field: str) -> Tensor:
             f"is not positive definite (smallest eigenvalue {least:.3g}); a Gram matrix XᵀX needs a "
             "positive ridge λ so that every refit is unique",
         )
-    return H
+    return H, L
 
 
 def default_ridge(gram: Tensor) -> float:
@@ -113,6 +114,7 @@ class Reconstruction:
     keep: int
     ridge: tuple[float, ...]
     constant: float
+    _factors: dict[int, Tensor] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -298,8 +300,11 @@ class Reconstruction:
         validated: bool = False,
     ) -> Reconstruction:
         """Validate H's, derive the missing one of G / Ŵ and the constant c."""
+        factors: dict[int, Tensor] = {}
         if not validated:
-            hs = [_check_hessian(h, f) for h, f in zip(hs, hfields, strict=True)]
+            checked = [_check_hessian(h, f) for h, f in zip(hs, hfields, strict=True)]
+            hs = [h for h, _ in checked]
+            factors = {i: L for i, (_, L) in enumerate(checked)}
         p = hs[0].shape[0]
         for f, h in zip(hfields, hs, strict=True):
             if h.shape[0] != p:
@@ -312,11 +317,12 @@ class Reconstruction:
             raise ValidationError("unit_width", f"{unit_width} does not divide the {p} input columns")
         if ds is None:
             assert gs is not None
-            ds = [torch.cholesky_solve(g, torch.linalg.cholesky(h)) for h, g in zip(hs, gs, strict=True)]
+            ds = [torch.cholesky_solve(g, factors[i] if i in factors else torch.linalg.cholesky(h))
+                  for i, (h, g) in enumerate(zip(hs, gs, strict=True))]
         if gs is None:
             gs = [h @ d for h, d in zip(hs, ds, strict=True)]
         constant = float(sum(0.5 * float((d * g).sum()) for d, g in zip(ds, gs, strict=True)))
-        problem = cls(tuple(hs), tuple(gs), tuple(ds), unit_width, keep, tuple(ridge), constant)
+        problem = cls(tuple(hs), tuple(gs), tuple(ds), unit_width, keep, tuple(ridge), constant, factors)
         problem._check_keep(keep)
         return problem
 
@@ -325,6 +331,13 @@ class Reconstruction:
             raise ValidationError("keep", f"must be an integer, got {keep!r}")
         if not 1 <= keep <= self.num_units:
             raise ValidationError("keep", f"must be between 1 and num_units={self.num_units}, got {keep}")
+
+    def factor(self, index: int) -> Tensor:
+        """Lower Cholesky factor of ``hessians[index]``: computed once, and shared with the problems
+        :meth:`with_keep` makes (an error curve and the final solve factor the same H)."""
+        if index not in self._factors:
+            self._factors[index] = torch.linalg.cholesky(self.hessians[index])
+        return self._factors[index]
 
     def with_keep(self, keep: int) -> Reconstruction:
         """The same statistics with another number of units to keep (tensors are shared)."""

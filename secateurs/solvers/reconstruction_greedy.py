@@ -40,8 +40,7 @@ Tensor = torch.Tensor
 class _Block:
     """Elimination state for one consumer input (its H⁻¹ in factored form and its refit B)."""
 
-    def __init__(self, H: Tensor, G: Tensor, w: int, fold: int) -> None:
-        L = torch.linalg.cholesky(H)
+    def __init__(self, H: Tensor, L: Tensor, G: Tensor, w: int, fold: int) -> None:
         self.Hi = torch.cholesky_inverse(L)
         self.B = self.Hi @ G
         self.w = w
@@ -131,7 +130,8 @@ def greedy_path(
     if not 1 <= first <= step:
         raise ValueError(f"first_step must be in 1..{step}, got {first_step}")
     fold = max(256, 2 * step * w)
-    blocks = [_Block(H, G, w, fold) for H, G in zip(problem.hessians, problem.targets, strict=True)]
+    blocks = [_Block(H, problem.factor(i), G, w, fold)
+              for i, (H, G) in enumerate(zip(problem.hessians, problem.targets, strict=True))]
     device = problem.device
     units = torch.arange(g, device=device)  # original index of each local unit
     alive = torch.ones(g, dtype=torch.bool, device=device)
