@@ -287,21 +287,31 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
         usable = [c for c in usable if c.width == widths[0]]
     if not usable:
         return None, [], "; ".join(notes + ["no reconstructable consumer: magnitude error curve"])
-    hessians, targets = [], []
+    hessians, targets, weights = [], [], []
     for c in usable:
         gram, cross = stats[c.input].gram, stats[c.input].cross
         assert gram is not None
         cols = c.flat().to(gram.device)
-        h = gram[cols][:, cols]
+        h = gram[cols][:, cols]  # a copy (advanced indexing), so the ridge goes on in place
         ridge = 0.01 * float(torch.diagonal(h).mean()) or 1e-8
-        eye = ridge * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+        h.diagonal().add_(ridge)
         weight = consumer_weight(model, c.module).detach()
         dense = c.weight_block(weight)[:, c.weight_flat().to(weight.device)].to(gram).T  # Ŵ, p x m
         # G = (XᵀX_target + λI)·Ŵ: the target is the dense layer's output on the dense model's inputs
         # when those were recorded (sequential pruning), else on the same inputs (G = HŴ).
-        targets.append(((h if cross is None else cross[cols][:, cols]) + eye) @ dense)
-        hessians.append(h + eye)
-    problem = Reconstruction.from_hessian(hessians, G=targets, unit_width=widths[0], keep=group.size)
+        if cross is None:
+            targets.append(None)
+        else:
+            target = cross[cols][:, cols]
+            target.diagonal().add_(ridge)
+            targets.append(target @ dense)
+        hessians.append(h)
+        weights.append(dense.T)
+    if all(t is None for t in targets):  # G = HŴ: the problem computes it, and Ŵ needs no solve
+        problem = Reconstruction.from_hessian(hessians, W=weights, unit_width=widths[0], keep=group.size)
+    else:
+        targets = [h @ w.T if t is None else t for h, w, t in zip(hessians, weights, targets, strict=True)]
+        problem = Reconstruction.from_hessian(hessians, G=targets, unit_width=widths[0], keep=group.size)
     return problem, usable, "; ".join(notes)
 
 
