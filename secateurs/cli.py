@@ -477,7 +477,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=None,
                    help="hf: models: tokens per sequence (default 128, or the model's max_position_embeddings "
                         "when fewer); held-out paragraphs are truncated or padded to it")
-    p.add_argument("--time-limit", type=float, default=None, help="seconds for the whole run")
+    p.add_argument("--time-limit", type=float, default=None,
+                   help="seconds for the solving (allocation, error curve, per-group solves), which fall back to "
+                        "greedy when it runs out; tracing, statistics and error paths always run")
     p.add_argument("--no-sequential", action="store_true",
                    help="solve every group on the dense model's statistics (streaming, less memory)")
     p.add_argument("--no-error-curve", action="store_true",

@@ -160,8 +160,9 @@ def prune(
     time_limit : float, optional
         Seconds for the solving: the allocation, the error curve (at most a fifth of what is left)
         and the per-group solves get what remains and fall back to greedy plans and supports when
-        it runs out (said in the report's notes). Tracing, calibration statistics and latency
-        tables always run to the end, so a run can take longer than this.
+        it runs out (said in the report's notes); the layer-wise pass then stops collecting
+        statistics and refits on the dense model's. Tracing, calibration statistics, the greedy
+        error paths and latency tables always run to the end, so a run can take longer than this.
     """
     if structure not in STRUCTURES:
         raise ValidationError("structure", f"expected one of {STRUCTURES}, got {structure!r}")
@@ -581,7 +582,9 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
                 if work.problem is not None:
                     _write_refit(work_model, work, support)
     if solver.fell_back:
-        report.notes.append("time limit reached: the remaining groups use their greedy supports")
+        report.notes.append("time limit reached: the remaining groups use their greedy supports" + (
+            ", refit on the dense model's statistics (the layer-wise pass stopped collecting them)"
+            if sequential else ""))
     renormalised = {name: graph.normalisations(name) for name in keep}
     renormalised = {name: norms for name, norms in renormalised.items() if norms}
     if renormalised:
@@ -671,7 +674,9 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
     pruned, masked and refit in ``work_model``), the group is solved, its removed slices are
     zeroed and its consumers refit; then the pass goes on. The refit target is the dense
     layer's output on the dense model's inputs, min ‖X_p·B − X_d·Ŵ‖² + λ‖B − Ŵ‖² (the dense
-    model runs alongside), so each refit also absorbs the error of the groups before it. A
+    model runs alongside), so each refit also absorbs the error of the groups before it. Once the
+    time limit is spent, no more statistics are collected: a group then keeps its greedy support
+    and is refit on the dense model's statistics, as without the layer-wise pass. A
     consumer whose input is not computed yet at that point (it reads the group further
     downstream, e.g. along a residual stream) keeps its dense statistics. The report's stages
     split the pass into its statistics, its solves and the forward passes. Returns the kept
@@ -696,7 +701,7 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
     def handle(work: _GroupWork) -> None:
         k = keep_counts[work.group.name]
         started = time.perf_counter()
-        if k < work.group.size and work.problem is not None:
+        if k < work.group.size and work.problem is not None and not solver.deadline.expired():
             fresh = dict(stats)
             refreshed = 0
             for name in dict.fromkeys(c.input for c in work.consumers):

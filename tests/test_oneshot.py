@@ -325,6 +325,14 @@ def test_a_spent_time_limit_cuts_the_error_curve_and_the_plan_still_meets_the_bu
     assert any(n.startswith("error curve: 0 of 9 budgets") for n in result.report.notes)
     assert dense_counts(result.model, calibration[0]).flops <= 0.5 * dense_counts(model, calibration[0]).flops
     assert all(g.solver in ("greedy", "magnitude") for g in result.report.groups if g.kept < g.total)
+    assert any(n.endswith("refit on the dense model's statistics (the layer-wise pass stopped collecting them)")
+               for n in result.report.notes)
+    # with the time spent, the layer-wise pass collects nothing more: the prune is the one-pass prune
+    one_pass = prune(model, calibration, Budget(flops=0.5), time_limit=1e-3, progress=False, sequential=False)
+    assert one_pass.plan.keep == result.plan.keep
+    x = torch.cat(calibration)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), one_pass.model(x), rtol=1e-6, atol=1e-6)
 
 
 def test_the_error_curve_takes_a_share_of_the_allocation_time_and_names_unproven_points(
