@@ -60,12 +60,14 @@ def refit_rows(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, rid
     w = weight.to(torch.float64)
     target = w @ h  # row i: H ŵ_i
     out = torch.zeros_like(w)
-    eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
     for i in range(w.shape[0]):
         support = mask[i].nonzero().squeeze(1)
         if support.numel() == 0:
             continue
-        h_ss = h[support][:, support] + lam * eye[: support.numel(), : support.numel()]
-        rhs = target[i, support] + lam * w[i, support]
-        out[i, support] = torch.linalg.solve(h_ss, rhs)
+        h_ss = h[support][:, support]  # a copy: the ridge goes on in place
+        h_ss.diagonal().add_(lam)
+        rhs = (target[i, support] + lam * w[i, support])[:, None]
+        # positive definite whenever λ > 0 or X_S has full rank: Cholesky, a quarter faster than LU
+        factor, info = torch.linalg.cholesky_ex(h_ss)
+        out[i, support] = (torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(h_ss, rhs))[:, 0]
     return out.to(weight.dtype)
