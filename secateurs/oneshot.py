@@ -522,6 +522,7 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
             work.path = {k: v for k, v in _magnitude_path(model, group).items() if k in allowed}
         else:
             _error_path(work, levels, unit_multiple(group, channel_multiple))
+            problem.release_factors()  # the greedy path was their last user; every group's would add up
         works.append(work)
     stage("error curves", start)
 
@@ -720,6 +721,8 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
         solving = time.perf_counter()
         clock["statistics"] += solving - started
         support = solver(work, k, report)
+        if work.problem is not None:
+            work.problem.release_factors()  # a fresh problem's, from its Hessian check
         clock["solves"] += time.perf_counter() - solving
         if support is not None:
             keep[work.group.name] = support
