@@ -108,7 +108,8 @@ def packed(tokenizer: Any, texts: list[str], seq_len: int) -> list[str]:
     median: padded to 128, 62% of the rows would be padding). A text longer than ``seq_len`` is cut
     when tokenised. A single paragraph is kept even when short, so a small file still calibrates.
     """
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    # lengths only: verbose=False keeps the tokenizer from warning that a text is longer than the model takes
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
     chunks: list[str] = []
     current: list[str] = []
     filled = 0

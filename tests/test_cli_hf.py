@@ -165,3 +165,26 @@ def test_hf_errors_are_one_line_naming_the_flag(make: str, flags: list[str], exp
     assert main(["prune", "--model", f"hf:{folder}", *flags, "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err and "\n" not in err and re.search(expected, err), err
+
+
+def test_packing_measures_long_paragraphs_without_the_tokenizers_length_warning(bert_dir: Path) -> None:
+    """Packing only counts tokens; a paragraph past the model's 512 tokens is cut later, when tokenised."""
+    import logging
+
+    from secateurs.hf import packed
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())  # type: ignore[method-assign]
+    logger = transformers.logging.get_logger("transformers")  # its own handler, which bypasses capture
+    logger.addHandler(handler)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(bert_dir), local_files_only=True)
+        long = " ".join(["pruning"] * 600)
+        chunks = packed(tokenizer, [long, "a short one", "another short one"], 16)
+        assert chunks[0] == long  # 600 tokens fill a sequence on their own
+        assert not [m for m in said if "longer than the specified maximum" in m]
+        tokenizer(long)  # the warning this test would see: the tokenizer does say it when asked for ids
+        assert [m for m in said if "longer than the specified maximum" in m]
+    finally:
+        logger.removeHandler(handler)
