@@ -658,6 +658,7 @@ class _GroupSolver:
                     if solved.ok:
                         support, solver_name, seconds = list(solved.solution), solved.solver, solved.seconds
             error = work.problem.relative_error(support)
+            work.problem.release_factors()  # the solve was their last user (a fresh problem's come from its check)
         report.groups.append(GroupReport(name, k, size, float(error), solver_name, seconds,
                                          "; ".join(n for n in (work.note, note) if n)))
         log.info("%s: keep %d/%d, relative error %.4g (%s, %.3fs)", name, k, size, error, solver_name, seconds)
@@ -721,8 +722,6 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
         solving = time.perf_counter()
         clock["statistics"] += solving - started
         support = solver(work, k, report)
-        if work.problem is not None:
-            work.problem.release_factors()  # a fresh problem's, from its Hessian check
         clock["solves"] += time.perf_counter() - solving
         if support is not None:
             keep[work.group.name] = support

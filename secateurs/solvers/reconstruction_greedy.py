@@ -40,11 +40,12 @@ Tensor = torch.Tensor
 class _Block:
     """Elimination state for one consumer input (its H⁻¹ in factored form and its refit B)."""
 
-    def __init__(self, H: Tensor, L: Tensor, G: Tensor, w: int, fold: int) -> None:
+    def __init__(self, L: Tensor, G: Tensor, w: int, fold: int) -> None:
+        """``L``: the Cholesky factor of this input's H (``Reconstruction.factor``)."""
         self.Hi = torch.cholesky_inverse(L)
         self.B = self.Hi @ G
         self.w = w
-        self.U = torch.empty(H.shape[0], fold, dtype=H.dtype, device=H.device)
+        self.U = torch.empty(L.shape[0], fold, dtype=L.dtype, device=L.device)
         self.t = 0
         self.D = diag_blocks(self.Hi, w).clone()
 
@@ -130,8 +131,7 @@ def greedy_path(
     if not 1 <= first <= step:
         raise ValueError(f"first_step must be in 1..{step}, got {first_step}")
     fold = max(256, 2 * step * w)
-    blocks = [_Block(H, problem.factor(i), G, w, fold)
-              for i, (H, G) in enumerate(zip(problem.hessians, problem.targets, strict=True))]
+    blocks = [_Block(problem.factor(i), G, w, fold) for i, G in enumerate(problem.targets)]
     device = problem.device
     units = torch.arange(g, device=device)  # original index of each local unit
     alive = torch.ones(g, dtype=torch.bool, device=device)
