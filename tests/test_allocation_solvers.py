@@ -30,11 +30,9 @@ def test_every_allocation_solver_is_registered() -> None:
 def test_exact_solvers_agree_with_brute_force_and_each_other(problem: Allocation) -> None:
     optimum, _ = brute_force_allocation(problem)
     values = {}
-    for name in EXACT:
-        r = check_allocation_solver(name, problem, optimum=optimum)
-        if r is None:  # dp refuses cycles
-            assert name == "dp" and problem.tables.cycle_edge() is not None
-            continue
+    for name in EXACT:  # dp eliminates every structure drawn here, cycles and dense ones too
+        r = check_allocation_solver(name, problem, optimum=optimum, allow_refusal=False)
+        assert r is not None
         assert r.status.value == ("optimal" if math.isfinite(optimum) else "infeasible"), (name, r.status, r.info)
         values[name] = r.objective
     if math.isfinite(optimum):
@@ -52,10 +50,10 @@ def test_heuristics_are_feasible_and_never_beat_the_optimum(problem: Allocation)
             assert r.objective >= optimum - 1e-9 * max(1.0, abs(optimum))
 
 
-@settings(max_examples=15)
-@given(allocations(min_groups=4, max_groups=9, max_levels=6, structures=("separable", "chain", "tree"), max_budgets=2,
-                   components=False))
-def test_dp_matches_cpsat_on_larger_forests(problem: Allocation) -> None:
+@settings(max_examples=20)
+@given(allocations(min_groups=4, max_groups=9, max_levels=6, structures=("separable", "chain", "tree", "cycle", "residual"),
+                   max_budgets=2, components=False))
+def test_dp_matches_cpsat_on_larger_graphs(problem: Allocation) -> None:
     d = check_allocation_solver("dp", problem, allow_refusal=False)
     c = check_allocation_solver("cpsat", problem)
     assert d is not None and c is not None
@@ -97,13 +95,38 @@ def test_heuristics_that_find_nothing_do_not_claim_infeasible() -> None:
     assert solve(problem, "uniform").status is Status.ERROR
 
 
-def test_dp_refuses_cycles_naming_the_pair() -> None:
-    with pytest.raises(SolverRefusedError, match=r"groups 'b' and 'c' close a cycle"):
-        solve(_cycle(), "dp")
-    optimum, _ = brute_force_allocation(_cycle())
-    for name in ("cpsat", "mip"):
-        r = check_allocation_solver(name, _cycle(), optimum=optimum)
-        assert r is not None and r.status.value == "optimal"
+def test_dp_solves_a_cycle_exactly() -> None:
+    problem = _cycle()
+    assert problem.tables.cycle_edge() is not None
+    optimum, _ = brute_force_allocation(problem)
+    for name in ("dp", "cpsat", "mip"):
+        r = check_allocation_solver(name, problem, optimum=optimum, allow_refusal=False)
+        assert r is not None and r.status.value == "optimal" and r.objective == pytest.approx(optimum)
+
+
+def _all_pairs(limit: float = 300.0, levels: int = 9) -> Allocation:
+    """Six groups joined pairwise with 9 levels each: eliminating any group builds a 9**6 table."""
+    names = [f"g{i}" for i in range(6)]
+    flops = Polynomial(0, {}, {(a, b): 1.0 for i, a in enumerate(names) for b in names[i + 1:]})
+    return Allocation({g: list(range(1, levels + 1)) for g in names},
+                      {g: [float(levels - i) for i in range(levels)] for g in names}, [Budget("flops", flops, limit)])
+
+
+def test_dp_refuses_interactions_of_large_tree_width_naming_the_groups() -> None:
+    with pytest.raises(SolverRefusedError, match=r"eliminating 'g0' joins groups 'g0', 'g1', .*'g5' in a table of "
+                                                 r"531,441 cells, more than 262,144 \(use cpsat or mip\)"):
+        solve(_all_pairs(), "dp")
+
+
+def test_a_pipeline_falls_back_to_cpsat_when_dp_refuses() -> None:
+    from secateurs.solvers.allocation_fallback import solve_allocation
+    from secateurs.solvers.result import Deadline
+
+    loose = _all_pairs(limit=1e6)  # a budget the widest levels meet: cpsat answers at once, dp still refuses
+    result, note = solve_allocation(loose, "dp", Deadline(None), seed=0)
+    assert note.startswith("allocation solver 'dp' refused (dp needs interactions of small tree width")
+    assert note.endswith("used 'cpsat'") and result.solver == "cpsat" and result.status.value == "optimal"
+    assert result.objective == 6 * 1.0 and result.solution == {f"g{i}": 9 for i in range(6)}
 
 
 def test_cpsat_states_scaling_and_keeps_rounding_in_the_bound() -> None:

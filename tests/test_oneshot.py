@@ -371,7 +371,7 @@ def test_the_error_curve_takes_a_share_of_the_allocation_time_and_names_unproven
 
 class _TinyResNet(torch.nn.Module):
     """Two residual blocks, the second with a projection shortcut: the convs and shortcuts close
-    cycles among the groups' cost terms, which the tree DP refuses."""
+    cycles among the groups' cost terms, which dp eliminates (tree width 2)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -389,17 +389,17 @@ class _TinyResNet(torch.nn.Module):
         return self.head(x.mean((2, 3)))
 
 
-def test_a_residual_network_falls_back_from_dp_to_an_exact_solver_and_meets_the_budget() -> None:
+def test_a_residual_network_is_allocated_exactly_by_dp_and_meets_the_budget() -> None:
+    """Residual blocks close cycles in the interactions; dp eliminates them (tree width 2) and agrees with the MIP."""
     torch.manual_seed(0)
     model = _TinyResNet().eval()
     batches = [torch.randn(16, 3, 8, 8) for _ in range(4)]
     results = {name: prune(model, batches, Budget(flops=0.5), allocation=name, levels=4, progress=False)
                for name in ("dp", "mip")}
-    fallback = results["dp"].report
-    assert any(n.startswith("allocation solver 'dp' refused") and "close a cycle" in n and n.endswith("used 'cpsat'")
-               for n in fallback.notes)
-    assert fallback.allocation["solver"] == "cpsat" and fallback.allocation["status"] == "optimal"
-    assert fallback.allocation["objective"] == pytest.approx(results["mip"].report.allocation["objective"], rel=1e-6)
+    exact = results["dp"].report
+    assert not any(n.startswith("allocation solver") for n in exact.notes)
+    assert exact.allocation["solver"] == "dp" and exact.allocation["status"] == "optimal"
+    assert exact.allocation["objective"] == pytest.approx(results["mip"].report.allocation["objective"], rel=1e-6)
     dense = dense_counts(model, batches[0]).flops
     for result in results.values():
         assert dense_counts(result.model, batches[0]).flops <= 0.5 * dense

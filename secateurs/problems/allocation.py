@@ -30,6 +30,7 @@ import numpy as np
 
 from secateurs.cost import Polynomial
 from secateurs.errors import InfeasibleBudgetError, ValidationError
+from secateurs.problems.elimination import MAX_CELLS, Elimination, decode, eliminate, messages
 
 REL_TOL = 1e-9
 """Relative tolerance of every budget comparison (``achieved ≤ limit + REL_TOL·max(1, |limit|)``)."""
@@ -351,54 +352,20 @@ class AllocationTables:
             root[a] = b
         return None
 
-    def forest(self) -> tuple[list[int], list[list[int]], list[int]]:
-        """Rooted forest of the interactions: (parent or -1, children, BFS order). Needs no cycle."""
-        parent = [-1] * self.n
-        children: list[list[int]] = [[] for _ in range(self.n)]
-        seen = [False] * self.n
-        order: list[int] = []
-        for start in range(self.n):
-            if seen[start]:
-                continue
-            seen[start] = True
-            queue = [start]
-            while queue:
-                g = queue.pop(0)
-                order.append(g)
-                for h in sorted(self.neighbors[g]):
-                    if not seen[h]:
-                        seen[h] = True
-                        parent[h] = g
-                        children[g].append(h)
-                        queue.append(h)
-        return parent, children, order
+    @cached_property
+    def elimination(self) -> Elimination:
+        """The groups' min-fill elimination order over the pair tables (a tree DP on forests)."""
+        return eliminate([lv.shape[0] for lv in self.levels], list(self.pairs))
 
     def minsum(self, node: list[np.ndarray], edge: Mapping[tuple[int, int], np.ndarray]) -> tuple[float, np.ndarray]:
-        """Exact min over x of Σ node[g][x_g] + Σ edge[(g,h)][x_g, x_h] on the forest (min-sum DP).
+        """Exact min over x of Σ node[g][x_g] + Σ edge[(g,h)][x_g, x_h] by bucket elimination.
 
-        ``edge`` is keyed like ``pairs`` (g < h, shape (L_g, L_h)); missing edges count zero.
+        ``edge`` is keyed like ``pairs`` (g < h, shape (L_g, L_h)); missing edges count zero. Exact
+        on any graph; fast while the elimination's tables stay small (see ``elimination``).
         """
-        parent, _, order = self.forest()
-        acc = [np.asarray(w, dtype=np.float64).copy() for w in node]
-        best: dict[int, np.ndarray] = {}
-        total = 0.0
-        for g in reversed(order):
-            p = parent[g]
-            if p < 0:
-                total += float(acc[g].min())
-                continue
-            w = edge.get((p, g) if p < g else (g, p))
-            if w is None:
-                m = np.broadcast_to(acc[g][None, :], (acc[p].shape[0], acc[g].shape[0]))
-            else:
-                m = (w if p < g else w.T) + acc[g][None, :]
-            best[g] = m.argmin(axis=1)
-            acc[p] += m.min(axis=1)
-        x = np.zeros(self.n, dtype=np.int64)
-        for g in order:
-            p = parent[g]
-            x[g] = int(acc[g].argmin()) if p < 0 else int(best[g][x[p]])
-        return total, x
+        msgs = messages(self.elimination, [np.asarray(w, dtype=np.float64)[None] for w in node],
+                        {k: np.asarray(w, dtype=np.float64)[None] for k, w in edge.items()}, outside=False)
+        return float(msgs.total[0]), decode(self.elimination, msgs)
 
     def _monotone_corner(self, row: int) -> np.ndarray | None:
         """All-lowest (or all-highest) levels when every table of ``row`` rises (or falls) with
@@ -411,8 +378,8 @@ class AllocationTables:
         return None
 
     def row_min(self, row: int) -> tuple[float, np.ndarray | None]:
-        """Exact minimum of one row's cost: a corner when the row is monotone, else tree DP,
-        enumeration when small, else the MIP solver."""
+        """Exact minimum of one row's cost: a corner when the row is monotone, else bucket
+        elimination when its tables stay small, enumeration when the problem is small, else the MIP."""
         corner = self._monotone_corner(row)
         if corner is not None:
             return float(self.costs(corner)[row]), corner
@@ -420,7 +387,7 @@ class AllocationTables:
         edge = {k: p[row] for k, p in self.pairs.items() if np.any(p[row])}
         sub = AllocationTables(self.names, self.levels, self.error, self.unary,
                                {k: self.pairs[k] for k in edge}, self.constant, self.limit, self.rows, self.sign)
-        if sub.cycle_edge() is None:
+        if sub.elimination.largest()[1] <= MAX_CELLS:
             value, x = sub.minsum(node, edge)
             return value + float(self.constant[row]), x
         sizes = [lv.shape[0] for lv in self.levels]
@@ -479,8 +446,9 @@ class Allocation:
     InfeasibleBudgetError
         A single budget that no allowed assignment meets. ``least`` is the exact extreme value of
         that budget's cost over allowed levels (the minimum for ``<=``, the maximum for ``>=``):
-        computed by the min-sum DP when its interactions form a forest (separable and chain costs),
-        by enumeration when small, and otherwise by the MIP solver. Budgets that are each
+        its monotone corner when every table of it rises with every keep count (params, FLOPs),
+        else by min-sum bucket elimination when the interactions have small tree width (forests,
+        residual blocks), by enumeration when small, and otherwise by the MIP solver. Budgets that are each
         satisfiable but not jointly are not detected here; solvers then report ``infeasible``.
 
     Notes
@@ -662,7 +630,7 @@ class Allocation:
                                 tuple(b.name for b in self.budgets), sign)
 
     def interactions(self) -> list[tuple[str, str]]:
-        """Pairs of groups coupled by a bilinear or latency term (the graph dp needs to be a forest)."""
+        """Pairs of groups coupled by a bilinear or latency term (the graph dp eliminates; its tree width bounds dp)."""
         n = self.tables.names
         return [(n[g], n[h]) for g, h in sorted(self.tables.pairs)]
 

@@ -1,31 +1,35 @@
-"""Exact dynamic programming for Allocation on forests of pairwise terms (separable, chains, trees).
+"""Exact dynamic programming for Allocation by bucket elimination of the groups' pairwise terms.
 
-Budgets are real-valued, so the DP never discretises them. It keeps, for every group ``g`` and
-level ``j`` of ``g``, the Pareto set of (cost vector, error) pairs over the subtree of ``g``
-with ``x_g = j``; a parent combines its children's sets (shifted by the edge table) by Minkowski
-sums, and a virtual root combines the trees (for a separable problem this is the classic
-sequential knapsack DP). Dominated points are dropped (any completion of a dominated point
-is matched by its dominator), which alone makes the DP exact.
+Budgets are real-valued, so the DP never discretises them. It eliminates groups one at a time
+in a min-fill order (``problems.elimination``): group ``v``'s bucket keeps, for every assignment
+of the groups ``v`` is still joined to, the Pareto set of (cost vector, error) pairs over the
+groups eliminated into it, combining its children's sets by Minkowski sums and taking the union
+over ``v``'s levels. On a forest that is the tree DP (for a separable problem, the classic
+sequential knapsack DP); residual networks (a bottleneck's inner widths and the stream they read
+and write, a projection shortcut) have tree width 2, so no bucket spans more than three groups.
+Dominated points are dropped (any completion of a dominated point is matched by its dominator),
+which alone makes the DP exact.
 
 What makes it fast is bounding, as in Pisinger's MCKP algorithms. A Lagrangian multiplier
 ``λ ≥ 0`` (found by bisection for one budget, subgradient ascent for several) gives, for any
 completion, ``error_rest ≥ min_rest(e + λ·cost) − λ·(limit − cost_so_far)``; the min over
-everything outside a partial state is an exact tree min-sum (inside/outside messages). A state
-whose bound reaches the incumbent's error (greedy + Lagrangian solutions) is dropped, and so is
-one whose least possible completion cost (per budget, again by min-sum) already exceeds a limit.
-States are compared with a relative slack of 1e-10 on the incumbent, so the result is optimal
-to that precision; ``bound`` is reported as ``objective − slack``.
+everything outside a partial state is exact min-sum (inside/outside messages of the same
+elimination). A state whose bound reaches the incumbent's error (greedy + Lagrangian solutions)
+is dropped, and so is one whose least possible completion cost (per budget, again by min-sum)
+already exceeds a limit. States are compared with a relative slack of 1e-10 on the incumbent, so
+the result is optimal to that precision; ``bound`` is reported as ``objective − slack``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from secateurs.errors import SolverRefusedError
 from secateurs.problems.allocation import Allocation, AllocationTables
+from secateurs.problems.elimination import MAX_CELLS, Elimination, Messages, messages, spread
 from secateurs.solvers.allocation_baselines import LocalMoves, greedy_plan
 from secateurs.solvers.registry import register
 from secateurs.solvers.result import Deadline, SolveResult, Status, Trace
@@ -132,28 +136,109 @@ def multipliers(t: AllocationTables, deadline: Deadline, iterations: int = 60
     return best_lam, best_d, best_x, ub, evaluations
 
 
-def _messages(a: list[np.ndarray], W: list[np.ndarray | None], parent: list[int], kids: list[list[int]],
-              post: list[int]) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Min-sum on the rooted tree for K channels at once: msg[c] (K, L_parent) and outside[g] (K, L_g)."""
-    n = len(a)
-    inside = [x.copy() for x in a]
-    msg: list[np.ndarray] = [np.zeros(0)] * n
-    for g in post:
-        for c in kids[g]:
-            inside[g] += msg[c]
-        p = parent[g]
-        if p >= 0:
-            msg[g] = (W[g] + inside[g][:, None, :]).min(axis=2)  # type: ignore[operator]
-    outside: list[np.ndarray] = [np.zeros(0)] * n
-    root = post[-1]
-    outside[root] = np.zeros_like(a[root])
-    for g in reversed(post):
-        if not kids[g]:
+class _Frontier(NamedTuple):
+    """A Pareto set of partial plans: cost rows (n, R), errors (n,) and where each came from (n, m)."""
+
+    cost: np.ndarray
+    err: np.ndarray
+    origin: np.ndarray
+
+
+class _Bounds(NamedTuple):
+    """What prunes a partial plan: ``err + λ·cost + rest[0] + shift`` must stay under ``cut`` and
+    ``cost + rest[1:]`` within ``room``, ``rest`` being the least of everything not yet in the plan."""
+
+    lam: np.ndarray
+    shift: float
+    room: np.ndarray
+    cut: float
+
+    def keep(self, cost: np.ndarray, err: np.ndarray, rest: np.ndarray) -> np.ndarray:
+        """Which of the points (cost (n, R), err (n,)) survive; ``rest`` is (R + 1,) or one column per point."""
+        return (err + cost @ self.lam + rest[0] + self.shift < self.cut) & np.all(cost + rest[1:].T <= self.room, axis=1)
+
+
+def _join(front: _Frontier, other: _Frontier, rest: np.ndarray, bounds: _Bounds) -> _Frontier:
+    """The Pareto set of every sum of a point of ``front`` and one of ``other`` that the bounds keep;
+    each origin row gains the index of its ``other`` point."""
+    n, m = front.err.shape[0], other.err.shape[0]
+    if n == 0 or m == 0:
+        return _Frontier(front.cost[:0], front.err[:0], np.zeros((0, front.origin.shape[1] + 1), dtype=np.int64))
+    cost = (front.cost[:, None, :] + other.cost[None, :, :]).reshape(n * m, -1)
+    err = (front.err[:, None] + other.err[None, :]).reshape(-1)
+    idx = np.flatnonzero(bounds.keep(cost, err, rest))
+    idx = idx[pareto(cost[idx], err[idx])]
+    origin = np.column_stack([front.origin[idx // m], idx % m])
+    return _Frontier(cost[idx], err[idx], origin)
+
+
+def _project(axes: tuple[int, ...], scope: tuple[int, ...], at: tuple[int, ...]) -> tuple[int, ...]:
+    """The levels of ``scope``'s groups within an assignment ``at`` of ``axes``."""
+    return tuple(at[axes.index(g)] for g in scope)
+
+
+def _bucket_frontiers(t: AllocationTables, elim: Elimination, msgs: Messages, v: int,
+                      sets: dict[int, dict[tuple[int, ...], _Frontier]], bounds: _Bounds
+                      ) -> dict[tuple[int, ...], _Frontier]:
+    """Group ``v``'s message as Pareto sets: for each assignment of its scope, the plans of v's
+    subtree (v's level first in each origin row, then one point index per child) the bounds keep."""
+    axes = elim.bucket(v)
+    shape = tuple(elim.sizes[g] for g in axes)
+    err = np.broadcast_to(spread(t.error[v][None], (v,), axes)[0], shape)
+    cost = np.zeros((t.r, *shape))
+    cost += spread(t.unary[v], (v,), axes)
+    for key in elim.pairs[v]:
+        cost += spread(t.pairs[key], key, axes)
+    kids = sorted(elim.children[v], key=lambda c: len(elim.scope[c]))  # those over v alone first
+    kid_inside = [spread(msgs.inside[c], elim.scope[c], axes) for c in kids]
+    outside = spread(msgs.outside[v], elim.scope[v], axes)
+    k = t.r + 1
+    out: dict[tuple[int, ...], _Frontier] = {}
+    for at_scope in np.ndindex(*shape[1:]):
+        c0 = cost[(slice(None), slice(None), *at_scope)].T  # every level of v at once: (L_v, R)
+        e0 = err[(slice(None), *at_scope)]
+        kid_rest = [np.broadcast_to(w[(slice(None), slice(None), *(0 if s == 1 else a for s, a in zip(w.shape[2:], at_scope,
+                                                                                                     strict=True)))],
+                                    (k, shape[0])) for w in kid_inside]
+        rest = outside[(slice(None), slice(None), *at_scope)] + sum(kid_rest, np.zeros((k, 1)))
+        js = np.flatnonzero(bounds.keep(c0, e0, rest))
+        if not kids:
+            js = js[pareto(c0[js], e0[js])]
+            out[at_scope] = _Frontier(c0[js], e0[js], js[:, None])
             continue
-        base = a[g] + outside[g] + sum(msg[c] for c in kids[g])
-        for c in kids[g]:
-            outside[c] = ((base - msg[c])[:, :, None] + W[c]).min(axis=1)  # type: ignore[operator]
-    return msg, outside
+        # the first child's set shifted by v's own point, for every kept level of v at once
+        first = [sets[kids[0]][_project(axes, elim.scope[kids[0]], (int(j), *at_scope))] for j in js]
+        owner = np.repeat(np.arange(js.shape[0]), [f.err.shape[0] for f in first])
+        c = np.concatenate([f.cost for f in first] or [np.zeros((0, t.r))]) + c0[js[owner]]
+        e = np.concatenate([f.err for f in first] or [np.zeros(0)]) + e0[js[owner]]
+        origin = np.column_stack([js[owner], np.concatenate([np.arange(f.err.shape[0]) for f in first] or [np.zeros(0, int)])])
+        rest = rest - kid_rest[0]
+        ok = np.flatnonzero(bounds.keep(c, e, rest[:, js[owner]]))
+        c, e, origin, owner = c[ok], e[ok], origin[ok], owner[ok]
+        if len(kids) > 1:  # the other children join level by level
+            parts: list[_Frontier] = []
+            for i, j in enumerate(js):
+                mine = np.flatnonzero(owner == i)
+                mine = mine[pareto(c[mine], e[mine])]
+                front = _Frontier(c[mine], e[mine], origin[mine])
+                left = rest[:, j]
+                at = (int(j), *at_scope)
+                for child, w in zip(kids[1:], kid_rest[1:], strict=True):
+                    if front.err.shape[0] == 0:
+                        break
+                    left = left - w[:, j]
+                    front = _join(front, sets[child][_project(axes, elim.scope[child], at)], left, bounds)
+                if front.err.shape[0]:  # an emptied front stopped short of the last children
+                    parts.append(front)
+            c = np.concatenate([f.cost for f in parts] or [c[:0]])
+            e = np.concatenate([f.err for f in parts] or [e[:0]])
+            origin = np.concatenate([f.origin for f in parts] or [np.zeros((0, 1 + len(kids)), dtype=np.int64)])
+        keep = pareto(c, e)
+        out[at_scope] = _Frontier(c[keep], e[keep], origin[keep])
+    if kids:  # origin columns follow the kids' order; store them in children order
+        order = [1 + kids.index(c) for c in elim.children[v]]
+        out = {key: _Frontier(f.cost, f.err, f.origin[:, [0, *order]]) for key, f in out.items()}
+    return out
 
 
 def _solve(problem: Allocation, deadline: Deadline) -> SolveResult:
@@ -166,11 +251,13 @@ def _solve(problem: Allocation, deadline: Deadline) -> SolveResult:
         obj = problem.evaluate(sol)
         trace.record(obj)
         return SolveResult(Status.OPTIMAL, obj, sol, bound=obj, trace=trace.points, info={"note": "no budgets"})
-    edge = t.cycle_edge()
-    if edge is not None:
+    elim = t.elimination
+    widest, cells = elim.largest()
+    if cells > MAX_CELLS:
+        names = ", ".join(repr(t.names[g]) for g in elim.bucket(widest))
         raise SolverRefusedError(
-            f"dp needs the pairwise cost terms to form a chain or tree; groups {edge[0]!r} and {edge[1]!r} "
-            f"close a cycle (use cpsat or mip)")
+            f"dp needs interactions of small tree width; eliminating {t.names[widest]!r} joins groups {names} "
+            f"in a table of {cells:,} cells, more than {MAX_CELLS:,} (use cpsat or mip)")
 
     lam, lag_bound, x_lag, ub, evals = multipliers(t, deadline)
     incumbent, ub_x = math.inf, None
@@ -185,94 +272,47 @@ def _solve(problem: Allocation, deadline: Deadline) -> SolveResult:
     if math.isfinite(incumbent):
         trace.record(incumbent)
     info: dict[str, Any] = {"multiplier": lam.tolist(), "lagrangian_bound": lag_bound, "lagrangian_evaluations": evals,
-                            "incumbent": incumbent}
+                            "incumbent": incumbent, "elimination_cells": cells}
     if math.isfinite(incumbent) and lag_bound >= incumbent - _SLACK * max(1.0, abs(incumbent)):
         return _finish(problem, ub_x, incumbent, info, trace, states=0)
 
-    # rooted forest + virtual root V (one level) over the trees
-    parent, children, order = t.forest()
-    n = t.n
-    V = n
-    par = [p if p >= 0 else V for p in parent] + [-1]
-    kids = [list(c) for c in children] + [[g for g in order if parent[g] < 0]]
-    post = list(reversed(order)) + [V]
-    L = [lv.shape[0] for lv in t.levels] + [1]
-    e_node = list(t.error) + [np.zeros(1)]
-    u_node = list(t.unary) + [np.zeros((R, 1))]
-    Pc: list[np.ndarray | None] = [None] * (n + 1)
-    for c in range(n):
-        Pc[c] = t.pair(par[c], c) if par[c] != V else np.zeros((R, 1, L[c]))
     # channel 0: λ-weighted Lagrangian; channels 1..R: each budget's own cost
-    a = [np.vstack([(e + lam @ u)[None, :], u]) for e, u in zip(e_node, u_node, strict=True)]
-    W: list[np.ndarray | None] = [None if p is None else np.concatenate([np.tensordot(lam, p, axes=1)[None], p]) for p in Pc]
-    msg, outside = _messages(a, W, par, kids, post)
-    shift = float(lam @ (t.constant - t.limit))
-    room = t.limit + t.tol - t.constant
+    node = [np.vstack([(e + lam @ u)[None, :], u]) for e, u in zip(t.error, t.unary, strict=True)]
+    edge = {k: np.concatenate([np.tensordot(lam, p, axes=1)[None], p]) for k, p in t.pairs.items()}
+    msgs = messages(elim, node, edge)
     cut = incumbent - _SLACK * max(1.0, abs(incumbent)) if math.isfinite(incumbent) else math.inf
+    bounds = _Bounds(lam, float(lam @ (t.constant - t.limit)), t.limit + t.tol - t.constant, cut)
 
-    sets: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {}
-    steps: dict[tuple[int, int], list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]] = {}
+    sets: dict[int, dict[tuple[int, ...], _Frontier]] = {}
     peak = 0
-    for p in post:
+    for v in elim.order:
         if deadline.expired():
             info["note"] = "time limit during the DP; incumbent returned"
             return _finish(problem, ub_x, incumbent, info, trace, states=peak, status=Status.LIMIT, bound=lag_bound)
-        level_sets: list[tuple[np.ndarray, np.ndarray]] = []
-        for j in range(L[p]):
-            rest = outside[p][:, j] + sum((msg[c][:, j] for c in kids[p]), np.zeros(R + 1))
-            Sc = u_node[p][:, j][None, :].copy()
-            Se = np.array([e_node[p][j]])
-            ok = (Se + Sc @ lam + rest[0] + shift < cut) & np.all(Sc + rest[1:] <= room, axis=1)
-            Sc, Se = Sc[ok], Se[ok]
-            record: list[tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
-            for c in kids[p]:
-                if Se.shape[0] == 0:
-                    break
-                parts = [(sets[c][i][0] + Pc[c][:, j, i], sets[c][i][1], i) for i in range(L[c]) if sets[c][i][1].size]  # type: ignore[index]
-                if not parts:
-                    Sc, Se = Sc[:0], Se[:0]
-                    break
-                Cc = np.concatenate([q[0] for q in parts])
-                Ce = np.concatenate([q[1] for q in parts])
-                Ci = np.concatenate([np.full(q[1].shape[0], q[2]) for q in parts])
-                Ck = np.concatenate([np.arange(q[1].shape[0]) for q in parts])
-                keep = pareto(Cc, Ce)
-                Cc, Ce, Ci, Ck = Cc[keep], Ce[keep], Ci[keep], Ck[keep]
-                rest = rest - msg[c][:, j]
-                nS, nC = Se.shape[0], Ce.shape[0]
-                cost = (Sc[:, None, :] + Cc[None, :, :]).reshape(-1, R)
-                err = (Se[:, None] + Ce[None, :]).reshape(-1)
-                ok = (err + cost @ lam + rest[0] + shift < cut) & np.all(cost + rest[1:] <= room, axis=1)
-                idx = np.flatnonzero(ok)
-                front = pareto(cost[idx], err[idx])
-                idx = idx[front]
-                record.append((c, idx // nC, idx % nC, Ci, Ck))
-                Sc, Se = cost[idx], err[idx]
-                del nS
-            steps[(p, j)] = record
-            level_sets.append((Sc, Se))
-            peak = max(peak, Se.shape[0])
-        sets[p] = level_sets
-        for c in kids[p]:
-            del sets[c]
-    Sc, Se = sets[V][0]
+        sets[v] = _bucket_frontiers(t, elim, msgs, v, sets, bounds)
+        peak = max(peak, max((f.err.shape[0] for f in sets[v].values()), default=0))
+    roots = elim.roots
+    front = _Frontier(np.zeros((1, R)), np.zeros(1), np.zeros((1, 0), dtype=np.int64))
+    rest = sum((msgs.inside[r] for r in roots), np.zeros(R + 1))
+    for r in roots:
+        rest = rest - msgs.inside[r]
+        front = _join(front, sets[r][()], rest, bounds)
     info["dp_states_peak"] = peak
-    if Se.shape[0] == 0:  # every state was pruned: the incumbent is optimal, or nothing is feasible
+    if front.err.shape[0] == 0:  # every state was pruned: the incumbent is optimal, or nothing is feasible
         if ub_x is None:
             return SolveResult(Status.INFEASIBLE, math.nan, None, iterations=peak, trace=trace.points,
                                info={**info, "note": "proved: no assignment meets every budget"})
         return _finish(problem, ub_x, incumbent, info, trace, states=peak)
-    best = int(np.argmin(Se))
-    x = np.zeros(n, dtype=np.int64)
-    stack = [(V, 0, best)]
+    best = int(np.argmin(front.err))
+    x = np.zeros(t.n, dtype=np.int64)
+    stack = [(r, (), int(k)) for r, k in zip(roots, front.origin[best], strict=True)]
     while stack:
-        p, j, k = stack.pop()
-        if p != V:
-            x[p] = j
-        for c, s_ptr, c_ptr, Ci, Ck in reversed(steps[(p, j)]):
-            ck = int(c_ptr[k])
-            stack.append((c, int(Ci[ck]), int(Ck[ck])))
-            k = int(s_ptr[k])
+        v, at_scope, k = stack.pop()
+        row = sets[v][at_scope].origin[k]
+        x[v] = int(row[0])
+        at = (x[v], *at_scope)
+        for c, kc in zip(elim.children[v], row[1:], strict=True):
+            stack.append((c, _project(elim.bucket(v), elim.scope[c], at), int(kc)))
     obj = t.objective(x)
     if ub_x is not None and incumbent <= obj:
         x = ub_x
@@ -293,14 +333,15 @@ def _finish(problem: Allocation, x: np.ndarray | None, value: float, info: dict[
 
 
 @register("dp", kinds=["allocation"], exact=True,
-          description="exact Pareto DP with Lagrangian bounding; separable, chain and tree interactions")
+          description="exact Pareto DP with Lagrangian bounding by bucket elimination; forests and residual (tree-width-2) "
+                      "interactions")
 def dp(problem: Allocation, *, time_limit: float | None, seed: int) -> SolveResult:
-    """Exact allocation by dynamic programming over a forest of pairwise terms.
+    """Exact allocation by dynamic programming, eliminating groups along their pairwise terms.
 
     Raises
     ------
     SolverRefusedError
-        When the bilinear/latency interactions contain a cycle; the message names the pair of
-        groups that closes it.
+        When eliminating the interactions needs a table of more than ``MAX_CELLS`` cells (tree
+        width too large for the groups' levels); the message names the groups it would join.
     """
     return _solve(problem, Deadline(time_limit))

@@ -16,7 +16,7 @@ from secateurs.solvers.registry import SolverSpec, get
 from secateurs.solvers.result import SolveResult, Status
 from secateurs.testing._conformance import check_reported, solve_or_refuse
 
-STRUCTURES = ("separable", "chain", "tree", "cycle")
+STRUCTURES = ("separable", "chain", "tree", "cycle", "residual", "dense")
 BUDGET_KINDS = ("params", "flops", "nonzeros", "latency")
 
 
@@ -27,6 +27,10 @@ def _edges(structure: str, n: int, rng: np.random.Generator) -> list[tuple[int, 
         return [(i, i + 1) for i in range(n - 1)]
     if structure == "tree":
         return [(int(rng.integers(0, i)), i) for i in range(1, n)]
+    if structure == "residual":  # a stream g0 that blocks of two inner widths read and write (tree width 2)
+        return [e for i in range(1, n, 2) for e in ((0, i), (i, i + 1), (0, i + 1)) if e[1] < n]
+    if structure == "dense":  # every pair: tree width n - 1
+        return [(i, j) for i in range(n) for j in range(i + 1, n)]
     edges = [(i, i + 1) for i in range(n - 1)]  # cycle
     if n >= 3:
         edges.append((0, n - 1))
@@ -59,7 +63,7 @@ def allocations(
     """Allocation problems whose every single budget is satisfiable (jointly they may not be).
 
     Groups ``g0..g{n-1}`` with 2–16 units, 1–``max_levels`` candidate keep counts, noisy mostly
-    decreasing errors, pairwise terms along a separable/chain/tree/cycle structure, 1–``max_budgets``
+    decreasing errors, pairwise terms along a separable/chain/tree/cycle/residual/dense structure, 1–``max_budgets``
     budgets among params (linear + bilinear + squares), FLOPs (bilinear), nonzeros (linear) and
     latency (tables on edges), optional min/max/round_to bounds and a ``>=`` component bound.
     Limits are drawn between the exact least and most achievable cost.
