@@ -429,8 +429,9 @@ def _meet_measured_latency(model: nn.Module, graph: DependencyGraph, works: list
 
 
 CURVE_POINTS = 9  # budgets from 20% to 100% of the dense cost
-CURVE_SHARE = 2.0  # without a time limit, the curve's solves take at most this many times the allocation's
-CURVE_MIN_SECONDS = 2.0  # ... or this long, whichever is more
+CURVE_SHARE = 2.0  # without a time limit, each budget's solve may take this many times the allocation's
+CURVE_MIN_SECONDS = 2.0  # ... the whole curve at least this long
+CURVE_MAX_SECONDS = 30.0  # ... and at most this long
 
 
 def _curve(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str, float], dense: dict[str, float],
@@ -440,16 +441,18 @@ def _curve(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str, fl
     a note when the curve is not exact.
 
     The curve is a report's diagnostic, so it gets a time share: a fifth of what remains of a
-    time limit, else twice the main allocation's time (at least 2 s), split evenly over the
-    budgets still to solve. On a forest of pairwise costs the exact DP takes milliseconds a point
-    and the share never binds; on a ResNet-50 (cycles: CP-SAT, 33 s a solve) the nine exact
-    points took 260 s. A point whose solve stops at its share is the best plan found (an upper
-    bound on the error), and the note names those budgets.
+    time limit, else twice the main allocation's time per budget (2 to 30 s in all), split evenly
+    over the budgets still to solve. On a forest of pairwise costs the exact DP takes milliseconds
+    a point and the share never binds; on a ResNet-50's residual blocks it takes about 2 s a
+    point (CP-SAT, before dp eliminated cycles, took 33 s and the nine points 260 s). A point
+    whose solve stops at its share is the best plan found (an upper bound on the error), and the
+    note names those budgets.
     """
     name = next(iter(limits))
     points: list[tuple[float, float]] = []
     limited = deadline.time_limit is not None
-    total = max(deadline.remaining(), 0.0) / 5 if limited else max(CURVE_MIN_SECONDS, CURVE_SHARE * allocation_seconds)
+    total = max(deadline.remaining(), 0.0) / 5 if limited else max(
+        CURVE_MIN_SECONDS, min(CURVE_MAX_SECONDS, CURVE_POINTS * CURVE_SHARE * allocation_seconds))
     share = Deadline(total)
     unproven: list[float] = []
     fractions = np.linspace(0.2, 1.0, CURVE_POINTS)
