@@ -7,8 +7,8 @@ Instances (seeded, synthetic but shaped like real ones):
   pruned fraction with per-layer sensitivity.
 - ``resnet50``: the groups of a ResNet-50 at 224 x 224 (5 residual streams, 2 inner widths per
   bottleneck block: 37 groups, 32 keep levels each), FLOPs bilinear in the widths each conv
-  joins, budget 50%. Each block's convs and shortcut close cycles, so ``dp`` refuses it and the
-  exact solvers are CP-SAT and the MIP; errors as in ``chain50``.
+  joins, budget 50%. Each block's convs and shortcut close cycles (tree width 2): ``dp``
+  eliminates them, and CP-SAT and the MIP solve the same problem; errors as in ``chain50``.
 - ``unstructured200``: 200 layers, 32 densities each, one nonzeros budget; each layer's error is
   the squared magnitude its pruned weights remove (magnitude pruning of a Gaussian, Laplace or
   Student-t sample scaled by a sensitivity), and the same sample is the ``kde`` solver's score.
@@ -151,7 +151,7 @@ def main() -> None:
     resnet = resnet_instance()
     print(f"\nresnet50 built in {time.perf_counter() - t0:.2f}s")
     table("resnet50: 37 groups with cycles (bottlenecks, shortcuts), bilinear FLOPs, 32 levels, FLOPs <= 50%",
-          resnet, [("cpsat", {}), ("mip", {}), ("kde", {}), ("greedy", {}), ("uniform", {})], limit)
+          resnet, [("dp", {}), ("cpsat", {}), ("mip", {}), ("kde", {}), ("greedy", {}), ("uniform", {})], limit)
     for density, label in ((0.5, "reference"), (0.3, "tighter"), (0.7, "looser")):
         t0 = time.perf_counter()
         problem = unstructured_instance(density=density)

@@ -483,8 +483,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sequential", action="store_true",
                    help="solve every group on the dense model's statistics (streaming, less memory)")
     p.add_argument("--no-error-curve", action="store_true",
-                   help="skip the report's error-vs-budget curve and its plot (nine more allocations: on a "
-                        "ResNet-50, where the allocation falls back to CP-SAT, about 30 s)")
+                   help="skip the report's error-vs-budget curve and its plot (nine more allocations: about 14 s "
+                        "on a ResNet-50)")
     p.add_argument("--out", default=None,
                    help="folder for the pruned model (DIR/model: plan and weights for secateurs.load, which rebuilds "
                         "the dense model with a factory, for hf: models lambda: AutoModel.from_pretrained(HF_DIR); "

@@ -8,7 +8,8 @@ Channels (structured), in one pass over the calibration data:
    (other inputs of the consumer are held at their dense values); one greedy backward path gives
    the refit error of every keep level;
 4. an ``Allocation`` over those error curves under the graph's exact params/FLOPs polynomials
-   picks a keep level per group (``dp`` by default; ``cpsat`` when the costs are not a chain);
+   picks a keep level per group (``dp`` by default, exact on forests and residual blocks;
+   ``cpsat`` when dp refuses interactions of larger tree width);
 5. per group, the reconstruction solver (``local_search`` by default, started from the greedy
    support) picks the units, and the consumers are refit in closed form;
 6. the plan is applied to a copy: a physically smaller model, verified by a forward pass.

@@ -177,6 +177,29 @@ def _project(axes: tuple[int, ...], scope: tuple[int, ...], at: tuple[int, ...])
     return tuple(at[axes.index(g)] for g in scope)
 
 
+def _leaf_frontiers(cost: np.ndarray, err: np.ndarray, outside: np.ndarray, shape: tuple[int, ...], bounds: _Bounds
+                    ) -> dict[tuple[int, ...], _Frontier]:
+    """A childless bucket under one budget, every assignment of its scope at once: the kept levels
+    of v, sorted by cost, whose error is below every cheaper one's (what ``pareto`` keeps)."""
+    levels = shape[0]
+    c = cost.reshape(levels, -1).T  # (assignments, levels of v)
+    e = np.broadcast_to(err, shape).reshape(levels, -1).T
+    rest = outside.reshape(2, -1).T  # (assignments, channels): the λ channel and the budget's
+    ok = (e + c * bounds.lam[0] + rest[:, :1] + bounds.shift < bounds.cut) & (c + rest[:, 1:] <= bounds.room[0])
+    order = np.lexsort((e, c), axis=-1)
+    e_sorted = np.where(np.take_along_axis(ok, order, axis=1), np.take_along_axis(e, order, axis=1), np.inf)
+    best_before = np.concatenate([np.full((e.shape[0], 1), np.inf), np.minimum.accumulate(e_sorted, axis=1)[:, :-1]], axis=1)
+    front = e_sorted < best_before
+    rows, where = np.nonzero(front)
+    chosen = order[rows, where]
+    bounds_at = np.searchsorted(rows, np.arange(e.shape[0] + 1))
+    out: dict[tuple[int, ...], _Frontier] = {}
+    for m, at_scope in enumerate(np.ndindex(*shape[1:])):
+        j = chosen[bounds_at[m]:bounds_at[m + 1]]
+        out[at_scope] = _Frontier(c[m, j][:, None], e[m, j], j[:, None])
+    return out
+
+
 def _bucket_frontiers(t: AllocationTables, elim: Elimination, msgs: Messages, v: int,
                       sets: dict[int, dict[tuple[int, ...], _Frontier]], bounds: _Bounds
                       ) -> dict[tuple[int, ...], _Frontier]:
@@ -192,6 +215,8 @@ def _bucket_frontiers(t: AllocationTables, elim: Elimination, msgs: Messages, v:
     kids = sorted(elim.children[v], key=lambda c: len(elim.scope[c]))  # those over v alone first
     kid_inside = [spread(msgs.inside[c], elim.scope[c], axes) for c in kids]
     outside = spread(msgs.outside[v], elim.scope[v], axes)
+    if not kids and t.r == 1:
+        return _leaf_frontiers(cost[0], err, outside, shape, bounds)
     k = t.r + 1
     out: dict[tuple[int, ...], _Frontier] = {}
     for at_scope in np.ndindex(*shape[1:]):
