@@ -200,8 +200,12 @@ def _leaf_frontiers(cost: np.ndarray, err: np.ndarray, outside: np.ndarray, shap
     return out
 
 
+class _OutOfTime(Exception):
+    """The deadline passed inside a bucket."""
+
+
 def _bucket_frontiers(t: AllocationTables, elim: Elimination, msgs: Messages, v: int,
-                      sets: dict[int, dict[tuple[int, ...], _Frontier]], bounds: _Bounds
+                      sets: dict[int, dict[tuple[int, ...], _Frontier]], bounds: _Bounds, deadline: Deadline
                       ) -> dict[tuple[int, ...], _Frontier]:
     """Group ``v``'s message as Pareto sets: for each assignment of its scope, the plans of v's
     subtree (v's level first in each origin row, then one point index per child) the bounds keep."""
@@ -215,11 +219,15 @@ def _bucket_frontiers(t: AllocationTables, elim: Elimination, msgs: Messages, v:
     kids = sorted(elim.children[v], key=lambda c: len(elim.scope[c]))  # those over v alone first
     kid_inside = [spread(msgs.inside[c], elim.scope[c], axes) for c in kids]
     outside = spread(msgs.outside[v], elim.scope[v], axes)
+    if deadline.expired():
+        raise _OutOfTime
     if not kids and t.r == 1:
         return _leaf_frontiers(cost[0], err, outside, shape, bounds)
     k = t.r + 1
     out: dict[tuple[int, ...], _Frontier] = {}
-    for at_scope in np.ndindex(*shape[1:]):
+    for count, at_scope in enumerate(np.ndindex(*shape[1:])):
+        if count % 32 == 31 and deadline.expired():
+            raise _OutOfTime
         c0 = cost[(slice(None), slice(None), *at_scope)].T  # every level of v at once: (L_v, R)
         e0 = err[(slice(None), *at_scope)]
         kid_rest = [np.broadcast_to(w[(slice(None), slice(None), *(0 if s == 1 else a for s, a in zip(w.shape[2:], at_scope,
@@ -283,6 +291,10 @@ def _solve(problem: Allocation, deadline: Deadline) -> SolveResult:
         raise SolverRefusedError(
             f"dp needs interactions of small tree width; eliminating {t.names[widest]!r} joins groups {names} "
             f"in a table of {cells:,} cells, more than {MAX_CELLS:,} (use cpsat or mip)")
+    if R > 1 and max(len(scope) for scope in elim.scope) > 1:
+        raise SolverRefusedError(
+            f"dp solves interactions with cycles under one budget; this problem has {R} ({', '.join(t.rows)}), whose "
+            "Pareto sets over cycles grow past what it can enumerate (use cpsat or mip)")
 
     lam, lag_bound, x_lag, ub, evals = multipliers(t, deadline)
     incumbent, ub_x = math.inf, None
@@ -311,10 +323,11 @@ def _solve(problem: Allocation, deadline: Deadline) -> SolveResult:
     sets: dict[int, dict[tuple[int, ...], _Frontier]] = {}
     peak = 0
     for v in elim.order:
-        if deadline.expired():
+        try:
+            sets[v] = _bucket_frontiers(t, elim, msgs, v, sets, bounds, deadline)
+        except _OutOfTime:
             info["note"] = "time limit during the DP; incumbent returned"
             return _finish(problem, ub_x, incumbent, info, trace, states=peak, status=Status.LIMIT, bound=lag_bound)
-        sets[v] = _bucket_frontiers(t, elim, msgs, v, sets, bounds)
         peak = max(peak, max((f.err.shape[0] for f in sets[v].values()), default=0))
     roots = elim.roots
     front = _Frontier(np.zeros((1, R)), np.zeros(1), np.zeros((1, 0), dtype=np.int64))
