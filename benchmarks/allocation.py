@@ -9,6 +9,7 @@ Instances (seeded, synthetic but shaped like real ones):
   bottleneck block: 37 groups, 32 keep levels each), FLOPs bilinear in the widths each conv
   joins, budget 50%. Each block's convs and shortcut close cycles (tree width 2): ``dp``
   eliminates them, and CP-SAT and the MIP solve the same problem; errors as in ``chain50``.
+- ``resnet152``: the same with ResNet-152's 3, 8, 36 and 3 blocks per stage (105 groups).
 - ``unstructured200``: 200 layers, 32 densities each, one nonzeros budget; each layer's error is
   the squared magnitude its pruned weights remove (magnitude pruning of a Gaussian, Laplace or
   Student-t sample scaled by a sensitivity), and the same sample is the ``kde`` solver's score.
@@ -55,17 +56,19 @@ def _errors(rng: np.random.Generator, levels: dict[str, list[int]]) -> dict[str,
     return errors
 
 
-def resnet_instance(levels: int = 32, fraction: float = 0.5, seed: int = 2) -> Allocation:
-    """ResNet-50's channel groups: residual streams ``r0``..``r4`` and each block's two inner widths."""
+def resnet_instance(levels: int = 32, fraction: float = 0.5, seed: int = 2, blocks: tuple[int, ...] = (3, 4, 6, 3)
+                    ) -> Allocation:
+    """A bottleneck ResNet's channel groups (ResNet-50 by default; ``blocks=(3, 8, 36, 3)`` is
+    ResNet-152): residual streams ``r0``..``r4`` and each block's two inner widths."""
     rng = np.random.default_rng(seed)
     sizes = {"r0": 64}
     linear = {"r0": 3.0 * 49 * 112**2}  # the 7x7 stem conv on RGB at 112 x 112
     bilinear: dict[tuple[str, str], float] = {}
     stream, side = "r0", 56
-    for s, (width, blocks) in enumerate(((64, 3), (128, 4), (256, 6), (512, 3)), start=1):
+    for s, (width, count) in enumerate(zip((64, 128, 256, 512), blocks, strict=True), start=1):
         out, out_side = f"r{s}", side if s == 1 else side // 2
         sizes[out] = 4 * width
-        for b in range(blocks):
+        for b in range(count):
             g1, g2 = f"s{s}b{b}.conv1", f"s{s}b{b}.conv2"
             sizes[g1] = sizes[g2] = width
             reads, at = (stream, side) if b == 0 else (out, out_side)
@@ -152,6 +155,11 @@ def main() -> None:
     print(f"\nresnet50 built in {time.perf_counter() - t0:.2f}s")
     table("resnet50: 37 groups with cycles (bottlenecks, shortcuts), bilinear FLOPs, 32 levels, FLOPs <= 50%",
           resnet, [("dp", {}), ("cpsat", {}), ("mip", {}), ("kde", {}), ("greedy", {}), ("uniform", {})], limit)
+    t0 = time.perf_counter()
+    deep = resnet_instance(blocks=(3, 8, 36, 3))
+    print(f"\nresnet152 built in {time.perf_counter() - t0:.2f}s")
+    table("resnet152: 105 groups with cycles, bilinear FLOPs, 32 levels, FLOPs <= 50% (no MIP: minutes)",
+          deep, [("dp", {}), ("cpsat", {}), ("kde", {}), ("greedy", {}), ("uniform", {})], limit)
     for density, label in ((0.5, "reference"), (0.3, "tighter"), (0.7, "looser")):
         t0 = time.perf_counter()
         problem = unstructured_instance(density=density)
