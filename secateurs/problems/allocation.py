@@ -448,8 +448,9 @@ class Allocation:
         that budget's cost over allowed levels (the minimum for ``<=``, the maximum for ``>=``):
         its monotone corner when every table of it rises with every keep count (params, FLOPs),
         else by min-sum bucket elimination when the interactions have small tree width (forests,
-        residual blocks), by enumeration when small, and otherwise by the MIP solver. Budgets that are each
-        satisfiable but not jointly are not detected here; solvers then report ``infeasible``.
+        residual blocks), by enumeration when small, and otherwise by the MIP solver. Budgets that
+        are each satisfiable but not jointly are not detected here; solvers then report
+        ``infeasible``.
 
     Notes
     -----

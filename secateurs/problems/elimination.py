@@ -149,7 +149,7 @@ def messages(elim: Elimination, node: Sequence[np.ndarray], edge: Mapping[tuple[
     for v in elim.order:
         axes = elim.bucket(v)
         acc = np.zeros((k, *(elim.sizes[g] for g in axes)))
-        acc += spread(np.asarray(node[v], dtype=np.float64), (v,), axes)
+        acc += spread(node[v], (v,), axes)
         for key in elim.pairs[v]:
             if key in edge:
                 acc += spread(edge[key], key, axes)

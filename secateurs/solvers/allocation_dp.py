@@ -291,10 +291,12 @@ def _solve(problem: Allocation, deadline: Deadline) -> SolveResult:
         raise SolverRefusedError(
             f"dp needs interactions of small tree width; eliminating {t.names[widest]!r} joins groups {names} "
             f"in a table of {cells:,} cells, more than {MAX_CELLS:,} (use cpsat or mip)")
-    if R > 1 and max(len(scope) for scope in elim.scope) > 1:
+    cycle = t.cycle_edge() if R > 1 else None
+    if cycle is not None:
         raise SolverRefusedError(
             f"dp solves interactions with cycles under one budget; this problem has {R} ({', '.join(t.rows)}), whose "
-            "Pareto sets over cycles grow past what it can enumerate (use cpsat or mip)")
+            f"Pareto sets over cycles grow past what it can enumerate, and groups {cycle[0]!r} and {cycle[1]!r} close "
+            "a cycle (use cpsat or mip)")
 
     lam, lag_bound, x_lag, ub, evals = multipliers(t, deadline)
     incumbent, ub_x = math.inf, None

@@ -11,8 +11,8 @@ budget through by more than the problem's tolerance the row is tightened and the
 The objective is shifted by each group's least error and scaled so the spans sum to 1e6
 (``AllocationTables.error_scaling``, as CP-SAT's objective is to 1e9): reconstruction errors are
 often 1e-7 per group, under SCIP's tolerances. Unscaled, and scaled to a span of 1, the MIP
-stopped "optimal" 0.2% above CP-SAT's plan on a ResNet-50 (its bound above the true optimum). The bound is mapped back to the
-problem's units.
+stopped "optimal" 0.2% above CP-SAT's plan on a ResNet-50 (its bound above the true optimum).
+The bound is mapped back to the problem's units.
 """
 
 from __future__ import annotations
