@@ -20,6 +20,7 @@ from torch import nn
 from secateurs.calibration import batch_rows, head_rows, leading_tensor, validate_batch
 from secateurs.errors import SecateursError, ValidationError, first_line
 from secateurs.hf import HELD_OUT_MAX, MeanPooled, load_hf, packed, shuffled, text_splits, tokenise
+from secateurs.timing import steady_allocator
 
 _DTYPES = {"float": torch.float32, "float32": torch.float32, "long": torch.long, "int64": torch.long,
            "int": torch.long, "bool": torch.bool}
@@ -500,6 +501,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "prune" and args.flops is None and args.params is None and args.latency is None:
         args.flops = 0.5  # the embedded default: half the FLOPs
+    if args.command == "prune":
+        steady_allocator()  # the command owns its process: reuse freed statistics instead of faulting them in
     try:
         return int(args.func(args))
     except SecateursError as e:

@@ -244,3 +244,14 @@ def test_a_zoo_model_calibrates_on_data_given_to_it(tmp_path: Path, seen: Callab
               "--quiet"])
     assert [b.shape[0] for b in calls[0]] == [10, 10, 5] and torch.equal(calls[0][2], images[2][:5])
     assert "calibrating on 25 samples in 3 batches" in capsys.readouterr().out
+
+
+def test_prune_makes_the_allocator_steady_before_any_work(user_file: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    monkeypatch.setattr(secateurs.cli, "steady_allocator", lambda: events.append("steady") or True)
+    real_prune = secateurs.oneshot.prune
+    monkeypatch.setattr(secateurs.oneshot, "prune", lambda *a, **k: events.append("prune") or real_prune(*a, **k))
+    assert main(["inspect", f"{user_file}:mlp", "--input-shape", "4,8"]) == 0
+    assert events == []  # only the pruning command takes over the process's allocator
+    assert main(["prune", "--model", f"{user_file}:mlp", "--input-shape", "32,8", "--flops", "0.6", "--quiet"]) == 0
+    assert events[:2] == ["steady", "prune"]

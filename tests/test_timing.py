@@ -27,13 +27,16 @@ from secateurs.timing import steady_allocator
 torch.set_num_threads(1)
 if sys.argv[1] == "steady":
     assert steady_allocator()
-conv, x = torch.nn.Conv1d(32, 32, 3, padding=1).eval(), torch.randn(1000, 32, 40)
+if sys.argv[2] == "conv":  # a 5 MiB activation
+    layer, x = torch.nn.Conv1d(32, 32, 3, padding=1).eval(), torch.randn(1000, 32, 40)
+else:  # a 64 MiB one: above the largest mmap threshold glibc allows
+    layer, x = torch.nn.Linear(256, 8192).eval(), torch.randn(2048, 256)
 with torch.no_grad():
-    for _ in range(3):
-        conv(x)
+    for _ in range(10):  # glibc's aligned allocations fit freed blocks only once the heap has grown
+        layer(x)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(10):
-        conv(x)
+        layer(x)
 print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
 """
 
@@ -41,15 +44,16 @@ glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0
                            reason="mallopt is glibc's")
 
 
-def _faults_per_forward(mode: str) -> float:
-    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True)
+def _faults_per_forward(mode: str, layer: str) -> float:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode, layer], capture_output=True, text=True, check=True)
     return float(out.stdout.strip())
 
 
 @glibc
-def test_steady_allocator_stops_page_faults_per_forward() -> None:
-    default, steady = _faults_per_forward("default"), _faults_per_forward("steady")
-    output_pages = 1000 * 32 * 40 * 4 / 4096  # one output tensor's pages: what a fresh mmap faults in
+@pytest.mark.parametrize(("layer", "output_bytes"), [("conv", 1000 * 32 * 40 * 4), ("large", 2048 * 8192 * 4)])
+def test_steady_allocator_stops_page_faults_per_forward(layer: str, output_bytes: int) -> None:
+    default, steady = _faults_per_forward("default", layer), _faults_per_forward("steady", layer)
+    output_pages = output_bytes / 4096  # one output tensor's pages: what a fresh mmap faults in
     assert default > output_pages  # the default allocator maps every activation afresh...
     assert steady < 0.05 * default  # ...the steady one reuses what the last forward freed
 
