@@ -82,3 +82,22 @@ def test_chunked_float32_products_match_float64_and_exact_mode_is_exact() -> Non
     torch.testing.assert_close(fast.sums, x64.sum(0))
     with pytest.raises(ValidationError, match=r"target: shape \(3, 12\) differs from the input's \(2, 12\)"):
         GramStatistics().update(x[:2], y[:3])
+
+
+@pytest.mark.parametrize("columns", [385, 1000])  # two row blocks (one of a single column), and three
+def test_wide_grams_multiply_the_upper_blocks_and_come_out_exactly_symmetric(columns: int) -> None:
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5000, columns, generator=g) * torch.linspace(0.1, 3.0, columns)  # rows in two chunks
+    x64 = x.double()
+    for exact, bound in ((True, 1e-12), (False, 1e-6)):
+        s = GramStatistics(exact=exact)
+        s.update(x[:4500])
+        s.update(x[4500:])  # accumulates onto the first call's sums, lower blocks included
+        want = x64.T @ x64
+        assert s.gram.dtype == torch.float64 and torch.equal(s.gram, s.gram.T)
+        assert float((s.gram - want).norm() / want.norm()) < bound
+        assert float((s.gram - want).abs().max() / want.abs().max()) < bound
+    ints = GramStatistics()
+    ints.update(torch.randint(-3, 4, (50, 400), generator=g))  # integer inputs go through float64, exact
+    counted = ints.gram.round()
+    assert torch.equal(ints.gram, counted) and torch.equal(counted, counted.T)
