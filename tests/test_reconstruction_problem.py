@@ -97,6 +97,19 @@ def test_cholesky_factors_are_those_of_the_hessians_and_shared_by_with_keep() ->
     assert torch.allclose(combined.factor(3), prob.factor(1), rtol=0, atol=0)
 
 
+def test_hessians_within_rounding_of_symmetric_are_symmetrised() -> None:
+    X, W = _data(p=5)
+    H = X.T @ X + torch.eye(5, dtype=torch.float64)
+    skewed = H.clone()
+    skewed[0, 1] += 1e-10 * float(H.abs().max())  # a GEMM's rounding, below the 1e-8 tolerance
+    for given in (H, skewed):
+        prob = Reconstruction.from_hessian(given, W=W, keep=2)
+        assert torch.equal(prob.H, prob.H.T)
+        torch.testing.assert_close(prob.H, H, rtol=1e-9, atol=0)
+        torch.testing.assert_close(prob.factor(0) @ prob.factor(0).T, prob.H)
+    assert float(Reconstruction.from_hessian(skewed, W=W, keep=2).H[1, 0]) == (float(skewed[0, 1]) + float(H[1, 0])) / 2
+
+
 def test_check_names_each_violation() -> None:
     prob = random_reconstruction(0, units=5, keep=3)
     assert prob.check([0, 1, 4]) == []

@@ -60,7 +60,8 @@ def _check_hessian(H: Tensor, field: str) -> tuple[Tensor, Tensor]:
     asym = max(abs(float(v)) for v in torch.aminmax(H - H.T)) if H.numel() else 0.0
     if asym > 1e-8 * max(scale, 1e-300):
         raise ValidationError(field, f"is not symmetric (max |H - Hᵀ| = {asym:.3g}, max |H| = {scale:.3g})")
-    H = (H + H.T) / 2
+    if asym > 0:  # secateurs' own Grams are exactly symmetric already: no copy of them
+        H = (H + H.T) / 2
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
         least = float(torch.linalg.eigvalsh(H)[0])
