@@ -53,21 +53,67 @@ def refit_rows(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, rid
     """Per-row least-squares refit of W on its kept inputs (zeros elsewhere), in W's dtype.
 
     Row i solves (H_SS + λI) w_S = (H ŵ_i)_S + λ ŵ_S with S its kept inputs; λ defaults to
-    0.01 · mean diag H, the same ridge the structured reconstruction uses.
+    0.01 · mean diag H, the same ridge the structured reconstruction uses. Rows that remove far
+    fewer inputs than they keep are solved through A = H + λI's inverse instead: the optimal
+    change that zeroes the removed set R is −(A⁻¹)_{:,R} ((A⁻¹)_RR)⁻¹ ŵ_R (the OBS update), an
+    |R|-sized system where the kept one is |S|-sized. At 30% sparsity that is (3/7)³ of the
+    factorisation work per row, for one inverse of A per layer (taken only when it pays).
     """
     h = gram.to(torch.float64)
     lam = 0.01 * float(torch.diagonal(h).mean()) if ridge is None else float(ridge)
     w = weight.to(torch.float64)
-    target = w @ h  # row i: H ŵ_i
+    kept = mask.sum(1).to(torch.float64)
+    removed_side = kept * _REMOVED_SIDE > mask.shape[1] - kept  # rows whose removed set is much the smaller
+    saved = float(((kept[removed_side] ** 3 - (mask.shape[1] - kept[removed_side]) ** 3) / 3).sum())
+    inverse = _ridge_inverse(h, lam) if saved > h.shape[0] ** 3 else None  # an inverse costs about p³
     out = torch.zeros_like(w)
-    for i in range(w.shape[0]):
+    if inverse is not None:
+        rows = removed_side.nonzero().squeeze(1)
+        out[rows] = _remove_optimally(w[rows], inverse, ~mask[rows])
+    else:
+        removed_side[:] = False
+    target = w[~removed_side] @ h  # row i: H ŵ_i, for the rows solved on their kept side
+    for t, i in enumerate((~removed_side).nonzero().squeeze(1).tolist()):
         support = mask[i].nonzero().squeeze(1)
         if support.numel() == 0:
             continue
         h_ss = h[support][:, support]  # a copy: the ridge goes on in place
         h_ss.diagonal().add_(lam)
-        rhs = (target[i, support] + lam * w[i, support])[:, None]
-        # positive definite whenever λ > 0 or X_S has full rank: Cholesky, a quarter faster than LU
-        factor, info = torch.linalg.cholesky_ex(h_ss)
-        out[i, support] = (torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(h_ss, rhs))[:, 0]
+        rhs = (target[t, support] + lam * w[i, support])[:, None]
+        out[i, support] = _spd_solve(h_ss, rhs)[:, 0]
     return out.to(weight.dtype)
+
+
+_REMOVED_SIDE = 0.75  # solve on the removed side when |R| < 0.75 |S|: a factorisation under 42% of the kept one's
+
+
+def _spd_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """a⁻¹ rhs for a symmetric a: Cholesky (a quarter faster than LU) when a is positive definite,
+    as it is whenever λ > 0 or the inputs have full rank; LU otherwise."""
+    factor, info = torch.linalg.cholesky_ex(a)
+    return torch.cholesky_solve(rhs, factor) if int(info) == 0 else torch.linalg.solve(a, rhs)
+
+
+def _ridge_inverse(h: torch.Tensor, lam: float) -> torch.Tensor | None:
+    """(H + λI)⁻¹, or None when H + λI is not positive definite (λ = 0 and too few rows)."""
+    a = h.clone()
+    a.diagonal().add_(lam)
+    factor, info = torch.linalg.cholesky_ex(a)
+    return torch.cholesky_inverse(factor) if int(info) == 0 else None
+
+
+def _remove_optimally(rows: torch.Tensor, inverse: torch.Tensor, removed: torch.Tensor) -> torch.Tensor:
+    """ŵ − A⁻¹_{:,R} (A⁻¹_RR)⁻¹ ŵ_R for each row and its removed set, removed inputs exactly zero.
+
+    Each row's small system gives its coefficients on R; one product A⁻¹ C for all rows (C holds
+    each row's coefficients scattered onto its R) replaces a gather of A⁻¹'s columns per row.
+    """
+    coefficients = torch.zeros_like(rows)
+    for i in range(rows.shape[0]):
+        r = removed[i].nonzero().squeeze(1)
+        if r.numel():
+            block = inverse[r[:, None], r]  # one gather: |R| is small next to p
+            coefficients[i, r] = _spd_solve(block, rows[i, r][:, None])[:, 0]
+    out = rows - coefficients @ inverse  # A⁻¹ is symmetric: row i is (A⁻¹ c_i)ᵀ
+    out[removed] = 0.0
+    return out

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import secateurs.sparsity
 from secateurs.errors import ValidationError
 from secateurs.sparsity import density_mask, masked_error, nm_mask, reconstruction_scores, refit_rows
 
@@ -64,3 +65,34 @@ def test_errors_name_the_field() -> None:
         density_mask(W.abs(), 61)
     with pytest.raises(ValidationError, match=r"m: 12 inputs per row are not a multiple of M=5"):
         nm_mask(W.abs(), 2, 5)
+
+
+@pytest.mark.parametrize(("rows", "ridge"), [(64, None), (64, 0.0), (8, 0.0)])
+def test_refit_rows_is_the_ridge_least_squares_whichever_side_is_smaller(
+        rows: int, ridge: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows keeping far more inputs than they remove go through (H + λI)⁻¹ (the removed side), the
+    others through H_SS (the kept side); with λ = 0 and fewer samples than inputs H is singular
+    and every row takes the kept side. Each row must be the least-squares solution regardless."""
+    X, W = _data(7, out=70, p=12, n=rows)
+    H = X.T @ X
+    g = torch.Generator().manual_seed(1)
+    kept = [0, 1, 5, 6, 7, 11, 12] if rows >= 12 else [0, 1, 3, 5, 6, 7, 8]  # at most n kept when λ = 0
+    mask = torch.zeros(70, 12, dtype=torch.bool)
+    for i in range(70):
+        mask[i, torch.randperm(12, generator=g)[:kept[i % 7]]] = True
+    inverses: list[torch.Tensor | None] = []
+    real_inverse = secateurs.sparsity._ridge_inverse
+    monkeypatch.setattr(secateurs.sparsity, "_ridge_inverse", lambda *a: inverses.append(real_inverse(*a)) or inverses[-1])
+    lam = 0.01 * float(H.diagonal().mean()) if ridge is None else ridge
+    refit = refit_rows(W, H, mask, ridge=ridge)
+    assert len(inverses) == 1 and (inverses[0] is None) == (rows < 12)  # the removed side was taken, or could not be
+    assert torch.all(refit[~mask] == 0)
+    for i in range(70):
+        support = mask[i].nonzero().squeeze(1)
+        if support.numel() == 0:
+            continue
+        # min ‖X_S w − X ŵ‖² + λ‖w − ŵ‖²: the ridge's rows pull each kept weight toward ŵ
+        design = torch.cat([X[:, support], lam ** 0.5 * torch.eye(12, dtype=torch.float64)[:, support]])
+        goal = torch.cat([X @ W[i], lam ** 0.5 * W[i]])
+        expected = torch.linalg.lstsq(design, goal).solution
+        torch.testing.assert_close(refit[i, support], expected, rtol=1e-7, atol=1e-8)
