@@ -84,7 +84,7 @@ def refit_rows(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, rid
     return out.to(weight.dtype)
 
 
-_REMOVED_SIDE = 0.75  # solve on the removed side when |R| < 0.75 |S|: a factorisation under 42% of the kept one's
+_REMOVED_SIDE = 0.9  # solve on the removed side when |R| < 0.9 |S|: a factorisation under 73% of the kept one's
 
 
 def _spd_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
