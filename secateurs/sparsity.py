@@ -13,6 +13,8 @@ import torch
 
 from secateurs.errors import ValidationError
 
+_REMOVED_SIDE = 0.9  # solve on the removed side when |R| < 0.9 |S|: a factorisation under 73% of the kept one's
+
 
 def reconstruction_scores(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """|W_ij| · ‖X_j‖ with ‖X_j‖² = (XᵀX)_jj."""
@@ -82,9 +84,6 @@ def refit_rows(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, rid
         rhs = (target[t, support] + lam * w[i, support])[:, None]
         out[i, support] = _spd_solve(h_ss, rhs)[:, 0]
     return out.to(weight.dtype)
-
-
-_REMOVED_SIDE = 0.9  # solve on the removed side when |R| < 0.9 |S|: a factorisation under 73% of the kept one's
 
 
 def _spd_solve(a: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
