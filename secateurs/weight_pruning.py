@@ -28,7 +28,14 @@ from secateurs.prune_result import PruneResult
 from secateurs.report import BudgetLine, GroupReport, PruneReport
 from secateurs.solvers import Deadline
 from secateurs.solvers.allocation_fallback import solve_allocation
-from secateurs.sparsity import density_mask, masked_error, nm_mask, reconstruction_scores, refit_rows
+from secateurs.sparsity import (
+    density_mask,
+    masked_error,
+    nm_mask,
+    quadratic_trace,
+    reconstruction_scores,
+    refit_rows,
+)
 from secateurs.torch_transformer import WeightRows, projection_blocks
 
 __all__ = ["prune_weights"]
@@ -103,7 +110,7 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
         errors = {}
         total = sum(sizes.values())
         for name, (flat, gram, scores) in data.items():
-            energy = 0.5 * float(torch.einsum("ij,jk,ik->", flat, gram, flat)) or 1.0
+            energy = 0.5 * quadratic_trace(flat, gram) or 1.0
             counts = np.unique(np.round(densities * flat.numel()))
             # + a tie-break far below any real error: where removing weights costs nothing (a 3x3 conv
             # on 1x1 maps uses only its centre tap) keep the densest level, not the sparsest, so the
@@ -136,9 +143,9 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
         else:
             transposed = is_conv1d(model.get_submodule(name))  # transformers' Conv1D stores (in, out)
             new_weights[entry.param] = stored.T if transposed else stored
-        energy = 0.5 * float(torch.einsum("ij,jk,ik->", flat, gram, flat)) or 1.0
+        energy = 0.5 * quadratic_trace(flat, gram) or 1.0
         delta = flat - new.to(torch.float64)
-        error = 0.5 * float(torch.einsum("ij,jk,ik->", delta, gram, delta)) / energy
+        error = 0.5 * quadratic_trace(delta, gram) / energy
         kept = int(masks[name].sum())
         report.groups.append(GroupReport(name, kept, masks[name].numel(), error, "refit" if refit else "mask", 0.0))
     report.stages["refit"] = clock.elapsed() - start

@@ -9,7 +9,14 @@ from hypothesis import strategies as st
 
 import secateurs.sparsity
 from secateurs.errors import ValidationError
-from secateurs.sparsity import density_mask, masked_error, nm_mask, reconstruction_scores, refit_rows
+from secateurs.sparsity import (
+    density_mask,
+    masked_error,
+    nm_mask,
+    quadratic_trace,
+    reconstruction_scores,
+    refit_rows,
+)
 
 
 def _data(seed: int, out: int = 5, p: int = 12, n: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,3 +103,14 @@ def test_refit_rows_is_the_ridge_least_squares_whichever_side_is_smaller(
         goal = torch.cat([X @ W[i], lam ** 0.5 * W[i]])
         expected = torch.linalg.lstsq(design, goal).solution
         torch.testing.assert_close(refit[i, support], expected, rtol=1e-7, atol=1e-8)
+
+
+@pytest.mark.parametrize("columns", [7, 512, 513, 1100])  # one block, exactly one, one and a column, three
+def test_quadratic_trace_from_the_upper_blocks_equals_the_full_form(columns: int) -> None:
+    g = torch.Generator().manual_seed(columns)
+    X = torch.randn(40, columns, generator=g, dtype=torch.float64)
+    delta = torch.randn(6, columns, generator=g, dtype=torch.float64)
+    H = X.T @ X
+    H = (H + H.T) / 2
+    explicit = float(((delta @ X.T) ** 2).sum())  # ‖Δ Xᵀ‖²: never forms H
+    assert quadratic_trace(delta, H) == pytest.approx(explicit, rel=1e-10)
