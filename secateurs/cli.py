@@ -484,7 +484,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-sequential", action="store_true",
                    help="solve every group on the dense model's statistics (streaming, less memory)")
     p.add_argument("--no-error-curve", action="store_true",
-                   help="skip the report's error-vs-budget curve and its plot (nine more allocations: about 14 s "
+                   help="skip the report's error-vs-budget curve and its plot (nine more allocations: about 8 s "
                         "on a ResNet-50)")
     p.add_argument("--out", default=None,
                    help="folder for the pruned model (DIR/model: plan and weights for secateurs.load, which rebuilds "

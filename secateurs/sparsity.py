@@ -85,12 +85,12 @@ def refit_rows(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, rid
     removed_side = kept * _REMOVED_SIDE > mask.shape[1] - kept  # rows whose removed set is much the smaller
     saved = float(((kept[removed_side] ** 3 - (mask.shape[1] - kept[removed_side]) ** 3) / 3).sum())
     inverse = _ridge_inverse(h, lam) if saved > h.shape[0] ** 3 else None  # an inverse costs about p³
+    if inverse is None:  # not worth it, or A is singular: every row on its kept side
+        removed_side = torch.zeros_like(removed_side)
     out = torch.zeros_like(w)
-    if inverse is not None:
-        rows = removed_side.nonzero().squeeze(1)
-        out[rows] = _remove_optimally(w[rows], inverse, ~mask[rows])
-    else:
-        removed_side[:] = False
+    if bool(removed_side.any()):
+        assert inverse is not None
+        out[removed_side] = _remove_optimally(w[removed_side], inverse, ~mask[removed_side])
     target = w[~removed_side] @ h  # row i: H ŵ_i, for the rows solved on their kept side
     for t, i in enumerate((~removed_side).nonzero().squeeze(1).tolist()):
         support = mask[i].nonzero().squeeze(1)

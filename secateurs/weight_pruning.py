@@ -82,6 +82,7 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
 
     start = clock.elapsed()
     data = {}
+    energies: dict[str, float] = {}
     for name, entry in entries.items():
         weight = _matrix(model, entry).detach()
         flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
@@ -92,6 +93,7 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
                                 "signal; pruned by magnitude")
             gram = torch.eye(flat.shape[1], dtype=torch.float64)
         data[name] = (flat, gram, reconstruction_scores(flat, gram))
+        energies[name] = 0.5 * quadratic_trace(flat, gram) or 1.0  # ½‖XŴᵀ‖²: what errors are relative to
     n, m = nm
     masks: dict[str, torch.Tensor] = {}
     if structure == "n:m":
@@ -110,12 +112,11 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
         errors = {}
         total = sum(sizes.values())
         for name, (flat, gram, scores) in data.items():
-            energy = 0.5 * quadratic_trace(flat, gram) or 1.0
             counts = np.unique(np.round(densities * flat.numel()))
             # + a tie-break far below any real error: where removing weights costs nothing (a 3x3 conv
             # on 1x1 maps uses only its centre tap) keep the densest level, not the sparsest, so the
             # sparsity asked for is what is removed
-            errors[name] = [masked_error(flat, gram, density_mask(scores, int(c))) / energy
+            errors[name] = [masked_error(flat, gram, density_mask(scores, int(c))) / energies[name]
                             + 1e-9 * (flat.numel() - c) / total for c in counts]
         problem = Allocation.unstructured(sizes, densities, errors, density=1.0 - budget.sparsity)
         result, note = solve_allocation(problem, allocation, deadline, seed)
@@ -143,9 +144,8 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
         else:
             transposed = is_conv1d(model.get_submodule(name))  # transformers' Conv1D stores (in, out)
             new_weights[entry.param] = stored.T if transposed else stored
-        energy = 0.5 * quadratic_trace(flat, gram) or 1.0
         delta = flat - new.to(torch.float64)
-        error = 0.5 * quadratic_trace(delta, gram) / energy
+        error = 0.5 * quadratic_trace(delta, gram) / energies[name]
         kept = int(masks[name].sum())
         report.groups.append(GroupReport(name, kept, masks[name].numel(), error, "refit" if refit else "mask", 0.0))
     report.stages["refit"] = clock.elapsed() - start

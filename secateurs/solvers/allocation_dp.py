@@ -382,6 +382,8 @@ def dp(problem: Allocation, *, time_limit: float | None, seed: int) -> SolveResu
     ------
     SolverRefusedError
         When eliminating the interactions needs a table of more than ``MAX_CELLS`` cells (tree
-        width too large for the groups' levels); the message names the groups it would join.
+        width too large for the groups' levels); the message names the groups it would join. Also
+        when interactions with cycles come with several budgets (their Pareto sets grow too
+        large); the message names the pair of groups that closes a cycle.
     """
     return _solve(problem, Deadline(time_limit))
