@@ -18,6 +18,13 @@ elimination). A state whose bound reaches the incumbent's error (greedy + Lagran
 is dropped, and so is one whose least possible completion cost (per budget, again by min-sum)
 already exceeds a limit. States are compared with a relative slack of 1e-10 on the incumbent, so
 the result is optimal to that precision; ``bound`` is reported as ``objective − slack``.
+
+Bounding is only as strong as the Lagrangian duality gap. When many groups' curves are close to
+linear in their cost (random or nearly untrained weights), every plan within that gap survives,
+and the Pareto sets of a wide subtree grow into the millions: torchvision's EfficientNet-V2-S
+under one FLOPs budget made fronts of 88,000 plans per assignment and ran for hours. The DP
+counts the candidate sums it forms and refuses the problem past ``MAX_CANDIDATES`` (a few
+seconds of work), so a pipeline moves on to cpsat, which solved that problem in 29 s.
 """
 
 from __future__ import annotations
@@ -34,7 +41,8 @@ from secateurs.solvers.allocation_baselines import LocalMoves, greedy_plan
 from secateurs.solvers.registry import register
 from secateurs.solvers.result import Deadline, SolveResult, Status, Trace
 
-_SLACK = 1e-10
+_SLACK = 1e-10  # relative: errors of 1e-10 in all (nearly unpruned layers) are still told apart
+MAX_CANDIDATES = 60_000_000  # candidate plans (sums of two partial plans) formed before dp refuses
 
 
 def pareto(cost: np.ndarray, err: np.ndarray) -> np.ndarray:
@@ -158,10 +166,11 @@ class _Bounds(NamedTuple):
         return (err + cost @ self.lam + rest[0] + self.shift < self.cut) & np.all(cost + rest[1:].T <= self.room, axis=1)
 
 
-def _join(front: _Frontier, other: _Frontier, rest: np.ndarray, bounds: _Bounds) -> _Frontier:
+def _join(front: _Frontier, other: _Frontier, rest: np.ndarray, bounds: _Bounds, work: _Work) -> _Frontier:
     """The Pareto set of every sum of a point of ``front`` and one of ``other`` that the bounds keep;
     each origin row gains the index of its ``other`` point."""
     n, m = front.err.shape[0], other.err.shape[0]
+    work.add(n * m)
     if n == 0 or m == 0:
         return _Frontier(front.cost[:0], front.err[:0], np.zeros((0, front.origin.shape[1] + 1), dtype=np.int64))
     cost = (front.cost[:, None, :] + other.cost[None, :, :]).reshape(n * m, -1)
@@ -204,8 +213,29 @@ class _OutOfTime(Exception):
     """The deadline passed inside a bucket."""
 
 
+class _TooManyCandidates(Exception):
+    """The candidate plans formed passed ``MAX_CANDIDATES``."""
+
+
+class _Work:
+    """Counts the candidate plans the DP forms, and checks the deadline as it goes: one join of
+    two large fronts takes seconds, so the deadline is checked at every join, not per bucket."""
+
+    def __init__(self, deadline: Deadline) -> None:
+        self.deadline = deadline
+        self.candidates = 0
+        self.group = -1  # the group whose bucket is being built
+
+    def add(self, candidates: int) -> None:
+        self.candidates += candidates
+        if self.candidates > MAX_CANDIDATES:
+            raise _TooManyCandidates
+        if self.deadline.expired():
+            raise _OutOfTime
+
+
 def _bucket_frontiers(t: AllocationTables, elim: Elimination, msgs: Messages, v: int,
-                      sets: dict[int, dict[tuple[int, ...], _Frontier]], bounds: _Bounds, deadline: Deadline
+                      sets: dict[int, dict[tuple[int, ...], _Frontier]], bounds: _Bounds, work: _Work
                       ) -> dict[tuple[int, ...], _Frontier]:
     """Group ``v``'s message as Pareto sets: for each assignment of its scope, the plans of v's
     subtree (v's level first in each origin row, then one point index per child) the bounds keep."""
@@ -219,15 +249,14 @@ def _bucket_frontiers(t: AllocationTables, elim: Elimination, msgs: Messages, v:
     kids = sorted(elim.children[v], key=lambda c: len(elim.scope[c]))  # those over v alone first
     kid_inside = [spread(msgs.inside[c], elim.scope[c], axes) for c in kids]
     outside = spread(msgs.outside[v], elim.scope[v], axes)
-    if deadline.expired():
-        raise _OutOfTime
+    work.group = v
+    work.add(0)
     if not kids and t.r == 1:
         return _leaf_frontiers(cost[0], err, outside, shape, bounds)
     k = t.r + 1
     out: dict[tuple[int, ...], _Frontier] = {}
-    for count, at_scope in enumerate(np.ndindex(*shape[1:])):
-        if count % 32 == 31 and deadline.expired():
-            raise _OutOfTime
+    for at_scope in np.ndindex(*shape[1:]):
+        work.add(shape[0])
         c0 = cost[(slice(None), slice(None), *at_scope)].T  # every level of v at once: (L_v, R)
         e0 = err[(slice(None), *at_scope)]
         kid_rest = [np.broadcast_to(w[(slice(None), slice(None), *(0 if s == 1 else a for s, a in zip(w.shape[2:], at_scope,
@@ -241,6 +270,7 @@ def _bucket_frontiers(t: AllocationTables, elim: Elimination, msgs: Messages, v:
             continue
         # the first child's set shifted by v's own point, for every kept level of v at once
         first = [sets[kids[0]][_project(axes, elim.scope[kids[0]], (int(j), *at_scope))] for j in js]
+        work.add(sum(f.err.shape[0] for f in first))
         owner = np.repeat(np.arange(js.shape[0]), [f.err.shape[0] for f in first])
         c = np.concatenate([f.cost for f in first] or [np.zeros((0, t.r))]) + c0[js[owner]]
         e = np.concatenate([f.err for f in first] or [np.zeros(0)]) + e0[js[owner]]
@@ -260,7 +290,7 @@ def _bucket_frontiers(t: AllocationTables, elim: Elimination, msgs: Messages, v:
                     if front.err.shape[0] == 0:
                         break
                     left = left - w[:, j]
-                    front = _join(front, sets[child][_project(axes, elim.scope[child], at)], left, bounds)
+                    front = _join(front, sets[child][_project(axes, elim.scope[child], at)], left, bounds, work)
                 if front.err.shape[0]:  # an emptied front stopped short of the last children
                     parts.append(front)
             c = np.concatenate([f.cost for f in parts] or [c[:0]])
@@ -312,32 +342,40 @@ def _solve(problem: Allocation, deadline: Deadline) -> SolveResult:
         trace.record(incumbent)
     info: dict[str, Any] = {"multiplier": lam.tolist(), "lagrangian_bound": lag_bound, "lagrangian_evaluations": evals,
                             "incumbent": incumbent, "elimination_cells": cells}
-    if math.isfinite(incumbent) and lag_bound >= incumbent - _SLACK * max(1.0, abs(incumbent)):
+    if math.isfinite(incumbent) and lag_bound >= incumbent - _SLACK * abs(incumbent):
         return _finish(problem, ub_x, incumbent, info, trace, states=0)
 
     # channel 0: λ-weighted Lagrangian; channels 1..R: each budget's own cost
     node = [np.vstack([(e + lam @ u)[None, :], u]) for e, u in zip(t.error, t.unary, strict=True)]
     edge = {k: np.concatenate([np.tensordot(lam, p, axes=1)[None], p]) for k, p in t.pairs.items()}
     msgs = messages(elim, node, edge)
-    cut = incumbent - _SLACK * max(1.0, abs(incumbent)) if math.isfinite(incumbent) else math.inf
+    cut = incumbent - _SLACK * abs(incumbent) if math.isfinite(incumbent) else math.inf
     bounds = _Bounds(lam, float(lam @ (t.constant - t.limit)), t.limit + t.tol - t.constant, cut)
 
     sets: dict[int, dict[tuple[int, ...], _Frontier]] = {}
     peak = 0
-    for v in elim.order:
-        try:
-            sets[v] = _bucket_frontiers(t, elim, msgs, v, sets, bounds, deadline)
-        except _OutOfTime:
-            info["note"] = "time limit during the DP; incumbent returned"
-            return _finish(problem, ub_x, incumbent, info, trace, states=peak, status=Status.LIMIT, bound=lag_bound)
-        peak = max(peak, max((f.err.shape[0] for f in sets[v].values()), default=0))
+    work = _Work(deadline)
     roots = elim.roots
     front = _Frontier(np.zeros((1, R)), np.zeros(1), np.zeros((1, 0), dtype=np.int64))
     rest = sum((msgs.inside[r] for r in roots), np.zeros(R + 1))
-    for r in roots:
-        rest = rest - msgs.inside[r]
-        front = _join(front, sets[r][()], rest, bounds)
+    try:
+        for v in elim.order:
+            sets[v] = _bucket_frontiers(t, elim, msgs, v, sets, bounds, work)
+            peak = max(peak, max((f.err.shape[0] for f in sets[v].values()), default=0))
+        for r in roots:
+            rest = rest - msgs.inside[r]
+            front = _join(front, sets[r][()], rest, bounds, work)
+    except _OutOfTime:
+        info["note"] = "time limit during the DP; incumbent returned"
+        return _finish(problem, ub_x, incumbent, info, trace, states=peak, status=Status.LIMIT, bound=lag_bound)
+    except _TooManyCandidates:
+        gap = (f"a gap of {(incumbent - lag_bound) / max(abs(incumbent), 1e-300):.2%} to the incumbent"
+               if math.isfinite(incumbent) else "no incumbent to bound by")
+        raise SolverRefusedError(
+            f"dp formed more than {MAX_CANDIDATES:,} candidate plans by group {t.names[work.group]!r}: its Lagrangian "
+            f"bound leaves {gap}, and too many plans within it stay undominated (use cpsat or mip)") from None
     info["dp_states_peak"] = peak
+    info["dp_candidates"] = work.candidates
     if front.err.shape[0] == 0:  # every state was pruned: the incumbent is optimal, or nothing is feasible
         if ub_x is None:
             return SolveResult(Status.INFEASIBLE, math.nan, None, iterations=peak, trace=trace.points,
@@ -368,7 +406,7 @@ def _finish(problem: Allocation, x: np.ndarray | None, value: float, info: dict[
     obj = problem.evaluate(sol)
     trace.record(obj)
     if bound is None:
-        bound = obj - _SLACK * max(1.0, abs(obj))
+        bound = obj - _SLACK * abs(obj)
     return SolveResult(status, obj, sol, bound=min(bound, obj), iterations=states, trace=trace.points, info=info)
 
 

@@ -1,0 +1,96 @@
+"""dp's limits: tiny errors told apart, a cap on the plans it forms, a deadline kept inside a bucket."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from secateurs.cost import Polynomial
+from secateurs.errors import SolverRefusedError
+from secateurs.problems import Allocation, Budget
+from secateurs.solvers import Status, allocation_dp, solve
+from secateurs.solvers.allocation_fallback import solve_allocation
+from secateurs.solvers.result import Deadline
+from secateurs.testing.allocation import brute_force_allocation, check_allocation_solver
+
+
+def _chain(seed: int, scale: float) -> Allocation:
+    """Seven chained groups; one big error, six at ``scale`` (a nearly unpruned layer's size)."""
+    rng = np.random.default_rng(seed)
+    names = [f"g{i}" for i in range(7)]
+    levels = 5
+    linear = {g: float(rng.uniform(1, 3)) for g in names}
+    pairs = {(names[i], names[i + 1]): float(rng.uniform(0.5, 2)) for i in range(6)}
+    errors = {"g0": [1.0, 0.5, 0.25, 0.0, 0.0]}
+    for g in names[1:]:
+        errors[g] = [float(v) for v in scale * np.append(np.sort(rng.uniform(0, 10, levels - 1))[::-1], 0.0)]
+    full = sum(linear.values()) * levels + sum(pairs.values()) * levels**2
+    return Allocation({g: list(range(1, levels + 1)) for g in names}, errors,
+                      [Budget("flops", Polynomial(0.0, linear, pairs), 0.55 * full)])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dp_tells_apart_errors_far_under_its_slack(seed: int) -> None:
+    """The slack was 1e-10 in absolute terms: on these optima of ~4e-12, dp called its first plan
+    optimal with a bound 1e-10 under it, and on three of the six seeds that plan was 0.08-3.7%
+    above the optimum."""
+    problem = _chain(seed, 1e-13)
+    optimum, _ = brute_force_allocation(problem)
+    result = check_allocation_solver("dp", problem, optimum=optimum)
+    assert result is not None and result.status is Status.OPTIMAL
+    assert result.objective == pytest.approx(optimum, rel=1e-9, abs=0)
+    assert result.bound <= optimum
+
+
+def _hub(children: int = 6, levels: int = 16) -> Allocation:
+    """A hub joined to ``children`` groups, each with one group of its own: one wide bucket."""
+    rng = np.random.default_rng(0)
+    names = ["h", *(f"c{i}" for i in range(children)), *(f"s{i}" for i in range(children))]
+    errors = {g: [float(v) for v in np.append(np.cumsum(rng.uniform(0, 1, levels - 1)[::-1])[::-1], 0.0)] for g in names}
+    pairs = {("h", f"c{i}"): float(rng.uniform(1, 3)) for i in range(children)}
+    pairs |= {(f"c{i}", f"s{i}"): float(rng.uniform(0.1, 1)) for i in range(children)}
+    linear = {g: float(rng.uniform(1, 2)) for g in names}
+    full = sum(linear.values()) * levels + sum(pairs.values()) * levels**2
+    return Allocation({g: list(range(1, levels + 1)) for g in names}, errors,
+                      [Budget("flops", Polynomial(0.0, linear, pairs), 0.5 * full)])
+
+
+def test_dp_refuses_past_its_candidate_cap_naming_the_group_and_a_pipeline_falls_back(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    problem = _hub()
+    exact = solve(problem, "dp")
+    assert exact.status is Status.OPTIMAL and exact.info["dp_candidates"] > 200
+    monkeypatch.setattr(allocation_dp, "MAX_CANDIDATES", 200)
+    with pytest.raises(SolverRefusedError, match=r"dp formed more than 200 candidate plans by group '\w+': its "
+                                                 r"Lagrangian bound leaves a gap of \d+\.\d\d% to the incumbent.*"
+                                                 r"\(use cpsat or mip\)"):
+        solve(problem, "dp")
+    result, note = solve_allocation(problem, "dp", Deadline(None), seed=0)
+    assert note.startswith("allocation solver 'dp' refused (dp formed more than 200 candidate plans")
+    assert result.solver == "cpsat" and result.status is Status.OPTIMAL
+    assert result.objective == pytest.approx(exact.objective, rel=1e-6)
+
+
+def test_no_join_starts_after_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """dp checked its deadline once per bucket, and a bucket whose fronts run into the millions
+    took hours (torchvision's EfficientNet-V2-S); now every join checks it. Joins are slowed here
+    so that one bucket holds seconds of work."""
+    problem = _hub()
+    limit = 0.3
+    started: list[float] = []
+    join = allocation_dp._join
+
+    def slow_join(*args: object) -> allocation_dp._Frontier:
+        started.append(time.perf_counter())
+        time.sleep(0.01)
+        return join(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(allocation_dp, "_join", slow_join)
+    begin = time.perf_counter()
+    result = solve(problem, "dp", time_limit=limit)
+    assert result.status is Status.LIMIT and result.ok and not problem.check(result.solution)
+    assert result.info["note"] == "time limit during the DP; incumbent returned"
+    late = [t for t in started if t - begin > limit]
+    assert started and len(late) <= 1  # the join under way when the deadline passed, at most
