@@ -171,6 +171,36 @@ def test_prune_through_export_meets_budget_and_leaves_model_alone() -> None:
     assert result.model.up.out_features < 32
 
 
+class AutocastRegion(ListShape):
+    """timm's EfficientViT runs its attention under ``torch.autocast(enabled=False)``: export
+    makes that a higher-order op whose body is a submodule of the exported program, which the
+    rewrite did not carry (a raw RuntimeError from ``fx.GraphModule``)."""
+
+    def __init__(self) -> None:
+        super().__init__(width=12)
+        self.mix = nn.Linear(6, 10)
+        self.out = nn.Linear(10, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = list(x.shape)
+        shape[-1] = -1
+        h = self.down(F.relu(self.up(x))).reshape(shape)
+        with torch.autocast(device_type="cpu", enabled=False):
+            h = h.float() * 2
+        return self.out(F.relu(self.mix(h))) + x
+
+
+def test_an_autocast_region_builds_and_freezes_only_the_channels_it_reads() -> None:
+    model = AutocastRegion().eval()
+    g = build(model, X)
+    assert {gr.name for gr in g.prunable_groups()} == {"up:out", "mix:out"}
+    assert "wrap_with_autocast" in g.group("down:out").reason
+    plan = secateurs.PrunePlan({"up:out": [0, 2, 5, 7], "mix:out": [1, 3, 4]})
+    small = secateurs.apply(model, plan, graph=g)
+    assert g.cost({"up:out": 4, "mix:out": 3}) == dense_counts(small, X)  # the polynomial against a counted model
+    assert small(X).shape == model(X).shape
+
+
 transformers = pytest.importorskip("transformers")
 
 

@@ -246,6 +246,9 @@ def _rewrite(ep: torch.export.ExportedProgram, model: nn.Module, names: list[str
         elif node.op == "output":
             g.output(arg(node.args[0]))
             continue
+        elif node.op == "get_attr":  # a higher-order op's body (autocast, set_grad_enabled regions)
+            tensors[str(node.target)] = getattr(ep.graph_module, str(node.target))
+            env[node] = g.node_copy(node, lambda n: env[n])
         elif node in calls:
             path, x = calls[node]
             tensors[path] = model.get_submodule(path)
