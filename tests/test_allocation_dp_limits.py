@@ -94,3 +94,21 @@ def test_no_join_starts_after_the_deadline(monkeypatch: pytest.MonkeyPatch) -> N
     assert result.info["note"] == "time limit during the DP; incumbent returned"
     late = [t for t in started if t - begin > limit]
     assert started and len(late) <= 1  # the join under way when the deadline passed, at most
+
+
+def test_a_refusal_keeps_greedys_plan_when_cpsats_is_worse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CP-SAT rounds errors to integers; on EfficientNet-B0 (random weights, errors from 1e-21 to
+    1) its plan kept 1 of 480 channels at 2e5 times greedy's error. A stand-in plays that plan."""
+    from secateurs.solvers import allocation_fallback
+
+    problem = _hub()
+    real = allocation_fallback.solve
+    worse = real(problem, "uniform")
+    greedy = real(problem, "greedy")
+    assert worse.ok and greedy.ok and worse.objective > greedy.objective  # the premise
+    monkeypatch.setattr(allocation_dp, "MAX_CANDIDATES", 200)
+    monkeypatch.setattr(allocation_fallback, "solve",
+                        lambda p, name, **kw: worse if name == "cpsat" else real(p, name, **kw))
+    result, note = solve_allocation(problem, "dp", Deadline(None), seed=0)
+    assert result.solver == "greedy" and result.solution == greedy.solution
+    assert note.startswith("allocation solver 'dp' refused (dp formed more than 200") and note.endswith("used 'greedy'")
