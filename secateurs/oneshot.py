@@ -294,7 +294,7 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
         gram, cross = stats[c.input].gram, stats[c.input].cross
         assert gram is not None
         cols = c.flat().to(gram.device)
-        h = gram[cols][:, cols]  # a copy (advanced indexing), so the ridge goes on in place
+        h = gram[cols[:, None], cols]  # one copy (no row-gathered half-way one), so the ridge goes on in place
         ridge = 0.01 * float(torch.diagonal(h).mean()) or 1e-8
         h.diagonal().add_(ridge)
         weight = consumer_weight(model, c.module).detach()
@@ -304,7 +304,7 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
         if cross is None:
             targets.append(None)
         else:
-            target = cross[cols][:, cols]
+            target = cross[cols[:, None], cols]
             target.diagonal().add_(ridge)
             targets.append(target @ dense)
         hessians.append(h)
@@ -332,18 +332,23 @@ def _magnitude_path(model: nn.Module, group: Group) -> dict[int, tuple[list[int]
 
 def _error_path(work: _GroupWork, levels: int, multiple: int) -> None:
     """Greedy backward path with about ``levels`` levels, each a multiple of ``multiple`` units
-    (or the whole group): relative error and support per k."""
+    (or the whole group): relative error and support per k.
+
+    The problem's Cholesky factors are released: the path is their last user, and every group's
+    would add up (the final solve factors the kept columns afresh)."""
     assert work.problem is not None
     problem = work.problem
     n = problem.num_units
     if multiple > n:
         work.path = {n: (list(range(n)), 0.0)}
+        problem.release_factors()
         return
     step = multiple * max(1, math.ceil(n / levels / multiple))
     first = n % step or step  # later levels fall on multiples of the step
     c = problem.constant if problem.constant > 0 else 1.0
     work.path = {k: (support, (objective + problem.constant) / c)
-                 for k, support, objective in greedy_path(problem, step=step, stop=multiple, first_step=first)}
+                 for k, support, objective in greedy_path(problem, step=step, stop=multiple, first_step=first,
+                                                          release_factors=True)}
 
 
 def _allocate(graph: DependencyGraph, works: list[_GroupWork], limits: dict[str, float], solver: str,
@@ -526,7 +531,6 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
             work.path = {k: v for k, v in _magnitude_path(model, group).items() if k in allowed}
         else:
             _error_path(work, levels, unit_multiple(group, channel_multiple))
-            problem.release_factors()  # the greedy path was their last user; every group's would add up
         works.append(work)
     stage("error curves", start)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from secateurs.errors import ValidationError
-from secateurs.problems import Reconstruction, ReconstructionStatistics
+from secateurs.problems import Reconstruction, ReconstructionStatistics, reconstruction
 from secateurs.testing import diagonal_reconstruction, random_reconstruction
 
 
@@ -108,6 +108,19 @@ def test_hessians_within_rounding_of_symmetric_are_symmetrised() -> None:
         torch.testing.assert_close(prob.H, H, rtol=1e-9, atol=0)
         torch.testing.assert_close(prob.factor(0) @ prob.factor(0).T, prob.H)
     assert float(Reconstruction.from_hessian(skewed, W=W, keep=2).H[1, 0]) == (float(skewed[0, 1]) + float(H[1, 0])) / 2
+
+
+@pytest.mark.parametrize("where", [(0, 6), (6, 0), (10, 3), (3, 10)])
+def test_asymmetry_is_measured_across_row_blocks(monkeypatch: pytest.MonkeyPatch, where: tuple[int, int]) -> None:
+    """The check reads H a block of rows at a time (3 rows of 11 here): an entry off its mirror in
+    any block, above or below the diagonal, is found and measured as ``H - H.T`` whole says."""
+    monkeypatch.setattr(reconstruction, "_ROWS_BLOCK", 33)
+    X, W = _data(p=11, m=2)
+    H = X.T @ X + torch.eye(11, dtype=torch.float64)
+    H[where] += 0.5
+    assert reconstruction._asymmetry(H) == float((H - H.T).abs().max()) == 0.5
+    with pytest.raises(ValidationError, match=r"^H: is not symmetric \(max \|H - Hᵀ\| = 0\.5,"):
+        Reconstruction.from_hessian(H, W=W, keep=2)
 
 
 def test_check_names_each_violation() -> None:

@@ -116,6 +116,17 @@ def test_greedy_path_compacts_on_large_problems() -> None:
     assert k == 20 and value == pytest.approx(problem.evaluate(support), rel=1e-8)
 
 
+def test_greedy_path_can_release_the_factors_it_starts_from() -> None:
+    """Two consumer inputs: each factor is released once its H⁻¹ is formed, the path unchanged."""
+    problem = random_reconstruction(14, units=40, unit_width=2, keep=5, inputs=2, correlated=True)
+    kept = greedy_path(problem, step=3, stop=5)
+    assert set(problem._factors) == {0, 1}
+    released = greedy_path(problem, step=3, stop=5, release_factors=True)
+    assert problem._factors == {}
+    assert [(k, s) for k, s, _ in released] == [(k, s) for k, s, _ in kept]
+    assert [v for _, _, v in released] == pytest.approx([v for _, _, v in kept], rel=1e-12)
+
+
 def test_swap_scores_equal_brute_force_swaps() -> None:
     problem = random_reconstruction(13, units=6, unit_width=3, keep=3, inputs=2, correlated=True, condition=1.0)
     delta, kept, removed, f = swap_scores(problem, [0, 2, 5])

@@ -79,10 +79,10 @@ class _Block:
     def compact(self, keep_cols: Tensor, keep_units: Tensor) -> None:
         """Fold U into Hi and drop the removed rows and columns."""
         t = self.t
-        Hi = self.Hi[keep_cols][:, keep_cols]
+        Hi = self.Hi[keep_cols[:, None], keep_cols]
         if t:
             Uk = self.U[keep_cols, :t]
-            Hi -= Uk @ Uk.T
+            Hi.addmm_(Uk, Uk.T, alpha=-1)  # in place: ``Hi -= Uk @ Uk.T`` makes a product as large as Hi
         self.Hi = Hi
         self.B = self.B[keep_cols]
         self.D = self.D[keep_units]
@@ -98,6 +98,7 @@ def greedy_path(
     first_step: int | None = None,
     deadline: Deadline | None = None,
     last_only: bool = False,
+    release_factors: bool = False,
 ) -> list[tuple[int, list[int], float]]:
     """Backward elimination from all units down to ``stop`` kept, recording every level.
 
@@ -115,6 +116,10 @@ def greedy_path(
         When it expires the path ends early at the current level.
     last_only : bool
         Return only the final level (what the ``greedy`` solver needs; saves building g lists).
+    release_factors : bool
+        Forget ``problem``'s cached Cholesky factors once H⁻¹ is formed from them, for a caller
+        that needs them no more: the path then holds H⁻¹ but not the factor beside it (p² floats,
+        5 GB for a 25,088-column input).
 
     Returns
     -------
@@ -131,7 +136,11 @@ def greedy_path(
     if not 1 <= first <= step:
         raise ValueError(f"first_step must be in 1..{step}, got {first_step}")
     fold = max(256, 2 * step * w)
-    blocks = [_Block(problem.factor(i), G, w, fold) for i, G in enumerate(problem.targets)]
+    blocks = []
+    for i, G in enumerate(problem.targets):
+        blocks.append(_Block(problem.factor(i), G, w, fold))
+        if release_factors:
+            problem.release_factors()
     device = problem.device
     units = torch.arange(g, device=device)  # original index of each local unit
     alive = torch.ones(g, dtype=torch.bool, device=device)
@@ -208,7 +217,7 @@ def _finish_in_one_stage(problem: Reconstruction, support: list[int]) -> list[in
     w = problem.unit_width
     scores = None
     for H, G in zip(problem.hessians, problem.targets, strict=True):
-        Hi = torch.cholesky_inverse(torch.linalg.cholesky(H[cols][:, cols]))
+        Hi = torch.cholesky_inverse(torch.linalg.cholesky(H[cols[:, None], cols]))
         s = block_quadratic(diag_blocks(Hi, w), Hi @ G[cols], w)
         scores = s if scores is None else scores + s
     assert scores is not None

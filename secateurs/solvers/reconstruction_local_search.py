@@ -88,16 +88,16 @@ class _SwapState:
     def refresh(self, kc: Tensor, oc: Tensor) -> float:
         """Recompute everything from a fresh Cholesky factorisation; returns f."""
         H, G, w = self.H, self.G, self.w
-        L = torch.linalg.cholesky(H[kc][:, kc])
+        L = torch.linalg.cholesky(H[kc[:, None], kc])
         Gs = G[kc]
         Z = torch.linalg.solve_triangular(L, Gs, upper=False)
         self.Hinv = torch.cholesky_inverse(L)
         self.B = self.Hinv @ Gs
-        self.Hns = H[oc][:, kc]
+        self.Hns = H[oc[:, None], kc]
         self.A = self.Hns @ self.Hinv
         self.R = G[oc] - self.A @ Gs
         self.X = self.R @ self.B.T
-        self.Hnn = diag_blocks(H[oc][:, oc], w).clone() if w > 1 else H[oc, oc].reshape(-1, 1, 1).clone()
+        self.Hnn = diag_blocks(H[oc[:, None], oc], w).clone() if w > 1 else H[oc, oc].reshape(-1, 1, 1).clone()
         return -0.5 * float((Z * Z).sum())
 
     def scores(self) -> Tensor:
@@ -128,7 +128,7 @@ class _SwapState:
         A[:, Ia] = 0.0
         # --- add J (N-slot b) into slot a: bordering with σ = Schur complement of J
         hJS = self.Hns[Jb]  # H_{J,S} (slot a column is multiplied by zeros below)
-        sigma = H[j_cols][:, j_cols] - A[Jb] @ hJS.T
+        sigma = H[j_cols[:, None], j_cols] - A[Jb] @ hJS.T
         sigma = (sigma + sigma.T) / 2
         v = -A[Jb].T.clone()
         v[Ia] += torch.eye(w, dtype=v.dtype, device=v.device)
