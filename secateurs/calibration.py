@@ -43,6 +43,9 @@ class GramStatistics:
     does not grow with the number of batches. On all-MiniLM-L6-v2's FFN input (4,096 tokens,
     1,536 features) this differs from an all-float64 Gram by 5e-8 (relative Frobenius norm) and
     greedy picks the same units. ``exact=True`` computes every product in float64.
+
+    An input of more than ``max_columns`` columns is counted (``rows``, ``columns``) but gets no
+    Gram: it would not fit in memory with the solves' copies of it (see :mod:`secateurs.memory`).
     """
 
     gram: torch.Tensor | None = None
@@ -50,6 +53,13 @@ class GramStatistics:
     sums: torch.Tensor | None = field(default=None, repr=False)
     cross: torch.Tensor | None = field(default=None, repr=False)
     exact: bool = False
+    max_columns: int | None = None
+    columns: int = 0
+
+    @property
+    def too_wide(self) -> bool:
+        """The input has more columns than ``max_columns``: rows are counted, no Gram is kept."""
+        return self.max_columns is not None and self.columns > self.max_columns
 
     def _accumulate(self, total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``total + aᵀb`` in float64, chunk by chunk into ``total`` itself (``None`` starts a sum):
@@ -84,6 +94,10 @@ class GramStatistics:
             x = x.to(torch.float64)
         if target is not None and target.shape != x.shape:
             raise ValidationError("target", f"shape {tuple(target.shape)} differs from the input's {tuple(x.shape)}")
+        self.columns = x.shape[1]
+        if self.too_wide:
+            self.rows += x.shape[0]
+            return
         self.gram = self._accumulate(self.gram, x, x)
         sums = x.sum(0, dtype=torch.float64)
         self.sums = sums if self.sums is None else self.sums + sums
@@ -275,14 +289,16 @@ def evaluating(*models: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
-def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]) -> dict[str, GramStatistics]:
+def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str], *,
+            max_columns: int | None = None) -> dict[str, GramStatistics]:
     """Run ``calibration`` through ``model`` (eval mode, no grad) accumulating XᵀX per module (or
-    per input of an attention module, ``"attn:query"``; see :func:`input_source`).
+    per input of an attention module, ``"attn:query"``; see :func:`input_source`). Inputs wider
+    than ``max_columns`` are counted but get no Gram (:attr:`GramStatistics.too_wide`).
 
     The model's train/eval mode is restored afterwards and hooks are always removed.
     """
     names = list(dict.fromkeys(modules))
-    stats = {name: GramStatistics() for name in names}
+    stats = {name: GramStatistics(max_columns=max_columns) for name in names}
     handles = []
     for name in names:
         source, rows = input_source(model, name), row_reader(model, name)

@@ -57,6 +57,7 @@ from secateurs.latency import Window, timing_batch
 from secateurs.latency import measure as measure_latency
 from secateurs.layerwise import Lockstep, run_together
 from secateurs.measure import output_error
+from secateurs.memory import available_bytes, gram_bytes, max_gram_columns
 from secateurs.plan import PrunePlan
 from secateurs.problems.allocation import Allocation, Latency
 from secateurs.problems.allocation import Budget as CostBudget
@@ -118,7 +119,11 @@ def prune(
     calibration : iterable of batches
         Tensors, tuples of tensors (positional inputs) or dicts (keyword inputs). With
         ``sequential=False`` it is read once, streaming: statistics do not grow with the number
-        of batches; the sequential pass holds the batches (and their live activations).
+        of batches; the sequential pass holds the batches (and their live activations). Each
+        consumer input of p columns has a p × p float64 Gram, and the channel path holds about
+        five copies of it at once; an input too wide for that to fit in the free memory of the
+        model's device (VGG's 25,088-input classifier on a 24 GB machine) gets no Gram, its
+        consumer is not refit, and the report's notes name it (:mod:`secateurs.memory`).
     budget : Budget
         ``Budget(flops=0.5)``, ``Budget(params=0.6)``, ``Budget(latency=0.6)`` (measured on
         ``example_inputs``) for channels; ``Budget(sparsity=0.7)`` for
@@ -279,9 +284,14 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
     """The OSSCAR problem of one group over its consumers' columns (or None, with why)."""
     found, skipped = consumer_columns(model, group)
     notes = [f"not refit: {s}" for s in skipped]
-    usable = [c for c in found if stats[c.input].rows > 0]
-    if len(usable) < len(found):
-        unseen = sorted({c.input for c in found if stats[c.input].rows == 0})
+    wide = {c.input: stats[c.input] for c in found if stats[c.input].too_wide}
+    if wide:
+        notes.append("not refit, too wide for the memory: " + ", ".join(
+            f"{name} ({s.columns:,} input columns need {gram_bytes(s.columns) / 1e9:.3g} GB for their Gram and its "
+            f"copies; {s.max_columns:,} columns fit)" for name, s in sorted(wide.items())))
+    usable = [c for c in found if stats[c.input].rows > 0 and c.input not in wide]
+    unseen = sorted({c.input for c in found if stats[c.input].rows == 0})
+    if unseen:
         notes.append(f"not refit, no input seen on the calibration data (never called): {', '.join(unseen)}")
     widths = sorted({c.width for c in usable})
     if len(widths) > 1:  # one problem needs one unit width; keep the consumers of the first
@@ -518,7 +528,16 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     start = clock.elapsed()
     modules = sorted({c.input for g in groups for c in consumer_columns(model, g)[0]})
     cached = list(calibration) if sequential else []  # the layer-wise pass reads the batches again
-    stats = collect(model, tqdm(cached or calibration, desc="calibration", leave=False, disable=not progress), modules)
+    available = available_bytes(model_device(model))
+    stats = collect(model, tqdm(cached or calibration, desc="calibration", leave=False, disable=not progress), modules,
+                    max_columns=max_gram_columns(available))
+    wide = sorted(name for name, s in stats.items() if s.too_wide)
+    if wide:
+        assert available is not None
+        report.notes.append(f"memory: {len(wide)} consumer input(s) too wide for their Gram and the solves' copies of "
+                            f"it to fit in the {available / 1e9:.3g} GB available ({', '.join(wide)}): their "
+                            "consumers are not refit, and a group read by no other consumer gets a magnitude "
+                            "error curve")
     stage("statistics", start)
 
     start = clock.elapsed()

@@ -1,0 +1,87 @@
+"""Consumer inputs too wide for their Gram to fit in memory: counted, not refit, and the run goes on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from secateurs import memory, oneshot
+from secateurs.budget import Budget
+from secateurs.calibration import collect
+from secateurs.graph import dense_counts
+
+
+def _wide_model() -> nn.Sequential:
+    """A VGG in miniature: conv channels flattened into a Linear of 8 × 49 = 392 inputs."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(7), nn.Flatten(),
+                         nn.Linear(392, 16), nn.ReLU(), nn.Linear(16, 10)).eval()
+
+
+def _batches() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(16, 3, 7, 7, generator=g) for _ in range(3)]
+
+
+def test_gram_bytes_and_the_widest_input_that_fits_agree() -> None:
+    for columns in (1, 100, 392, 25_088):
+        need = memory.gram_bytes(columns)
+        assert need == memory.GRAM_COPIES * 8 * columns**2
+        assert memory.max_gram_columns(need) == columns
+        assert memory.max_gram_columns(need - 1) == columns - 1
+    assert memory.max_gram_columns(None) is None
+    assert memory.max_gram_columns(0) == 0
+
+
+def test_meminfo_is_read_in_bytes(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24683784 kB\nMemFree:  100 kB\nMemAvailable:   23764464 kB\n")
+    assert memory._meminfo_available(meminfo) == 23764464 * 1024
+    meminfo.write_text("MemTotal: 1 kB\n")
+    assert memory._meminfo_available(meminfo) is None
+    assert memory._meminfo_available(tmp_path / "absent") is None
+    assert (memory.available_bytes("cpu") or 1) > 0
+
+
+def test_collect_counts_a_too_wide_input_and_keeps_the_others_grams() -> None:
+    model, batches = _wide_model(), _batches()
+    full = collect(model, batches, ["0", "4", "6"])
+    capped = collect(model, batches, ["0", "4", "6"], max_columns=100)
+    wide = capped["4"]
+    assert wide.too_wide and wide.gram is None and wide.columns == 392 and wide.max_columns == 100
+    assert wide.rows == full["4"].rows == 48
+    for name in ("0", "6"):  # 27 and 16 columns: under the cap, the same Grams
+        assert not capped[name].too_wide
+        assert torch.equal(capped[name].gram, full[name].gram)
+
+
+@pytest.mark.parametrize("sequential", [True, False])
+def test_a_consumer_too_wide_for_memory_is_pruned_without_refit_within_budget(
+        monkeypatch: pytest.MonkeyPatch, sequential: bool) -> None:
+    model, batches = _wide_model(), _batches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(oneshot, "available_bytes", lambda device: memory.gram_bytes(100))
+    result = oneshot.prune(model, batches, Budget(flops=0.5), progress=False, error_curve=False,
+                           sequential=sequential)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    dense, counted = dense_counts(model, batches[0]), dense_counts(result.model, batches[0])
+    assert counted.flops <= 0.5 * dense.flops
+    assert result.report.total("flops").achieved == counted.flops
+    (note,) = [n for n in result.report.notes if n.startswith("memory:")]
+    assert "1 consumer input(s) too wide" in note and "(4)" in note
+    groups = {g.name: g for g in result.report.groups}
+    conv = next(g for name, g in groups.items() if g.total == 8)  # the conv's channels, read by the wide Linear
+    assert "not refit, too wide for the memory: 4 (392 input columns" in conv.note and "100 columns fit" in conv.note
+    hidden = next(g for name, g in groups.items() if g.total == 16)  # read by the last Linear: still refit
+    assert "too wide" not in hidden.note
+    # the wide Linear keeps its dense weights on the kept channels' columns: nothing was refit
+    kept_channels = result.plan.keep.get(conv.name, list(range(8)))
+    kept_hidden = result.plan.keep.get(hidden.name, list(range(16)))
+    columns = torch.tensor([c * 49 + s for c in kept_channels for s in range(49)])
+    assert torch.equal(result.model[4].weight, model[4].weight[kept_hidden][:, columns])
+    assert not torch.equal(result.model[6].weight, model[6].weight[:, kept_hidden])  # the last Linear was refit
+    with torch.no_grad():
+        assert result.model(batches[0]).shape == (16, 10)
