@@ -42,8 +42,8 @@ def _meminfo_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
 def available_bytes(device: torch.device | str | None = None) -> int | None:
     """Free memory on ``device`` (default the CPU) in bytes, or None where it cannot be read.
 
-    A CUDA device says what it has free; on Linux the CPU's is MemAvailable, less a container's
-    own limit where cgroup v2 sets one (a container sees the host's MemAvailable).
+    A CUDA device says what it has free. On Linux the CPU's is MemAvailable, or what a cgroup v2
+    limit leaves where that is less (a container sees the host's MemAvailable, not its own limit).
     """
     kind = torch.device(device).type if device is not None else "cpu"
     if kind == "cuda":
