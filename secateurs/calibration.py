@@ -44,8 +44,9 @@ class GramStatistics:
     1,536 features) this differs from an all-float64 Gram by 5e-8 (relative Frobenius norm) and
     greedy picks the same units. ``exact=True`` computes every product in float64.
 
-    An input of more than ``max_columns`` columns is counted (``rows``, ``columns``) but gets no
-    Gram: it would not fit in memory with the solves' copies of it (see :mod:`secateurs.memory`).
+    An input of more than ``max_columns`` columns gets no Gram: it would not fit in memory with
+    the solves' copies of it (see :mod:`secateurs.memory`). Its rows are counted, and its
+    ``squares`` (Σ x² per column, the Gram's diagonal: p numbers) are kept instead.
     """
 
     gram: torch.Tensor | None = None
@@ -55,6 +56,7 @@ class GramStatistics:
     exact: bool = False
     max_columns: int | None = None
     columns: int = 0
+    squares: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def too_wide(self) -> bool:
@@ -96,6 +98,9 @@ class GramStatistics:
             raise ValidationError("target", f"shape {tuple(target.shape)} differs from the input's {tuple(x.shape)}")
         self.columns = x.shape[1]
         if self.too_wide:
+            for start in range(0, x.shape[0], _CHUNK):  # float64 a chunk at a time, not a copy of x
+                part = x[start : start + _CHUNK].to(torch.float64).pow(2).sum(0)
+                self.squares = part if self.squares is None else self.squares.add_(part)
             self.rows += x.shape[0]
             return
         self.gram = self._accumulate(self.gram, x, x)
@@ -293,7 +298,7 @@ def collect(model: nn.Module, calibration: Iterable[Any], modules: Iterable[str]
             max_columns: int | None = None) -> dict[str, GramStatistics]:
     """Run ``calibration`` through ``model`` (eval mode, no grad) accumulating XᵀX per module (or
     per input of an attention module, ``"attn:query"``; see :func:`input_source`). Inputs wider
-    than ``max_columns`` are counted but get no Gram (:attr:`GramStatistics.too_wide`).
+    than ``max_columns`` get the Gram's diagonal only (:attr:`GramStatistics.too_wide`).
 
     The model's train/eval mode is restored afterwards and hooks are always removed.
     """

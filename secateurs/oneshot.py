@@ -89,6 +89,7 @@ class _GroupWork:
     consumers: list[ConsumerColumns]
     path: dict[int, tuple[list[int], float]]
     note: str = ""
+    scored_by: str = "magnitude"  # what ranks the units of a group without a problem (its report's solver)
 
 
 def prune(
@@ -298,7 +299,8 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
         notes.append(f"consumers of widths {widths[1:]} are pruned but not refit")
         usable = [c for c in usable if c.width == widths[0]]
     if not usable:
-        return None, [], "; ".join(notes + ["no reconstructable consumer: magnitude error curve"])
+        scored = "the Gram's diagonal" if _diagonal_consumers(found, stats) else "magnitude"
+        return None, [], "; ".join(notes + [f"no reconstructable consumer: error curve from {scored}"])
     hessians, targets, weights = [], [], []
     for c in usable:
         gram, cross = stats[c.input].gram, stats[c.input].cross
@@ -335,9 +337,38 @@ def _magnitude_path(model: nn.Module, group: Group) -> dict[int, tuple[list[int]
         moved = weight.movedim(member.dim, 0)
         for u in range(group.size):
             energy[u] += moved[member.indices([u])].pow(2).sum()
+    return _energy_path(energy)
+
+
+def _diagonal_consumers(found: list[ConsumerColumns], stats: dict[str, GramStatistics]) -> list[ConsumerColumns]:
+    """The consumers whose too-wide inputs kept the Gram's diagonal, when their units are alike
+    (one unit width); else none, and the group falls back to its producers' weight magnitude."""
+    wide = [c for c in found if stats[c.input].squares is not None]
+    return wide if wide and len({c.width for c in wide}) == 1 else []
+
+
+def _diagonal_path(model: nn.Module, group: Group, consumers: list[ConsumerColumns],
+                   stats: dict[str, GramStatistics]) -> dict[int, tuple[list[int], float]]:
+    """Error curve of a group whose consumers' inputs are too wide for a Gram: unit u's energy is
+    Σ over its columns j of ‖Ŵ_j‖²·Σx_j², the output energy it carries when the inputs are taken
+    as uncorrelated (the Gram's diagonal, which those inputs keep). Like Wanda's |W|·‖x‖, and
+    data-aware where the producer's weight magnitude is not; there is no refit to count."""
+    energy = torch.zeros(group.size, dtype=torch.float64)
+    for c in consumers:
+        squares = stats[c.input].squares
+        assert squares is not None
+        weight = consumer_weight(model, c.module).detach()
+        block = c.weight_block(weight)[:, c.weight_flat().to(weight.device)].to(torch.float64)
+        per_column = block.pow(2).sum(0).cpu() * squares[c.flat().to(squares.device)].cpu()
+        energy += per_column.reshape(group.size, c.width).sum(1)
+    return _energy_path(energy)
+
+
+def _energy_path(energy: torch.Tensor) -> dict[int, tuple[list[int], float]]:
+    """Keep the k units of most energy, for every k: the share of the energy left out is the error."""
     order = torch.argsort(energy, descending=True).tolist()
     total = float(energy.sum()) or 1.0
-    return {k: (sorted(order[:k]), 1.0 - float(energy[order[:k]].sum()) / total) for k in range(1, group.size + 1)}
+    return {k: (sorted(order[:k]), 1.0 - float(energy[order[:k]].sum()) / total) for k in range(1, len(order) + 1)}
 
 
 def _error_path(work: _GroupWork, levels: int, multiple: int) -> None:
@@ -536,8 +567,8 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
         assert available is not None
         report.notes.append(f"memory: {len(wide)} consumer input(s) too wide for their Gram and the solves' copies of "
                             f"it to fit in the {available / 1e9:.3g} GB available ({', '.join(wide)}): their "
-                            "consumers are not refit, and a group read by no other consumer gets a magnitude "
-                            "error curve")
+                            "consumers are not refit, and a group read by no other consumer is scored on the "
+                            "Gram's diagonal (output energy per unit, inputs taken as uncorrelated)")
     stage("statistics", start)
 
     start = clock.elapsed()
@@ -547,7 +578,12 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
         work = _GroupWork(group, problem, consumers, {}, note)
         if problem is None:
             allowed = keep_levels(group, channel_multiple)
-            work.path = {k: v for k, v in _magnitude_path(model, group).items() if k in allowed}
+            wide = _diagonal_consumers(consumer_columns(model, group)[0], stats)
+            if wide:
+                path, work.scored_by = _diagonal_path(model, group, wide, stats), "diagonal"
+            else:
+                path = _magnitude_path(model, group)
+            work.path = {k: v for k, v in path.items() if k in allowed}
         else:
             _error_path(work, levels, unit_multiple(group, channel_multiple))
         works.append(work)
@@ -669,7 +705,7 @@ class _GroupSolver:
         if k >= size:
             support, error = list(range(size)), 0.0
         elif work.problem is None:
-            (support, error), solver_name = work.path[k], "magnitude"
+            (support, error), solver_name = work.path[k], work.scored_by
         else:
             support = work.path[k][0]  # greedy on the dense statistics: a start as good as greedy afresh
             if self.deadline.expired():

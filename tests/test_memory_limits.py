@@ -1,4 +1,5 @@
-"""Consumer inputs too wide for their Gram to fit in memory: counted, not refit, and the run goes on."""
+"""Consumer inputs too wide for their Gram to fit in memory: the Gram's diagonal only, no refit, and
+the run goes on."""
 
 from __future__ import annotations
 
@@ -46,13 +47,27 @@ def test_meminfo_is_read_in_bytes(tmp_path: Path) -> None:
     assert (memory.available_bytes("cpu") or 1) > 0
 
 
-def test_collect_counts_a_too_wide_input_and_keeps_the_others_grams() -> None:
+def _linear_inputs(model: nn.Sequential, batches: list[torch.Tensor]) -> torch.Tensor:
+    """What the wide Linear (``model[4]``) reads, every calibration row, from a hook of our own."""
+    seen: list[torch.Tensor] = []
+    handle = model[4].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().double()))
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+    handle.remove()
+    return torch.cat(seen)
+
+
+def test_collect_keeps_only_the_diagonal_of_a_too_wide_input_and_the_others_grams() -> None:
     model, batches = _wide_model(), _batches()
     full = collect(model, batches, ["0", "4", "6"])
     capped = collect(model, batches, ["0", "4", "6"], max_columns=100)
     wide = capped["4"]
     assert wide.too_wide and wide.gram is None and wide.columns == 392 and wide.max_columns == 100
     assert wide.rows == full["4"].rows == 48
+    assert wide.squares is not None and full["4"].squares is None
+    torch.testing.assert_close(wide.squares, _linear_inputs(model, batches).pow(2).sum(0), rtol=1e-12, atol=0)
+    torch.testing.assert_close(wide.squares, full["4"].gram.diagonal(), rtol=1e-5, atol=0)
     for name in ("0", "6"):  # 27 and 16 columns: under the cap, the same Grams
         assert not capped[name].too_wide
         assert torch.equal(capped[name].gram, full[name].gram)
@@ -75,6 +90,14 @@ def test_a_consumer_too_wide_for_memory_is_pruned_without_refit_within_budget(
     groups = {g.name: g for g in result.report.groups}
     conv = next(g for name, g in groups.items() if g.total == 8)  # the conv's channels, read by the wide Linear
     assert "not refit, too wide for the memory: 4 (392 input columns" in conv.note and "100 columns fit" in conv.note
+    assert conv.solver == "diagonal" and "error curve from the Gram's diagonal" in conv.note
+    # the channels kept carry the most output energy through the wide Linear, inputs taken as uncorrelated
+    energy = (model[4].weight.detach().double().pow(2).sum(0) * _linear_inputs(model, batches).pow(2).sum(0))
+    energy = energy.reshape(8, 49).sum(1)
+    assert 0 < conv.kept < 8
+    assert sorted(result.plan.keep[conv.name]) == sorted(torch.topk(energy, conv.kept).indices.tolist())
+    dropped = 1 - float(energy[result.plan.keep[conv.name]].sum() / energy.sum())
+    assert conv.relative_error == pytest.approx(dropped, rel=1e-9)
     hidden = next(g for name, g in groups.items() if g.total == 16)  # read by the last Linear: still refit
     assert "too wide" not in hidden.note
     # the wide Linear keeps its dense weights on the kept channels' columns: nothing was refit
