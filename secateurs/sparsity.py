@@ -18,10 +18,16 @@ _REMOVED_SIDE = 0.9  # solve on the removed side when |R| < 0.9 |S|: a factorisa
 
 
 def reconstruction_scores(weight: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """|W_ij| · ‖X_j‖ with ‖X_j‖² = (XᵀX)_jj."""
-    if gram.shape != (weight.shape[1], weight.shape[1]):
-        raise ValidationError("gram", f"shape {tuple(gram.shape)} does not match weight inputs {weight.shape[1]}")
-    return weight.abs().to(torch.float64) * torch.sqrt(torch.clamp(torch.diagonal(gram), min=0.0)).unsqueeze(0)
+    """|W_ij| · ‖X_j‖ with ‖X_j‖² = (XᵀX)_jj.
+
+    Here and below, a 1-D ``gram`` is the diagonal of XᵀX alone (what an input too wide for its
+    Gram keeps; see :mod:`secateurs.memory`): the inputs are then taken as uncorrelated.
+    """
+    p = weight.shape[1]
+    if gram.shape not in ((p, p), (p,)):
+        raise ValidationError("gram", f"shape {tuple(gram.shape)} does not match weight inputs {p}")
+    diagonal = gram if gram.ndim == 1 else torch.diagonal(gram)
+    return weight.abs().to(torch.float64) * torch.sqrt(torch.clamp(diagonal, min=0.0)).unsqueeze(0)
 
 
 def density_mask(scores: torch.Tensor, keep: int) -> torch.Tensor:
@@ -57,8 +63,10 @@ def quadratic_trace(delta: torch.Tensor, gram: torch.Tensor) -> float:
     Each block of columns a takes one product Δ_a H_{a, a:}; the blocks right of the diagonal count
     twice. That multiplies about half of H where ``einsum("ij,jk,ik->")`` multiplies all of it:
     on 512 rows of 4,608 inputs, 186–197 ms against 305 ms. The allocation of an unstructured
-    prune evaluates this for 32 densities of every layer.
+    prune evaluates this for 32 densities of every layer. A 1-D ``gram`` is a diagonal H.
     """
+    if gram.ndim == 1:
+        return float((delta.pow(2) * gram).sum())
     p = gram.shape[0]
     total = 0.0
     for a in range(0, p, _QUADRATIC_BLOCK):
@@ -77,7 +85,11 @@ def refit_rows(weight: torch.Tensor, gram: torch.Tensor, mask: torch.Tensor, rid
     change that zeroes the removed set R is −(A⁻¹)_{:,R} ((A⁻¹)_RR)⁻¹ ŵ_R (the OBS update), an
     |R|-sized system where the kept one is |S|-sized. At 30% sparsity that is (3/7)³ of the
     factorisation work per row, for one inverse of A per layer (taken only when it pays).
+    With a diagonal H (a 1-D ``gram``) each kept weight's equation is its own, and the refit
+    keeps it as it is: W masked.
     """
+    if gram.ndim == 1:
+        return weight * mask
     h = gram.to(torch.float64)
     lam = 0.01 * float(torch.diagonal(h).mean()) if ridge is None else float(ridge)
     w = weight.to(torch.float64)

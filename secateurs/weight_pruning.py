@@ -22,6 +22,8 @@ from secateurs.calibration import collect
 from secateurs.consumers import consumer_weight, supports_reconstruction
 from secateurs.conv1d import is_conv1d
 from secateurs.errors import SolverError, ValidationError
+from secateurs.hardware import model_device
+from secateurs.memory import available_bytes, gram_bytes, max_gram_columns
 from secateurs.plan import PrunePlan
 from secateurs.problems.allocation import Allocation
 from secateurs.prune_result import PruneResult
@@ -77,7 +79,8 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
         raise ValidationError("model", "no Linear or Conv layer to prune")
     start = clock.elapsed()
     batches = tqdm(calibration, desc="calibration", leave=False, disable=not progress)
-    stats = collect(model, batches, [e.source for e in entries.values()])
+    available = available_bytes(model_device(model))
+    stats = collect(model, batches, [e.source for e in entries.values()], max_columns=max_gram_columns(available))
     report.stages["statistics"] = clock.elapsed() - start
 
     start = clock.elapsed()
@@ -86,12 +89,18 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
     for name, entry in entries.items():
         weight = _matrix(model, entry).detach()
         flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
-        gram = stats[entry.source].gram
+        seen = stats[entry.source]
+        gram = seen.gram if seen.squares is None else seen.squares  # a 1-D gram: its diagonal alone
+        if seen.too_wide and seen.squares is not None:
+            assert available is not None
+            report.notes.append(f"{name}: its {seen.columns:,} input columns need {gram_bytes(seen.columns) / 1e9:.3g} "
+                                f"GB for their Gram and its copies, over the {available / 1e9:.3g} GB available; "
+                                "scored on the Gram's diagonal (inputs taken as uncorrelated) and not refit")
         if gram is None:  # no activations seen
             where = "" if entry.rows is None else f" ({entry.source.rpartition(':')[0]!r} was not)"
             report.notes.append(f"{name}: never called on the calibration data{where}, so no calibration "
                                 "signal; pruned by magnitude")
-            gram = torch.eye(flat.shape[1], dtype=torch.float64)
+            gram = torch.ones(flat.shape[1], dtype=torch.float64)  # H = I, as its diagonal
         data[name] = (flat, gram, reconstruction_scores(flat, gram))
         energies[name] = 0.5 * quadratic_trace(flat, gram) or 1.0  # ½‖XŴᵀ‖²: what errors are relative to
     n, m = nm
@@ -147,7 +156,8 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
         delta = flat - new.to(torch.float64)
         error = 0.5 * quadratic_trace(delta, gram) / energies[name]
         kept = int(masks[name].sum())
-        report.groups.append(GroupReport(name, kept, masks[name].numel(), error, "refit" if refit else "mask", 0.0))
+        how = "refit" if refit and gram.ndim == 2 else "mask"  # a diagonal H refits nothing
+        report.groups.append(GroupReport(name, kept, masks[name].numel(), error, how, 0.0))
     report.stages["refit"] = clock.elapsed() - start
 
     covered = {e.param for e in entries.values()}

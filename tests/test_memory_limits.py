@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from secateurs import memory, oneshot
+from secateurs import memory, oneshot, weight_pruning
 from secateurs.budget import Budget
 from secateurs.calibration import collect
 from secateurs.graph import dense_counts
@@ -108,3 +108,27 @@ def test_a_consumer_too_wide_for_memory_is_pruned_without_refit_within_budget(
     assert not torch.equal(result.model[6].weight, model[6].weight[:, kept_hidden])  # the last Linear was refit
     with torch.no_grad():
         assert result.model(batches[0]).shape == (16, 10)
+
+
+def test_unstructured_scores_a_too_wide_input_on_its_diagonal_and_refits_the_rest(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model, batches = _wide_model(), _batches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    monkeypatch.setattr(weight_pruning, "available_bytes", lambda device: memory.gram_bytes(100))
+    result = oneshot.prune(model, batches, Budget(sparsity=0.5), structure="unstructured", progress=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    weights = ("0.weight", "4.weight", "6.weight")
+    total = sum(model.get_parameter(w).numel() for w in weights)
+    nonzeros = sum(int((result.model.get_parameter(w) != 0).sum()) for w in weights)
+    assert nonzeros <= 0.5 * total and result.report.total("nonzeros").achieved == nonzeros
+    (note,) = [n for n in result.report.notes if n.startswith("4: its 392 input columns")]
+    assert "scored on the Gram's diagonal" in note and "not refit" in note
+    layers = {g.name: g for g in result.report.groups}
+    assert layers["4"].solver == "mask" and layers["6"].solver == "refit"  # the narrow ones keep their Grams
+    # the wide Linear keeps its largest |W|·‖x‖ (from the raw inputs) and their dense values
+    dense, pruned = model[4].weight.detach(), result.model[4].weight.detach()
+    kept = pruned != 0
+    scores = dense.abs().double() * _linear_inputs(model, batches).pow(2).sum(0).sqrt()
+    assert kept.sum() == layers["4"].kept and 0 < layers["4"].kept < dense.numel()
+    assert scores[kept].min() >= scores[~kept].max()
+    assert torch.equal(pruned[kept], dense[kept])

@@ -114,3 +114,19 @@ def test_quadratic_trace_from_the_upper_blocks_equals_the_full_form(columns: int
     H = (H + H.T) / 2
     explicit = float(((delta @ X.T) ** 2).sum())  # ‖Δ Xᵀ‖²: never forms H
     assert quadratic_trace(delta, H) == pytest.approx(explicit, rel=1e-10)
+
+
+@given(st.integers(0, 1000))
+def test_a_diagonal_gram_gives_what_the_diagonal_matrix_gives(seed: int) -> None:
+    """A 1-D gram (what an input too wide for its Gram keeps) is the diagonal H = diag(Σx²): scores,
+    errors and refits equal those of the full-matrix path on that diagonal matrix."""
+    X, W = _data(seed)
+    diagonal = (X * X).sum(0)
+    H = torch.diag(diagonal)
+    torch.testing.assert_close(reconstruction_scores(W, diagonal), reconstruction_scores(W, H), rtol=0, atol=0)
+    mask = density_mask(reconstruction_scores(W, diagonal), 30)
+    assert masked_error(W, diagonal, mask) == pytest.approx(masked_error(W, H, mask), rel=1e-12)
+    torch.testing.assert_close(refit_rows(W, diagonal, mask), refit_rows(W, H, mask), rtol=1e-10, atol=1e-12)
+    assert torch.equal(refit_rows(W, diagonal, mask), W * mask)
+    with pytest.raises(ValidationError, match=r"^gram: shape \(11,\) does not match weight inputs 12"):
+        reconstruction_scores(W, diagonal[:11])
