@@ -9,9 +9,10 @@ holds a few copies at once, and ``secateurs.memory`` gives an input no Gram when
 - ``wide-C``: a conv of C channels flattened into a ``Linear`` of C·49 inputs (VGG in miniature),
   sequential and not;
 - ``vgg11_bn``: VGG-11 with batch norm at 64 × 64 (its classifier reads 25,088 inputs), built
-  here layer by layer with random weights: no weights are downloaded.
+  here layer by layer with random weights: no weights are downloaded; channels at 50% of the
+  FLOPs, and ``--unstructured`` adds it at 50% sparsity (``vgg11_bn-unstructured``).
 
-Run: ``python benchmarks/memory.py [--out DIR] [--channels 64,128,160] [--no-vgg]``.
+Run: ``python benchmarks/memory.py [--out DIR] [--channels 64,128,160] [--no-vgg] [--unstructured]``.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ def run_case(name: str, sequential: bool) -> dict[str, object]:
     from secateurs.memory import available_bytes, gram_bytes
 
     torch.manual_seed(0)
+    structure = "unstructured" if name.endswith("-unstructured") else "channels"
+    name = name.removesuffix("-unstructured")
     if name == "vgg11_bn":
         model, widest = _vgg11_bn().eval(), 25088
         batches = [torch.randn(4, 3, 64, 64) for _ in range(2)]
@@ -76,16 +79,19 @@ def run_case(name: str, sequential: bool) -> dict[str, object]:
     available = available_bytes()
     base = _rss()
     start = time.perf_counter()
-    result = secateurs.prune(model, batches, secateurs.Budget(flops=0.5), error_curve=False, progress=False,
+    budget = secateurs.Budget(sparsity=0.5) if structure == "unstructured" else secateurs.Budget(flops=0.5)
+    result = secateurs.prune(model, batches, budget, structure=structure, error_curve=False, progress=False,
                              sequential=sequential)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     copy = widest * widest * 8
-    return {"case": name, "sequential": sequential, "widest input": widest, "Gram GB": copy / 1e9,
+    kept = result.report.total("nonzeros" if structure == "unstructured" else "flops")
+    case = name if structure == "channels" else f"{name}-unstructured"
+    return {"case": case, "sequential": sequential, "widest input": widest, "Gram GB": copy / 1e9,
             "needs GB": gram_bytes(widest) / 1e9, "available GB": (available or 0) / 1e9,
-            "refit": not any(n.startswith("memory:") for n in result.report.notes),
+            "refit": not any("GB available" in n for n in result.report.notes),  # no input was too wide
             "peak over start GB": (peak - base) / 1e9, "copies": (peak - base) / copy, "seconds": seconds,
-            "FLOPs kept": result.report.total("flops").achieved / result.report.total("flops").dense,
+            "FLOPs or nonzeros kept": kept.achieved / kept.dense,
             "output error": result.report.output_error}
 
 
@@ -93,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--channels", default="64,128,160", help="conv widths of the wide-C cases")
     parser.add_argument("--no-vgg", action="store_true", help="skip VGG-11-BN (a minute, 5 GB or more)")
+    parser.add_argument("--unstructured", action="store_true", help="also VGG-11-BN at 50%% sparsity")
     parser.add_argument("--out", default="benchmarks/out", help="folder for memory.json and memory.png")
     parser.add_argument("--case", help=argparse.SUPPRESS)  # one case, in a child process
     parser.add_argument("--sequential", choices=("on", "off"), default="on", help=argparse.SUPPRESS)
@@ -102,6 +109,7 @@ def main() -> None:
         return
     cases = [(f"wide-{c}", s) for c in args.channels.split(",") if c for s in ("on", "off")]
     cases += [] if args.no_vgg else [("vgg11_bn", "on")]
+    cases += [("vgg11_bn-unstructured", "on")] if args.unstructured and not args.no_vgg else []
     rows = []
     for name, sequential in cases:
         child = subprocess.run([sys.executable, __file__, "--case", name, "--sequential", sequential],
