@@ -3,9 +3,9 @@
 A consumer input of p columns costs p² float64 numbers per copy: 5 GB for the 25,088 inputs of
 VGG's first classifier layer. The channel path holds about ``GRAM_COPIES`` such copies at once
 (the calibration Gram, the problem's H, its Cholesky factor and then H⁻¹ in the greedy path):
-measured 4.6 on a 7,840-column ``Linear``. An input wider than fits gets no Gram: its consumer
-is pruned without a refit (see :func:`secateurs.calibration.collect`), and the run goes on
-instead of being killed for memory half-way.
+measured 4.6 on a 7,840-column ``Linear``. An input wider than fits keeps only the Gram's
+diagonal (see :func:`secateurs.calibration.collect`): its consumer is scored on it and pruned
+without a refit, and the run goes on instead of being killed for memory half-way.
 """
 
 from __future__ import annotations

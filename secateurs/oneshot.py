@@ -123,8 +123,9 @@ def prune(
         of batches; the sequential pass holds the batches (and their live activations). Each
         consumer input of p columns has a p × p float64 Gram, and the channel path holds about
         five copies of it at once; an input too wide for that to fit in the free memory of the
-        model's device (VGG's 25,088-input classifier on a 24 GB machine) gets no Gram, its
-        consumer is not refit, and the report's notes name it (:mod:`secateurs.memory`).
+        model's device (VGG's 25,088-input classifier on a 24 GB machine) keeps only the Gram's
+        diagonal: its consumer is not refit, a group only it reads is scored on that diagonal,
+        and the report's notes name it (:mod:`secateurs.memory`).
     budget : Budget
         ``Budget(flops=0.5)``, ``Budget(params=0.6)``, ``Budget(latency=0.6)`` (measured on
         ``example_inputs``) for channels; ``Budget(sparsity=0.7)`` for
