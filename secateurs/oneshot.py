@@ -122,10 +122,10 @@ def prune(
         ``sequential=False`` it is read once, streaming: statistics do not grow with the number
         of batches; the sequential pass holds the batches (and their live activations). Each
         consumer input of p columns has a p × p float64 Gram, and the channel path holds about
-        five copies of it at once; an input too wide for that to fit in the free memory of the
-        model's device (VGG's 25,088-input classifier on a 24 GB machine) keeps only the Gram's
-        diagonal: its consumer is not refit, a group only it reads is scored on that diagonal,
-        and the report's notes name it (:mod:`secateurs.memory`).
+        five copies of it at once (six are counted, for a margin). An input too wide for that to
+        fit in the free memory of the model's device (VGG's 25,088-input classifier on a 24 GB
+        machine) keeps only the Gram's diagonal: its consumer is not refit, a group only it
+        reads is scored on that diagonal, and the report's notes name it (:mod:`secateurs.memory`).
     budget : Budget
         ``Budget(flops=0.5)``, ``Budget(params=0.6)``, ``Budget(latency=0.6)`` (measured on
         ``example_inputs``) for channels; ``Budget(sparsity=0.7)`` for
@@ -281,9 +281,14 @@ def _check_feasible(graph: DependencyGraph, limits: dict[str, float], channel_mu
             raise InfeasibleBudgetError(name, limit, getattr(least, name), what)
 
 
-def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatistics]) -> tuple[
-        Reconstruction | None, list[ConsumerColumns], str]:
-    """The OSSCAR problem of one group over its consumers' columns (or None, with why)."""
+def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatistics], *,
+                   release: frozenset[str] = frozenset()) -> tuple[Reconstruction | None, list[ConsumerColumns], str]:
+    """The OSSCAR problem of one group over its consumers' columns (or None, with why).
+
+    The statistics of the inputs in ``release`` (the layer-wise pass's fresh ones, which nothing
+    else reads) are dropped as soon as the problem has its copies of them: a Gram and its cross
+    term are p² floats each, and they would otherwise sit beside the problem's H and factor.
+    """
     found, skipped = consumer_columns(model, group)
     notes = [f"not refit: {s}" for s in skipped]
     wide = {c.input: stats[c.input] for c in found if stats[c.input].too_wide}
@@ -303,8 +308,9 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
         scored = "the Gram's diagonal" if _diagonal_consumers(found, stats) else "magnitude"
         return None, [], "; ".join(notes + [f"no reconstructable consumer: error curve from {scored}"])
     hessians, targets, weights = [], [], []
-    for c in usable:
+    for index, c in enumerate(usable):
         gram, cross = stats[c.input].gram, stats[c.input].cross
+        last = c.input in release and all(d.input != c.input for d in usable[index + 1:])
         assert gram is not None
         cols = c.flat().to(gram.device)
         h = gram[cols[:, None], cols]  # one copy (no row-gathered half-way one), so the ridge goes on in place
@@ -312,6 +318,8 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
         h.diagonal().add_(ridge)
         weight = consumer_weight(model, c.module).detach()
         dense = c.weight_block(weight)[:, c.weight_flat().to(weight.device)].to(gram).T  # Ŵ, p x m
+        if last:  # each drop as soon as its copy is made: the cross term's copy comes next
+            stats[c.input].gram = gram = None
         # G = (XᵀX_target + λI)·Ŵ: the target is the dense layer's output on the dense model's inputs
         # when those were recorded (sequential pruning), else on the same inputs (G = HŴ).
         if cross is None:
@@ -320,8 +328,11 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
             target = cross[cols[:, None], cols]
             target.diagonal().add_(ridge)
             targets.append(target @ dense)
+            del target  # p² floats; the problem needs only G
         hessians.append(h)
         weights.append(dense.T)
+        if last:
+            stats[c.input].cross = cross = None
     if all(t is None for t in targets):  # G = HŴ: the problem computes it, and Ŵ needs no solve
         problem = Reconstruction.from_hessian(hessians, W=weights, unit_width=widths[0], keep=group.size)
     else:
@@ -713,6 +724,8 @@ class _GroupSolver:
                 self.fell_back = True
             else:
                 options = {"start": support} if self.reconstruction == "local_search" else {}
+                if options:  # from a start, local search factors the kept columns only: the whole
+                    work.problem.release_factors()  # H's factor (p² floats) would sit beside its state
                 try:
                     solved = solve(work.problem.with_keep(k), self.reconstruction,
                                    time_limit=self.deadline.solver_limit(), seed=self.seed, **options)
@@ -768,21 +781,25 @@ def _solve_layerwise(model: nn.Module, work_model: nn.Module, works: list[_Group
         k = keep_counts[work.group.name]
         started = time.perf_counter()
         if k < work.group.size and work.problem is not None and not solver.deadline.expired():
+            seen = {name: (lock.inputs_of(name), reference.inputs_of(name))
+                    for name in dict.fromkeys(c.input for c in work.consumers)}
+            renewed = {name: pair for name, pair in seen.items() if pair[0] is not None and pair[1] is not None}
+            refreshed = sum(c.input in renewed for c in work.consumers)
             fresh = dict(stats)
-            refreshed = 0
-            for name in dict.fromkeys(c.input for c in work.consumers):
-                inputs, dense_inputs = lock.inputs_of(name), reference.inputs_of(name)
-                if inputs is not None and dense_inputs is not None:
+            if refreshed:
+                work.problem = None  # its H (p² floats) would sit beside the fresh statistics and the new H
+                for name, (inputs, dense_inputs) in renewed.items():
                     fresh[name], rows = GramStatistics(), row_reader(work_model, name)
                     for x, y in zip(inputs, dense_inputs, strict=True):
                         fresh[name].update(rows(x), rows(y))
-                    refreshed += sum(c.input == name for c in work.consumers)
-            problem, consumers, _ = _group_problem(model, work.group, fresh)
-            if problem is not None and refreshed:
-                work.problem, work.consumers = problem, consumers
-                if refreshed < len(consumers):
-                    work.note = "; ".join(n for n in (work.note, f"{len(consumers) - refreshed} consumer(s) "
-                                                      "on dense statistics (input not yet computed)") if n)
+                problem, consumers, _ = _group_problem(model, work.group, fresh, release=frozenset(renewed))
+                work.problem = problem  # the same consumers as before, now on fresh statistics
+                if problem is not None:
+                    work.consumers = consumers
+                    if refreshed < len(consumers):
+                        work.note = "; ".join(n for n in (work.note, f"{len(consumers) - refreshed} consumer(s) "
+                                                          "on dense statistics (input not yet computed)") if n)
+            del fresh
         solving = time.perf_counter()
         clock["statistics"] += solving - started
         support = solver(work, k, report)

@@ -11,8 +11,8 @@ from torch import nn
 
 from secateurs import memory, oneshot, weight_pruning
 from secateurs.budget import Budget
-from secateurs.calibration import collect
-from secateurs.graph import dense_counts
+from secateurs.calibration import GramStatistics, collect
+from secateurs.graph import build, dense_counts
 
 
 def _wide_model() -> nn.Sequential:
@@ -132,3 +132,20 @@ def test_unstructured_scores_a_too_wide_input_on_its_diagonal_and_refits_the_res
     assert kept.sum() == layers["4"].kept and 0 < layers["4"].kept < dense.numel()
     assert scores[kept].min() >= scores[~kept].max()
     assert torch.equal(pruned[kept], dense[kept])
+
+
+def test_the_layer_wise_pass_drops_its_fresh_statistics_once_the_problem_has_its_copies() -> None:
+    """``release`` names statistics nobody else reads (the layer-wise pass's fresh ones): they are
+    dropped as soon as they are copied, and the problem is the one built without dropping them."""
+    model, batches = _wide_model(), _batches()
+    group = next(g for g in build(model, batches[0]).prunable_groups() if g.size == 8)
+    inputs, dense_inputs = _linear_inputs(model, batches[:1]), _linear_inputs(model, batches[1:2])
+    kept, fresh = GramStatistics(), GramStatistics()
+    for stats in (kept, fresh):
+        stats.update(inputs, dense_inputs)  # a cross term, as the layer-wise pass records one
+    before, _, _ = oneshot._group_problem(model, group, {"4": kept})
+    after, _, _ = oneshot._group_problem(model, group, {"4": fresh}, release=frozenset({"4"}))
+    assert before is not None and after is not None
+    assert fresh.gram is None and fresh.cross is None
+    assert kept.gram is not None and kept.cross is not None  # not released: left as it was
+    assert torch.equal(before.H, after.H) and torch.equal(before.G, after.G)
