@@ -6,8 +6,9 @@ holds a few copies at once, and ``secateurs.memory`` gives an input no Gram when
 (the peak RSS of a process only grows) and prints the peak over the process's RSS before
 ``prune()``, in copies of the widest Gram:
 
-- ``wide-C``: a conv of C channels flattened into a ``Linear`` of C·49 inputs (VGG in miniature),
-  sequential and not;
+- ``wide-C``: a conv of C channels flattened into a ``Linear`` of C·49 inputs and 16 outputs (VGG
+  in miniature), pruned to half its parameters, which prunes the conv's channels: their group
+  is the one whose problem reads the wide input, in the layer-wise pass too. Sequential and not;
 - ``vgg11_bn``: VGG-11 with batch norm at 64 × 64 (its classifier reads 25,088 inputs), built
   here layer by layer with random weights: no weights are downloaded; channels at 50% of the
   FLOPs, and ``--unstructured`` adds it at 50% sparsity (``vgg11_bn-unstructured``).
@@ -35,8 +36,8 @@ from _tables import table  # noqa: E402
 
 def _wide(channels: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(channels * 49, 256), nn.ReLU(),
-                         nn.Linear(256, 10))
+                         nn.AdaptiveAvgPool2d(7), nn.Flatten(), nn.Linear(channels * 49, 16), nn.ReLU(),
+                         nn.Linear(16, 10))
 
 
 def _vgg11_bn() -> nn.Sequential:
@@ -79,19 +80,26 @@ def run_case(name: str, sequential: bool) -> dict[str, object]:
     available = available_bytes()
     base = _rss()
     start = time.perf_counter()
-    budget = secateurs.Budget(sparsity=0.5) if structure == "unstructured" else secateurs.Budget(flops=0.5)
+    budget = (secateurs.Budget(sparsity=0.5) if structure == "unstructured" else
+              secateurs.Budget(flops=0.5) if name == "vgg11_bn" else secateurs.Budget(params=0.5))
     result = secateurs.prune(model, batches, budget, structure=structure, error_curve=False, progress=False,
                              sequential=sequential)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
     copy = widest * widest * 8
-    kept = result.report.total("nonzeros" if structure == "unstructured" else "flops")
+    kept = result.report.total("nonzeros" if structure == "unstructured" else
+                               "flops" if name == "vgg11_bn" else "params")
+    widest_group = [g for g in result.report.groups if g.total == (512 if name == "vgg11_bn" else widest // 49)]
+    wide_kept = f"{widest_group[-1].kept}/{widest_group[-1].total}" if structure == "channels" else "-"
     case = name if structure == "channels" else f"{name}-unstructured"
-    return {"case": case, "sequential": sequential, "widest input": widest, "Gram GB": copy / 1e9,
+    label = ", ".join(f"{k} {v:.0%}" for k, v in (("flops", budget.flops), ("params", budget.params),
+                                                   ("sparsity", budget.sparsity)) if v is not None)
+    return {"case": case, "budget": label, "sequential": sequential, "widest input": widest,
+            "Gram GB": copy / 1e9,
             "needs GB": gram_bytes(widest) / 1e9, "available GB": (available or 0) / 1e9,
             "refit": not any("GB available" in n for n in result.report.notes),  # no input was too wide
             "peak over start GB": (peak - base) / 1e9, "copies": (peak - base) / copy, "seconds": seconds,
-            "FLOPs or nonzeros kept": kept.achieved / kept.dense,
+            "kept": kept.achieved / kept.dense, "wide group kept": wide_kept,
             "output error": result.report.output_error}
 
 
@@ -119,7 +127,7 @@ def main() -> None:
             continue
         rows.append(json.loads(child.stdout.strip().splitlines()[-1]))
     load = " ".join(f"{v:.2f}" for v in os.getloadavg())
-    print(f"## peak memory of prune(Budget(flops=0.5)) (load average {load} on {os.cpu_count()} CPUs)")
+    print(f"## peak memory of prune() (load average {load} on {os.cpu_count()} CPUs)")
     header = list(rows[0]) if rows else []
     print(table([[f"{v:.3g}" if isinstance(v, float) else v for v in r.values()] for r in rows], header))
     out = Path(args.out)

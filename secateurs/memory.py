@@ -4,8 +4,9 @@ A consumer input of p columns costs p² float64 numbers per copy: 5 GB for the 2
 VGG's first classifier layer. The channel path holds a few such copies at once: the calibration
 Gram, the problem's H, its Cholesky factor and then H⁻¹ in the greedy path; in the layer-wise
 pass, the dense Gram beside the fresh one and its cross term, then the local search's state.
-On a 7,840-column ``Linear`` the peak was 4.7 copies, and 4.9 in the layer-wise pass;
-``GRAM_COPIES`` leaves a margin over them. An input wider than fits keeps only the Gram's
+``benchmarks/memory.py`` measured peaks of 4.8–5.2 copies on inputs of 6,272 and 7,840 columns
+(more on narrower ones, where the model's own memory counts for more); ``GRAM_COPIES`` leaves a
+margin over them. An input wider than fits keeps only the Gram's
 diagonal (see :func:`secateurs.calibration.collect`): its consumer is scored on it and pruned
 without a refit, and the run goes on instead of being killed for memory half-way.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-GRAM_COPIES = 6  # p² float64 copies held at once per consumer input (4.7 and 4.9 measured, with a margin)
+GRAM_COPIES = 6  # p² float64 copies held at once per consumer input (4.8-5.2 measured, with a margin)
 _FLOAT64 = 8
 
 
