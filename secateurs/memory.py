@@ -53,7 +53,8 @@ def available_bytes(device: torch.device | str | None = None) -> int | None:
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
     if kind != "cpu":
         return None
-    found = [v for v in (_meminfo_available(),) if v is not None]
+    meminfo = _meminfo_available()
+    found = [] if meminfo is None else [meminfo]
     limit, used = _read_bytes(Path("/sys/fs/cgroup/memory.max")), _read_bytes(Path("/sys/fs/cgroup/memory.current"))
     if limit is not None and used is not None:
         found.append(max(limit - used, 0))
@@ -70,6 +71,11 @@ def gram_bytes(columns: int) -> int:
     return GRAM_COPIES * _FLOAT64 * columns * columns
 
 
+def need(columns: int) -> str:
+    """What an input of ``columns`` columns would need, for the notes that say why it got no Gram."""
+    return f"{columns:,} input columns need {gram_bytes(columns) / 1e9:.3g} GB for their Gram and its copies"
+
+
 def max_gram_columns(available: int | None) -> int | None:
     """The widest input whose :func:`gram_bytes` fit in ``available`` bytes (None: no limit known)."""
     if available is None:
@@ -77,4 +83,4 @@ def max_gram_columns(available: int | None) -> int | None:
     return math.isqrt(max(available, 0) // (GRAM_COPIES * _FLOAT64))
 
 
-__all__ = ["GRAM_COPIES", "available_bytes", "gram_bytes", "max_gram_columns"]
+__all__ = ["GRAM_COPIES", "available_bytes", "gram_bytes", "max_gram_columns", "need"]

@@ -57,7 +57,7 @@ from secateurs.latency import Window, timing_batch
 from secateurs.latency import measure as measure_latency
 from secateurs.layerwise import Lockstep, run_together
 from secateurs.measure import output_error
-from secateurs.memory import available_bytes, gram_bytes, max_gram_columns
+from secateurs.memory import available_bytes, max_gram_columns, need
 from secateurs.plan import PrunePlan
 from secateurs.problems.allocation import Allocation, Latency
 from secateurs.problems.allocation import Budget as CostBudget
@@ -294,8 +294,7 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
     wide = {c.input: stats[c.input] for c in found if stats[c.input].too_wide}
     if wide:
         notes.append("not refit, too wide for the memory: " + ", ".join(
-            f"{name} ({s.columns:,} input columns need {gram_bytes(s.columns) / 1e9:.3g} GB for their Gram and its "
-            f"copies; {s.max_columns:,} columns fit)" for name, s in sorted(wide.items())))
+            f"{name} ({need(s.columns)}; {s.max_columns:,} columns fit)" for name, s in sorted(wide.items())))
     usable = [c for c in found if stats[c.input].rows > 0 and c.input not in wide]
     unseen = sorted({c.input for c in found if stats[c.input].rows == 0})
     if unseen:
@@ -304,9 +303,8 @@ def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatisti
     if len(widths) > 1:  # one problem needs one unit width; keep the consumers of the first
         notes.append(f"consumers of widths {widths[1:]} are pruned but not refit")
         usable = [c for c in usable if c.width == widths[0]]
-    if not usable:
-        scored = "the Gram's diagonal" if _diagonal_consumers(found, stats) else "magnitude"
-        return None, [], "; ".join(notes + [f"no reconstructable consumer: error curve from {scored}"])
+    if not usable:  # the caller picks the error curve, and says which
+        return None, [], "; ".join(notes + ["no reconstructable consumer"])
     hessians, targets, weights = [], [], []
     for index, c in enumerate(usable):
         gram, cross = stats[c.input].gram, stats[c.input].cross
@@ -593,8 +591,10 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
             wide = _diagonal_consumers(consumer_columns(model, group)[0], stats)
             if wide:
                 path, work.scored_by = _diagonal_path(model, group, wide, stats), "diagonal"
+                work.note += ": error curve from the Gram's diagonal"
             else:
                 path = _magnitude_path(model, group)
+                work.note += ": magnitude error curve"
             work.path = {k: v for k, v in path.items() if k in allowed}
         else:
             _error_path(work, levels, unit_multiple(group, channel_multiple))

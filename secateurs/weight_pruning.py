@@ -23,7 +23,7 @@ from secateurs.consumers import consumer_weight, supports_reconstruction
 from secateurs.conv1d import is_conv1d
 from secateurs.errors import SolverError, ValidationError
 from secateurs.hardware import model_device
-from secateurs.memory import available_bytes, gram_bytes, max_gram_columns
+from secateurs.memory import available_bytes, max_gram_columns, need
 from secateurs.plan import PrunePlan
 from secateurs.problems.allocation import Allocation
 from secateurs.prune_result import PruneResult
@@ -90,11 +90,11 @@ def prune_weights(model: nn.Module, calibration: Iterable[Any], budget: Budget |
         weight = _matrix(model, entry).detach()
         flat = weight.reshape(weight.shape[0], -1).to(torch.float64)
         seen = stats[entry.source]
-        gram = seen.gram if seen.squares is None else seen.squares  # a 1-D gram: its diagonal alone
-        if seen.too_wide and seen.squares is not None:
+        gram = seen.gram
+        if seen.squares is not None:  # too wide: a 1-D gram, its diagonal alone
             assert available is not None
-            report.notes.append(f"{name}: its {seen.columns:,} input columns need {gram_bytes(seen.columns) / 1e9:.3g} "
-                                f"GB for their Gram and its copies, over the {available / 1e9:.3g} GB available; "
+            gram = seen.squares
+            report.notes.append(f"{name}: its {need(seen.columns)}, over the {available / 1e9:.3g} GB available; "
                                 "scored on the Gram's diagonal (inputs taken as uncorrelated) and not refit")
         if gram is None:  # no activations seen
             where = "" if entry.rows is None else f" ({entry.source.rpartition(':')[0]!r} was not)"
