@@ -20,6 +20,7 @@ from secateurs.conv1d import is_conv1d
 from secateurs.graph.groups import HEAD_ATTRIBUTES, INNER_ATTRIBUTES, Group
 from secateurs.modules import PrunedMultiheadAttention, PrunedTransformerEncoder, PrunedTransformerEncoderLayer
 from secateurs.plan import PrunePlan
+from secateurs.window_attention import swap as swap_window_attention
 
 __all__ = ["common_parent", "pruned_implementation", "sync_attributes", "sync_encoders", "sync_heads"]
 
@@ -59,6 +60,8 @@ def sync_attributes(model: nn.Module) -> None:
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
         elif isinstance(mod, nn.PReLU):
             mod.num_parameters = mod.weight.numel()
+        else:
+            swap_window_attention(mod)  # torchvision's takes its head width from the model width
     sync_encoders(model)
 
 

@@ -70,6 +70,7 @@ from secateurs.solvers.reconstruction_greedy import greedy_path
 from secateurs.solvers.registry import lookup
 from secateurs.torch_transformer import is_projection
 from secateurs.weight_pruning import prune_weights
+from secateurs.window_attention import computing_twin
 
 log = logging.getLogger("secateurs")
 
@@ -212,6 +213,8 @@ def prune(
     calibration = itertools.chain([first], batches)
     if example_inputs is None:
         _check_first_batch(model, first)
+    dense = model
+    model = computing_twin(model)  # torchvision's Swin attention: its heads' output seen by hooks
     deadline = Deadline(time_limit)
     if structure == "channels":
         assert budget is not None
@@ -227,7 +230,7 @@ def prune(
             result.report.notes.append("output error not measured: the calibration batches were a one-pass "
                                        "iterable (pass a list to measure it)")
         else:
-            _measure_output_error(result.report, model, result.model, replayable)
+            _measure_output_error(result.report, dense, result.model, replayable)
     return result
 
 

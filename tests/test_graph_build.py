@@ -27,8 +27,20 @@ class Chain(nn.Module):
         h = F.relu(self.bn(self.a(x)))
         if self.exotic == "fft":
             h = torch.fft.fft(h).real
-        elif self.exotic == "roll":
+        elif self.exotic == "flip":
+            h = h.flip(1)
+        elif self.exotic == "roll":  # along the channels
             h = h.roll(1, dims=1)
+        elif self.exotic == "roll length":
+            h = torch.roll(h, (1, -2), dims=(2, 0))
+        elif self.exotic == "pad length":
+            h = F.pad(h, (1, 2))[..., 1:-2]
+        elif self.exotic == "norm length":  # torch.norm(input, p, dim, keepdim): the dims come after p
+            h = h * torch.norm(h, 1, 2).unsqueeze(-1)
+        elif self.exotic == "pad channels-last":  # F.pad's (0, 0) pair leaves the last dim, here the channels
+            h = F.pad(h.transpose(1, 2), (0, 0, 1, 1)).transpose(1, 2)[..., 1:-1]
+        elif self.exotic == "pad channels":
+            h = F.pad(h, (0, 0, 1, 0))[:, 1:]
         return self.c(self.b(h))
 
 
@@ -42,7 +54,7 @@ def test_frozen_input_output_reasons() -> None:
     assert [gr.name for gr in g.prunable_groups()] == ["a:out", "b:out"]
 
 
-@pytest.mark.parametrize("exotic,op,node", [("fft", "torch.fft.fft", "fft_fft"), ("roll", "Tensor.roll", "roll")])
+@pytest.mark.parametrize("exotic,op,node", [("fft", "torch.fft.fft", "fft_fft"), ("flip", "Tensor.flip", "flip")])
 def test_unknown_op_freezes_touching_groups(exotic: str, op: str, node: str) -> None:
     g = build(Chain(exotic), X)
     reason = g.group("a:out").reason
@@ -54,12 +66,27 @@ def test_unknown_op_freezes_touching_groups(exotic: str, op: str, node: str) -> 
 
 @pytest.mark.parametrize("exotic,pattern", [
     ("fft", r"unsupported op 'torch\.fft\.fft' at graph node 'fft_fft'"),
-    ("roll", r"unsupported op 'Tensor\.roll' at graph node 'roll'"),
+    ("flip", r"unsupported op 'Tensor\.flip' at graph node 'flip'"),
 ])
 def test_strict_mode_raises(exotic: str, pattern: str) -> None:
     with pytest.raises(UnsupportedOpError, match=pattern) as info:
         build(Chain(exotic), X, strict=True)
     assert info.value.node and info.value.op
+
+
+@pytest.mark.parametrize("exotic,reason", [
+    ("roll", "channels rolled at node 'roll'"),
+    ("pad channels", "channels resized at node 'pad'"),
+    ("roll length", ""),  # rolled along the length and the batch: the channels pass through
+    ("pad length", ""),
+    ("norm length", ""),
+    ("pad channels-last", ""),
+])
+def test_rolls_pads_and_norms_touch_channels_only_along_the_channel_dim(exotic: str, reason: str) -> None:
+    g = build(Chain(exotic), X, strict=True)
+    assert g.group("a:out").reason == reason
+    assert g.group("a:out").prunable == (not reason)
+    assert g.cost() == dense_counts(Chain(exotic), X)
 
 
 def test_strict_mode_passes_known_ops() -> None:

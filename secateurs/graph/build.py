@@ -35,6 +35,7 @@ from secateurs.graph.fixed_sizes import freeze_fixed_sizes
 from secateurs.graph.groups import Group, Member
 from secateurs.graph.spaces import CouplingError, Layout, Opaque, layout_size, member_maps
 from secateurs.torch_transformer import slow_forward
+from secateurs.window_attention import computing_twin
 
 Mono = tuple[str, ...]
 Poly = dict[Mono, float]
@@ -299,6 +300,7 @@ def build(model: nn.Module, example_inputs: Any, *, strict: bool = False) -> Dep
     """
     if not isinstance(model, nn.Module):
         raise ValidationError("model", f"expected an nn.Module, got {type(model).__name__}")
+    model = computing_twin(model)  # torchvision's Swin attention, computed so that its heads show
     values, concrete = _arguments(model, example_inputs)
     gm = _trace(model, values, concrete)
     shapes, flops = _probe(gm, model, values)

@@ -75,7 +75,8 @@ _ELEMENTWISE_FN: set[Any] = {
     torch.add, torch.sub, torch.mul, torch.div, torch.true_divide, torch.where, torch.maximum,
     torch.minimum, torch.pow, torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.neg,
     torch.abs, torch.sqrt, torch.rsqrt, torch.clamp, torch.clip, torch.square, torch.erf, torch.sin,
-    torch.cos, torch.softmax, torch.log_softmax, torch.zeros_like, torch.ones_like, torch.rand_like,
+    torch.cos, torch.softmax, torch.log_softmax, torch.clamp_min, torch.clamp_max, torch.zeros_like,
+    torch.ones_like, torch.rand_like,
     torch.randn_like, torch.full_like, torch.masked_fill, torch.lerp, torch.addcmul,
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.leaky_relu, F.elu, F.selu, F.celu, F.mish,
     F.softplus, F.hardswish, F.hardsigmoid, F.hardtanh, F.softmax, F.log_softmax, F.softsign,
@@ -85,13 +86,15 @@ _ELEMENTWISE_METHODS = {
     "add", "sub", "mul", "div", "truediv", "pow", "neg", "relu", "sigmoid", "tanh", "exp", "log",
     "abs", "sqrt", "rsqrt", "clamp", "clip", "square", "erf", "sin", "cos", "softmax", "log_softmax",
     "masked_fill", "add_", "mul_", "sub_", "div_", "relu_", "clamp_", "maximum", "minimum", "where",
-    "lerp", "addcmul", "sigmoid_", "tanh_", "exp_",
+    "lerp", "addcmul", "sigmoid_", "tanh_", "exp_", "clamp_min", "clamp_max",
 }
 _FIRST_ARG_METHODS = {
     "contiguous", "float", "double", "half", "bfloat16", "to", "type", "type_as", "clone", "detach",
     "requires_grad_", "cpu", "cuda",
 }
-_REDUCE_FN = {torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.norm}
+_REDUCE_FN = {torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp, torch.norm,
+              torch.linalg.vector_norm}
+_NORMS = {torch.norm, "norm", torch.linalg.vector_norm}
 _REDUCE_METHODS = {"mean", "sum", "amax", "amin", "std", "var", "logsumexp", "norm", "max", "min", "prod"}
 _RESHAPE_FN = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.unflatten}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as"}
@@ -447,8 +450,7 @@ class Coupler(FixedSizeRecorder):
         if isinstance(mod, _IDENTITY_MODULES):
             return list(x)
         if isinstance(mod, _POOL_MODULES):
-            nsp = _spatial_dims(mod)
-            return self.spatial_op(node, x, xs, shape, nsp)
+            return self.spatial_op(node, x, xs, shape, _last_dims(len(xs), _spatial_dims(mod)))
         if isinstance(mod, (nn.Flatten, nn.Unflatten)):
             return self.reshape(node, x, xs, shape)
         return self.unknown(node)
@@ -673,8 +675,10 @@ class Coupler(FixedSizeRecorder):
             if m:
                 return self.expand(node, x0, self.shp(node.args[0]), shape)
             xs = self.shp(node.args[0])
-            nsp = len(xs) - 2 if t is not F.pad else len(node.args[1]) // 2 if len(node.args) > 1 else 0
-            return self.spatial_op(node, x0, xs, shape, nsp)
+            changed = _padded_dims(node, len(xs)) if t is F.pad else _last_dims(len(xs), len(xs) - 2)
+            return self.spatial_op(node, x0, xs, shape, changed)
+        if (m and t == "roll") or (not m and t is torch.roll):
+            return self.spatial_op(node, x0, self.shp(node.args[0]), shape, _rolled_dims(node, len(shape)), "rolled")
         return self.unknown(node)
 
     def broadcast(self, node: fx.Node, shape: Any) -> Info:
@@ -804,9 +808,10 @@ class Coupler(FixedSizeRecorder):
     def reduce(self, node: fx.Node, x: Info, xs: Any, shape: Any) -> Info:
         if not is_tensor_info(x):
             return self.unknown(node)
-        dims: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", None)
-        keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 and isinstance(node.args[2], bool)
-                               else False)
+        at = 2 if node.target in _NORMS else 1  # norms take the order (p) before the dims
+        dims: Any = node.args[at] if len(node.args) > at else node.kwargs.get("dim", None)
+        keep = node.kwargs.get("keepdim", node.args[at + 1] if len(node.args) > at + 1
+                               and isinstance(node.args[at + 1], bool) else False)
         nd = len(xs)
         if dims is None:
             red = set(range(nd))
@@ -1161,15 +1166,15 @@ class Coupler(FixedSizeRecorder):
         self._check_alternatives(node, [terms, []], [q, k, v])
         return out
 
-    def spatial_op(self, node: fx.Node, x: Info, xs: Any, shape: Any, nsp: int) -> Info:
-        """Pooling/padding/resizing: the last ``nsp`` dims lose structure, the others pass through."""
-        if not is_tensor_info(x) or not isinstance(shape, torch.Size):
+    def spatial_op(self, node: fx.Node, x: Info, xs: Any, shape: Any, changed: set[int],
+                   verb: str = "resized") -> Info:
+        """Pooling/padding/resizing/rolling: the ``changed`` dims lose structure, the others pass through."""
+        if not is_tensor_info(x) or not isinstance(shape, torch.Size) or len(xs) != len(shape):
             return self.unknown(node)
-        keep = len(shape) - nsp
-        out = list(x[:keep]) + [Opaque(None)] * nsp
-        for d in range(keep, len(xs)):
+        out = [Opaque(None) if d in changed else x[d] for d in range(len(shape))]
+        for d in sorted(changed):
             if not isinstance(x[d], Opaque):
-                reason = f"channels resized at node '{node.name}'"
+                reason = f"channels {verb} at node '{node.name}'"
                 self.freeze([x[d]], reason)
         self.const_flops(node, x, "pooling counted")
         return out
@@ -1220,6 +1225,32 @@ def _positional(node: fx.Node) -> None:
         node.args = args
         node.kwargs = {k: v for k, v in bound.arguments.items() if k not in {p.name for p in positional[:upto]}}
         return
+
+
+def _last_dims(rank: int, count: int) -> set[int]:
+    return set(range(max(rank - count, 0), rank))
+
+
+def _padded_dims(node: fx.Node, rank: int) -> set[int]:
+    """The dims ``F.pad`` changes: its pairs run from the last dim back; a (0, 0) pair leaves a dim
+    (Swin pads height and width of a channels-last map, not its channels). An amount known only at
+    run time counts as a change."""
+    pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
+    if not isinstance(pad, (list, tuple)) or not pad:
+        return _last_dims(rank, rank)
+    return {rank - 1 - i // 2 for i, amount in enumerate(pad) if not (isinstance(amount, int) and amount == 0)}
+
+
+def _rolled_dims(node: fx.Node, rank: int) -> set[int]:
+    """The dims ``torch.roll`` / ``Tensor.roll`` moves elements along; all of them when it rolls
+    the flattened tensor (no ``dims``)."""
+    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
+    if dims is None:
+        return _last_dims(rank, rank)
+    dims = [dims] if isinstance(dims, int) else list(dims)
+    if not all(isinstance(d, int) for d in dims):
+        return _last_dims(rank, rank)
+    return {d % rank for d in dims}
 
 
 def _spatial_dims(mod: nn.Module) -> int:
