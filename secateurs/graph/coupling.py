@@ -813,13 +813,8 @@ class Coupler(FixedSizeRecorder):
         keep = node.kwargs.get("keepdim", node.args[at + 1] if len(node.args) > at + 1
                                and isinstance(node.args[at + 1], bool) else False)
         nd = len(xs)
-        if dims is None:
-            red = set(range(nd))
-        elif isinstance(dims, int):
-            red = {dims % nd}
-        elif isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims):
-            red = {d % nd for d in dims}
-        else:
+        red = _dim_set(dims, nd)
+        if red is None:
             return self.unknown(node)
         out = [Opaque(None) if d in red else x[d] for d in range(nd) if keep or d not in red]
         if isinstance(shape, tuple) and not isinstance(shape, torch.Size):
@@ -1231,26 +1226,32 @@ def _last_dims(rank: int, count: int) -> set[int]:
     return set(range(max(rank - count, 0), rank))
 
 
+def _dim_set(dims: Any, rank: int) -> set[int] | None:
+    """A ``dim`` argument as a set of dims (None: all of them); None when it is not known ints."""
+    if dims is None:
+        return set(range(rank))
+    if isinstance(dims, int):
+        return {dims % rank}
+    if isinstance(dims, (list, tuple)) and all(isinstance(d, int) for d in dims):
+        return {d % rank for d in dims}
+    return None
+
+
 def _padded_dims(node: fx.Node, rank: int) -> set[int]:
     """The dims ``F.pad`` changes: its pairs run from the last dim back; a (0, 0) pair leaves a dim
     (Swin pads height and width of a channels-last map, not its channels). An amount known only at
     run time counts as a change."""
     pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
     if not isinstance(pad, (list, tuple)) or not pad:
-        return _last_dims(rank, rank)
+        return set(range(rank))
     return {rank - 1 - i // 2 for i, amount in enumerate(pad) if not (isinstance(amount, int) and amount == 0)}
 
 
 def _rolled_dims(node: fx.Node, rank: int) -> set[int]:
     """The dims ``torch.roll`` / ``Tensor.roll`` moves elements along; all of them when it rolls
     the flattened tensor (no ``dims``)."""
-    dims = node.args[2] if len(node.args) > 2 else node.kwargs.get("dims")
-    if dims is None:
-        return _last_dims(rank, rank)
-    dims = [dims] if isinstance(dims, int) else list(dims)
-    if not all(isinstance(d, int) for d in dims):
-        return _last_dims(rank, rank)
-    return {d % rank for d in dims}
+    rolled = _dim_set(node.args[2] if len(node.args) > 2 else node.kwargs.get("dims"), rank)
+    return set(range(rank)) if rolled is None else rolled
 
 
 def _spatial_dims(mod: nn.Module) -> int:
