@@ -64,7 +64,7 @@ from secateurs import measure
 from secateurs.cli import channel_multiple_arg
 from secateurs.graph import dense_counts
 from secateurs.models import data, zoo
-from secateurs.timing import steady_allocator
+from secateurs.timing import steady_allocator, torch_threads
 
 OUT = Path(__file__).resolve().parent / "out"
 table = partial(aligned_table, right=True)  # this script's numeric columns read best right-aligned
@@ -343,12 +343,8 @@ def latency_pair(dense: nn.Module, pruned: nn.Module, inputs: Any, threads: int,
     ``secateurs.measure.compare_latency``: interleaving keeps a change of machine speed from
     favouring either model, and the allocator is kept from page-faulting every forward.
     """
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         timed = measure.compare_latency(dense, pruned, inputs, rounds=rounds, repeats=repeats, clock=clock)
-    finally:
-        torch.set_num_threads(before)
     return timed.dense, timed.pruned, timed.speedup
 
 

@@ -34,6 +34,7 @@ from secateurs import measure
 from secateurs.graph import dense_counts
 from secateurs.models import data, zoo
 from secateurs.models.minilm import SentenceEncoder, mean_pool
+from secateurs.timing import torch_threads
 
 
 class TorchMiniLM(nn.Module):
@@ -85,10 +86,8 @@ def quality(n_cal: int, n_held: int, budgets: list[float]) -> None:
             heads = sum(g.kept for g in result.report.groups if g.name.endswith(("heads", "attention.query:out")))
             speed = "-"
             if label == "nn.TransformerEncoder" and flops == 0.5:
-                threads = torch.get_num_threads()
-                torch.set_num_threads(1)
-                timed = measure.compare_latency(model, result.model, held[0])
-                torch.set_num_threads(threads)
+                with torch_threads(1):
+                    timed = measure.compare_latency(model, result.model, held[0])
                 speed = f"{timed.speedup:.2f}x"
             rows.append([f"{flops:.0%}", label, f"{kept:.4f}", str(heads), f"{agree['cosine']:.4f}",
                          f"{agree['top1_agreement']:.4f}", f"{seconds:.1f}", speed])

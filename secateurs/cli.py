@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import importlib
@@ -379,8 +380,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from secateurs.latency import timing_batch
     from secateurs.measure import compare_latency_within
     from secateurs.oneshot import prune
+    from secateurs.timing import torch_threads
 
-    for flag, value in (("--calibration", args.calibration), ("--batch-size", args.batch_size)):
+    for flag, value in (("--calibration", args.calibration), ("--batch-size", args.batch_size),
+                        ("--threads", args.threads)):
         if value is not None and value < 1:
             raise ValidationError(flag, f"must be at least 1, got {value}")
     kind = "hf" if args.model.startswith("hf:") else "zoo" if args.model in models.names() else "user"
@@ -395,10 +398,12 @@ def cmd_prune(args: argparse.Namespace) -> int:
     # cut to its first rows when a forward is slow, by prune's own rule (latency.timing_batch)
     timing = timing_batch(model, job.timing_inputs).inputs
     timed_on = timing if args.latency is not None else None
-    result = prune(model, job.calibration, budget, example_inputs=timed_on, reconstruction=args.solver,
-                   allocation=args.allocation, structure=args.structure, sequential=not args.no_sequential,
-                   error_curve=not args.no_error_curve,
-                   progress=not args.quiet, time_limit=args.time_limit, channel_multiple=args.channel_multiple)
+    # a latency budget is timed on the threads the table is; otherwise pruning uses every core
+    with torch_threads(args.threads) if args.latency is not None else contextlib.nullcontext():
+        result = prune(model, job.calibration, budget, example_inputs=timed_on, reconstruction=args.solver,
+                       allocation=args.allocation, structure=args.structure, sequential=not args.no_sequential,
+                       error_curve=not args.no_error_curve, progress=not args.quiet, time_limit=args.time_limit,
+                       channel_multiple=args.channel_multiple)
     before, after = dense_counts(model, example), dense_counts(result.model, example)
     rows = [("", "dense", "pruned"), *job.quality(result.model)]
     nonzero = "nonzero params" if args.structure != "channels" else "params"
@@ -407,9 +412,11 @@ def cmd_prune(args: argparse.Namespace) -> int:
     rows.append((nonzero, f"{dense_nz if args.structure != 'channels' else before.params:,.0f}",
                  f"{pruned_nz if args.structure != 'channels' else after.params:,.0f}"))
     rows.append((f"FLOPs (batch of {batch_rows(example)})", f"{before.flops:,.0f}", f"{after.flops:,.0f}"))
-    timed = compare_latency_within(model, result.model, timing)
-    batch = batch_rows(timing)
-    rows.append((f"CPU latency (ms, batch of {batch})", f"{1e3 * timed.dense:.2f}", f"{1e3 * timed.pruned:.2f}"))
+    with torch_threads(args.threads):
+        timed = compare_latency_within(model, result.model, timing)
+    batch, threads = batch_rows(timing), f"{args.threads} thread{'s' if args.threads > 1 else ''}"
+    rows.append((f"CPU latency (ms, batch of {batch}, {threads})", f"{1e3 * timed.dense:.2f}",
+                 f"{1e3 * timed.pruned:.2f}"))
     rows.append((f"speedup ({timed.rounds} alternating rounds)", "1.00x", f"{timed.speedup:.2f}x"))
     rows.append(("speedup, middle half of the rounds", "", f"{timed.spread[0]:.2f}-{timed.spread[1]:.2f}x"))
     print(result.report.table())
@@ -462,6 +469,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--channel-multiple", type=channel_multiple_arg, default="auto",
                    help="keep a multiple of this many channels per layer; auto (the default): the CPU's vector "
                         "width (16 on AVX-512, 8 on AVX2), where kernels run as fast as their FLOPs; 1: any width")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads the table's latency (and a --latency budget) is measured on; default 1, "
+                        "the steadiest on a shared machine (the pruning itself uses every core)")
     p.add_argument("--solver", default="local_search", help="reconstruction solver (per group)")
     p.add_argument("--allocation", default="dp", help="allocation solver (keep level per group)")
     p.add_argument("--calibration", type=int, default=None, metavar="N",

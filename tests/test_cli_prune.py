@@ -19,7 +19,7 @@ def test_prune_zoo_model_prints_table_and_saves(tmp_path: Path, capsys: pytest.C
     assert main(["prune", "--model", "digits_cnn", "--flops", "0.5", "--calibration", "128", "--quiet",
                  "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "test accuracy" in out and "FLOPs (batch of 64)" in out and "CPU latency (ms, batch of 450)" in out
+    assert "test accuracy" in out and "FLOPs (batch of 64)" in out and "CPU latency (ms, batch of 450, 1 thread)" in out
     assert (tmp_path / "report.json").is_file() and (tmp_path / "keep_fraction.png").is_file()
     dense, info = zoo.load("digits_cnn")
     loaded = secateurs.load(tmp_path / "model", lambda: zoo.load("digits_cnn")[0])
@@ -81,7 +81,7 @@ def test_a_channel_multiple_that_is_not_a_number_is_named(capsys: pytest.Capture
     assert "--channel-multiple: expected 'auto' or a whole number, got 'fast'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--calibration", "--batch-size"])
+@pytest.mark.parametrize("flag", ["--calibration", "--batch-size", "--threads"])
 def test_a_bad_count_names_its_flag(flag: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["prune", flag, "0", "--quiet"]) == 2
     assert f"{flag}: must be at least 1, got 0" in capsys.readouterr().err
@@ -127,21 +127,52 @@ class _Stop(Exception):
 
 
 @pytest.mark.parametrize(("flags", "batch"), [(["--latency", "0.5"], 450), (["--flops", "0.5"], None)])
-def test_a_latency_budget_is_measured_on_the_batch_the_table_times(monkeypatch: pytest.MonkeyPatch,
-                                                                   flags: list[str], batch: int | None) -> None:
+def test_a_latency_budget_is_measured_on_the_batch_and_threads_the_table_times(monkeypatch: pytest.MonkeyPatch,
+                                                                               flags: list[str],
+                                                                               batch: int | None) -> None:
     """The table times the whole test set; a latency budget timed at the calibration batch size
-    (per-call overhead) had cut 98% of the MNIST-1D CNN's FLOPs for --latency 0.5."""
+    (per-call overhead) had cut 98% of the MNIST-1D CNN's FLOPs for --latency 0.5. It is timed on
+    the table's threads too; a FLOPs budget prunes on the caller's."""
     seen = {}
 
     def spy(model, calibration, budget, *, example_inputs=None, **kwargs):  # noqa: ANN001, ANN202, ARG001
-        seen["example_inputs"] = example_inputs
+        seen["example_inputs"], seen["threads"] = example_inputs, torch.get_num_threads()
         raise _Stop
 
     monkeypatch.setattr(secateurs.oneshot, "prune", spy)
+    caller = torch.get_num_threads()
+    table_threads = caller + 1
     with pytest.raises(_Stop):
-        main(["prune", "--model", "digits_cnn", *flags, "--calibration", "64", "--quiet"])
+        main(["prune", "--model", "digits_cnn", *flags, "--calibration", "64", "--quiet",
+              "--threads", str(table_threads)])
     inputs = seen["example_inputs"]
     assert (inputs is None) if batch is None else (inputs.shape[0] == batch)
+    assert seen["threads"] == (caller if batch is None else table_threads)
+    assert torch.get_num_threads() == caller  # restored, though prune failed
+
+
+def test_the_table_is_timed_on_the_threads_it_names(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """On a shared 2-CPU machine 2 threads gave 1.64–1.88x where 1 gave 1.70–1.76x, so the
+    thread count is a flag (default 1) and the latency row says which it was."""
+    import secateurs.measure
+
+    timed_on = []
+    real = secateurs.measure.compare_latency_within
+
+    def spy(dense, pruned, inputs, **kwargs):  # noqa: ANN001, ANN202, ANN003
+        timed_on.append(torch.get_num_threads())
+        return real(dense, pruned, inputs, seconds=0.5)
+
+    monkeypatch.setattr(secateurs.measure, "compare_latency_within", spy)
+    caller = torch.get_num_threads()
+    for threads, label in ((None, "1 thread"), (caller + 1, f"{caller + 1} threads")):
+        flag = [] if threads is None else ["--threads", str(threads)]
+        assert main(["prune", "--model", "digits_cnn", "--flops", "0.5", "--calibration", "64", "--quiet",
+                     "--no-error-curve", *flag]) == 0
+        assert f"CPU latency (ms, batch of 450, {label})" in capsys.readouterr().out
+    assert timed_on == [1, caller + 1]
+    assert torch.get_num_threads() == caller
 
 
 def test_a_user_file_named_like_an_imported_module_keeps_its_classes_findable(tmp_path: Path) -> None:

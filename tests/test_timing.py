@@ -19,7 +19,7 @@ from secateurs import measure, timing
 from secateurs.errors import ValidationError
 from secateurs.latency import module_seconds
 from secateurs.measure import compare_latency, compare_latency_within
-from secateurs.timing import seconds, steady_allocator
+from secateurs.timing import seconds, steady_allocator, torch_threads
 
 PROBE = """
 import resource, sys, torch
@@ -178,3 +178,20 @@ def test_without_an_accelerator_the_clock_is_read_as_it_is(monkeypatch: pytest.M
     monkeypatch.setattr(torch.accelerator, "is_available", lambda: False)
     clock = time.perf_counter
     assert timing.synchronized(clock) is clock
+
+
+def test_torch_threads_sets_the_count_for_the_block_and_restores_it_after_a_failure() -> None:
+    caller = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="inside"), torch_threads(caller + 1):
+        assert torch.get_num_threads() == caller + 1
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == caller
+
+
+@pytest.mark.parametrize("threads", [0, -2, True, 1.5])
+def test_torch_threads_names_a_bad_count(threads: object) -> None:
+    caller = torch.get_num_threads()
+    with pytest.raises(ValidationError, match="threads: must be a whole number of at least 1"), \
+            torch_threads(threads):  # type: ignore[arg-type]
+        pass
+    assert torch.get_num_threads() == caller
