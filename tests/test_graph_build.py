@@ -37,6 +37,10 @@ class Chain(nn.Module):
             h = F.pad(h, (1, 2))[..., 1:-2]
         elif self.exotic == "norm length":  # torch.norm(input, p, dim, keepdim): the dims come after p
             h = h * torch.norm(h, 1, 2).unsqueeze(-1)
+        elif self.exotic == "norm channels":  # Tensor.norm(p, dim, keepdim), over the channels
+            h = h / h.norm(2, 1, True)
+        elif self.exotic == "vector norm length":  # torch.linalg.vector_norm(x, ord, dim, keepdim)
+            h = h / torch.linalg.vector_norm(h, 1, 2, True)
         elif self.exotic == "pad channels-last":  # F.pad's (0, 0) pair leaves the last dim, here the channels
             h = F.pad(h.transpose(1, 2), (0, 0, 1, 1)).transpose(1, 2)[..., 1:-1]
         elif self.exotic == "pad channels":
@@ -80,6 +84,8 @@ def test_strict_mode_raises(exotic: str, pattern: str) -> None:
     ("roll length", ""),  # rolled along the length and the batch: the channels pass through
     ("pad length", ""),
     ("norm length", ""),
+    ("norm channels", ""),  # a sum over the channels: they may be pruned, as before a LayerNorm
+    ("vector norm length", ""),
     ("pad channels-last", ""),
 ])
 def test_rolls_pads_and_norms_touch_channels_only_along_the_channel_dim(exotic: str, reason: str) -> None:
