@@ -273,15 +273,23 @@ def _check_solver(field: str, name: Any, kind: str) -> None:
 # -- channels ------------------------------------------------------------------------------------
 
 
-def _check_feasible(graph: DependencyGraph, limits: dict[str, float], channel_multiple: int) -> None:
-    """Reject a budget below the cost of keeping the least level of every prunable group."""
+def _check_feasible(graph: DependencyGraph, budget: Budget, limits: dict[str, float], channel_multiple: int) -> None:
+    """Reject a budget below the cost of keeping the least level of every prunable group, saying
+    what that least is as a fraction of the dense model, and when the value asked for was read as
+    an absolute count (above 1) that a fraction was perhaps meant."""
     least = graph.cost({g.name: keep_levels(g, channel_multiple)[0] for g in graph.prunable_groups()})
+    dense = graph.cost()
     what = "one unit kept in every prunable group" if channel_multiple == 1 else (
         f"every prunable group at its least multiple of {channel_multiple} channels; channel_multiple=1 "
         "(--channel-multiple 1) allows any width")
     for name, limit in limits.items():
-        if getattr(least, name) > limit:
-            raise InfeasibleBudgetError(name, limit, getattr(least, name), what)
+        lowest, total = getattr(least, name), getattr(dense, name)
+        if lowest > limit:
+            asked = budget.structured()[name]
+            read = "" if asked <= 1 else (f"; {asked:g} is above 1, so it was read as an absolute count, not a "
+                                          "fraction of the dense model")
+            raise InfeasibleBudgetError(name, limit, lowest, f"{lowest / total:.3g} of the dense {total:,.0f}, "
+                                                             f"with {what}{read}")
 
 
 def _group_problem(model: nn.Module, group: Group, stats: dict[str, GramStatistics], *,
@@ -563,7 +571,7 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     graph = build(model, example_inputs)
     dense = graph.cost()
     limits = budget.limits(dense)
-    _check_feasible(graph, limits, channel_multiple)
+    _check_feasible(graph, budget, limits, channel_multiple)
     groups = graph.prunable_groups()
     if not groups:
         raise ValidationError("model", "no prunable group: every group is frozen (see secateurs inspect)")

@@ -108,8 +108,14 @@ def test_bad_input_is_rejected_before_any_work(cnn) -> None:
         Budget()
     with pytest.raises(ValidationError, match=r"calibration: no batches"):
         prune(model, [], Budget(flops=0.5), progress=False)
-    with pytest.raises(InfeasibleBudgetError, match=r"budget 'flops' cannot be met: requested 27115.5, least achievable 51200"):
+    dense_flops = dense_counts(model, calibration[0]).flops  # counted on the model, not by the graph
+    with pytest.raises(InfeasibleBudgetError, match=r"budget 'flops' cannot be met: requested 27115.5, least achievable "
+                                                    rf"51200 \({51200 / dense_flops:.3g} of the dense {int(dense_flops):,}, "
+                                                    r"with one unit kept in every prunable group\)$"):
         prune(model, calibration, Budget(flops=0.001), progress=False)
+    with pytest.raises(InfeasibleBudgetError, match=r"requested 1.5, .*1.5 is above 1, so it was read as an absolute "
+                                                    r"count, not a fraction"):
+        prune(model, calibration, Budget(flops=1.5), progress=False)
     with pytest.raises(ValidationError, match=r"calibration: batch 1 contains NaN"):
         prune(model, [calibration[0], torch.full_like(calibration[0], float("nan"))], Budget(flops=0.5), progress=False)
     with pytest.raises(ValidationError, match=r"calibration: batch 0 does not run through the model"):
