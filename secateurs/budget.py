@@ -2,7 +2,9 @@
 
 A value in (0, 1] is a fraction of the dense model; a value above 1 is an absolute count.
 Latency is measured, not counted: ``latency`` is a fraction of the dense model's measured CPU
-latency on the example inputs, ``latency_ms`` an absolute number of milliseconds.
+latency on the example inputs, ``latency_ms`` an absolute number of milliseconds; both are timed
+on the caller's torch threads (``torch.get_num_threads()``; :func:`secateurs.timing.torch_threads`
+sets them for a block), and the speedup a plan gets changes with them.
 ``sparsity`` is the fraction of weights removed (unstructured and N:M pruning). The achieved
 values a report shows are always computed from the pruned model or the plan, never copied from
 here.
