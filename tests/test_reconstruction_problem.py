@@ -90,7 +90,9 @@ def test_cholesky_factors_are_those_of_the_hessians_and_shared_by_with_keep() ->
         assert torch.equal(L, torch.tril(L))
         assert torch.allclose(L @ L.T, H, rtol=1e-12, atol=1e-12)
         assert prob.with_keep(2).factor(i) is L
-    first = prob.factor(0)
+    first, second = prob.factor(0), prob.factor(1)
+    prob.release_factors(1)  # that one only
+    assert prob.factor(0) is first and prob.factor(1) is not second and torch.equal(prob.factor(1), second)
     prob.release_factors()
     assert prob.factor(0) is not first and torch.equal(prob.factor(0), first)
     combined = Reconstruction.combine([prob, prob])  # built unchecked: factors computed on demand

@@ -116,12 +116,18 @@ def test_greedy_path_compacts_on_large_problems() -> None:
     assert k == 20 and value == pytest.approx(problem.evaluate(support), rel=1e-8)
 
 
-def test_greedy_path_can_release_the_factors_it_starts_from() -> None:
-    """Two consumer inputs: each factor is released once its H⁻¹ is formed, the path unchanged."""
+def test_greedy_path_can_release_the_factors_it_starts_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two consumer inputs: each factor is released once its H⁻¹ is formed, the path unchanged,
+    and none is computed again (releasing them all after the first had refactored the second)."""
     problem = random_reconstruction(14, units=40, unit_width=2, keep=5, inputs=2, correlated=True)
     kept = greedy_path(problem, step=3, stop=5)
     assert set(problem._factors) == {0, 1}
+    factorised = []
+    cholesky = torch.linalg.cholesky
+    monkeypatch.setattr(torch.linalg, "cholesky", lambda a, **kw: factorised.append(a.shape) or cholesky(a, **kw))
     released = greedy_path(problem, step=3, stop=5, release_factors=True)
+    monkeypatch.undo()
+    assert factorised == []
     assert problem._factors == {}
     assert [(k, s) for k, s, _ in released] == [(k, s) for k, s, _ in kept]
     assert [v for _, _, v in released] == pytest.approx([v for _, _, v in kept], rel=1e-12)

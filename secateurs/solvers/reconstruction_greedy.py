@@ -139,8 +139,8 @@ def greedy_path(
     blocks = []
     for i, G in enumerate(problem.targets):
         blocks.append(_Block(problem.factor(i), G, w, fold))
-        if release_factors:
-            problem.release_factors()
+        if release_factors:  # this one only: the next input's factor is still to be used
+            problem.release_factors(i)
     device = problem.device
     units = torch.arange(g, device=device)  # original index of each local unit
     alive = torch.ones(g, dtype=torch.bool, device=device)
