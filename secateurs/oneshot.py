@@ -47,6 +47,7 @@ from secateurs.apply import apply, mask_in_place
 from secateurs.budget import Budget
 from secateurs.calibration import GramStatistics, collect, row_reader
 from secateurs.consumers import ConsumerColumns, consumer_columns, consumer_weight
+from secateurs.cost import Cost
 from secateurs.errors import InfeasibleBudgetError, SolverError, UnknownSolverError, ValidationError
 from secateurs.graph import DependencyGraph, build, dense_counts
 from secateurs.graph.build import _arguments
@@ -273,12 +274,12 @@ def _check_solver(field: str, name: Any, kind: str) -> None:
 # -- channels ------------------------------------------------------------------------------------
 
 
-def _check_feasible(graph: DependencyGraph, budget: Budget, limits: dict[str, float], channel_multiple: int) -> None:
+def _check_feasible(graph: DependencyGraph, budget: Budget, dense: Cost, limits: dict[str, float],
+                    channel_multiple: int) -> None:
     """Reject a budget below the cost of keeping the least level of every prunable group, saying
     what that least is as a fraction of the dense model, and when the value asked for was read as
     an absolute count (above 1) that a fraction was perhaps meant."""
     least = graph.cost({g.name: keep_levels(g, channel_multiple)[0] for g in graph.prunable_groups()})
-    dense = graph.cost()
     what = "one unit kept in every prunable group" if channel_multiple == 1 else (
         f"every prunable group at its least multiple of {channel_multiple} channels; channel_multiple=1 "
         "(--channel-multiple 1) allows any width")
@@ -571,7 +572,7 @@ def _prune_channels(model: nn.Module, calibration: Iterable[Any], budget: Budget
     graph = build(model, example_inputs)
     dense = graph.cost()
     limits = budget.limits(dense)
-    _check_feasible(graph, budget, limits, channel_multiple)
+    _check_feasible(graph, budget, dense, limits, channel_multiple)
     groups = graph.prunable_groups()
     if not groups:
         raise ValidationError("model", "no prunable group: every group is frozen (see secateurs inspect)")
